@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` (set up, then run the main job on its embedded default) and
+# `make test` (set up, then the whole test suite). Both create .venv when it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ngrpo-installed
+# On a machine without CUDA, torch 2.13.0's CPU wheel (an open range could pull a multi-GB CUDA build).
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: setup demo test bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml setup.py
+	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m ngrpo_kernels.demo
+
+# Triton kernels run under the interpreter on CPU-only machines (the variable must be set before the
+# kernels are imported). pytest exit code 5 means no test was collected: that is a failure here.
+test: setup
+	@if command -v nvidia-smi >/dev/null 2>&1; then interp=0; else interp=1; fi; \
+	TRITON_INTERPRET=$${TRITON_INTERPRET:-$$interp} $(PY) -m pytest tests -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: setup
+	$(PY) -m pytest benchmarks $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,118 @@
+"""Input checks at the public boundary. Backends never re-check what these validated.
+
+Structural checks (types, ranks, shapes, dtypes, devices, scalar options) read no tensor data and
+never synchronise. Value checks (NaN/inf, 0/1 masks, vocabulary range) read data: they are gathered
+into one boolean reduction, so a call synchronises with the device at most once, and are skipped
+entirely with ``validate=False``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+
+def describe(x: torch.Tensor) -> str:
+    return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+
+
+def tensor(name: str, x, *, ranks: Iterable[int] | None = None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ranks is not None:
+        ranks = tuple(ranks)
+        if x.dim() not in ranks:
+            want = " or ".join(str(r) for r in ranks)
+            raise ValueError(f"{name} must have rank {want}, got {describe(x)}")
+    return x
+
+
+def floating(name: str, x: torch.Tensor) -> torch.Tensor:
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a real floating-point tensor, got {describe(x)}")
+    return x
+
+
+def integer(name: str, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {describe(x)}")
+    return x
+
+
+def mask_like(name: str, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool, integer or real tensor of 0/1 values, got {describe(x)}")
+    return x
+
+
+def same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {describe(x)}")
+
+
+def same_device(tensors: dict[str, torch.Tensor | None]) -> torch.device:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    first_name, first = next(iter(present.items()))
+    for name, x in present.items():
+        if x.device != first.device:
+            raise ValueError(
+                f"all tensors must be on one device: {first_name} is on {first.device}, {name} on {x.device}"
+            )
+    return first.device
+
+
+def nonempty(name: str, x: torch.Tensor) -> None:
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty ({describe(x)}): an empty batch has no loss or advantages")
+
+
+def finite_number(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def open_unit(name: str, v) -> float:
+    v = finite_number(name, v)
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"{name} must lie in (0, 1), got {v!r}")
+    return v
+
+
+def positive(name: str, v) -> float:
+    v = finite_number(name, v)
+    if v <= 0.0:
+        raise ValueError(f"{name} must be > 0, got {v!r}")
+    return v
+
+
+def nonnegative_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+    return v
+
+
+class ValueChecks:
+    """Collects data-dependent checks and runs them with a single device synchronisation."""
+
+    def __init__(self) -> None:
+        self._checks: list[tuple[torch.Tensor, str]] = []
+
+    def add(self, ok: torch.Tensor, message: str) -> None:
+        self._checks.append((ok.all(), message))
+
+    def finite(self, name: str, x: torch.Tensor, where: torch.Tensor | None = None) -> None:
+        ok = torch.isfinite(x) if where is None else torch.isfinite(x) | ~where
+        self.add(ok, f"{name} has NaN or inf values" + ("" if where is None else " at valid (mask != 0) positions")
+                 + f" ({describe(x)})")
+
+    def run(self) -> None:
+        if not self._checks:
+            return
+        if bool(torch.stack([ok for ok, _ in self._checks]).all()):  # the one synchronisation
+            return
+        for ok, message in self._checks:
+            if not bool(ok):
+                raise ValueError(message + "; pass validate=False to skip value checks in hot loops")

@@ -1,0 +1,69 @@
+"""Which implementation runs an op: chosen once, at the public entry point.
+
+- CUDA tensors -> Triton kernels.
+- CPU tensors -> the vectorised PyTorch path, or the Triton kernels when ``TRITON_INTERPRET=1``
+  (the Triton interpreter runs them on the CPU: that is how CI tests the kernel code itself).
+- ``use_backend(...)`` forces a choice (tests use it to check every path against the reference).
+
+``selected_backend(device)`` answers "which one would run here?" without running anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import enum
+import functools
+import os
+
+import torch
+
+
+class Backend(str, enum.Enum):
+    TRITON = "triton"        # Triton kernels (GPU, or CPU under TRITON_INTERPRET=1)
+    TORCH = "torch"          # vectorised PyTorch with the same fused math (CPU fallback)
+    REFERENCE = "reference"  # the plain-PyTorch specification (slow, autograd-based)
+
+
+_forced: contextvars.ContextVar[Backend | None] = contextvars.ContextVar("ngrpo_backend", default=None)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover - triton ships with every Linux install of this package
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def selected_backend(device: torch.device | str) -> Backend:
+    """The backend an op called with tensors on ``device`` uses now."""
+    forced = _forced.get()
+    if forced is not None:
+        return forced
+    device = torch.device(device)
+    if triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())):
+        return Backend.TRITON
+    return Backend.TORCH
+
+
+@contextlib.contextmanager
+def use_backend(backend: Backend | str):
+    """Force every op inside the block onto one backend: ``with use_backend("torch"): ...``."""
+    try:
+        backend = Backend(backend)
+    except ValueError:
+        names = ", ".join(repr(b.value) for b in Backend)
+        raise ValueError(f"backend={backend!r} is not one of {names}") from None
+    if backend == Backend.TRITON and not triton_available():
+        raise RuntimeError("backend='triton' requested but triton is not installed")
+    token = _forced.set(backend)
+    try:
+        yield backend
+    finally:
+        _forced.reset(token)

@@ -1,0 +1,218 @@
+"""The public functional API: validate at the boundary, pick the backend once, call the op.
+
+Every function takes ``validate=True``: checks that must read tensor values (NaN/inf, 0/1 masks,
+positive tensor normalisers) then cost one device synchronisation per call. Pass ``validate=False`` in
+hot loops once the inputs are known to be sound; structural checks (shapes, dtypes, devices, options)
+always run and never synchronise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks as check
+from .backend import selected_backend
+from .ops import advantages as _advantages
+from .ops import policy_loss as _policy_loss
+from .variants import AggMode, Estimator
+
+__all__ = ["group_advantages", "ngrpo_advantages", "ngrpo_policy_loss"]
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    estimator: str | Estimator = "ngrpo",
+    r_max: float = 1.0,
+    num_virtual: int = 1,
+    eps: float = 1e-6,
+    unbiased: bool = True,
+    w_lambda: float = 0.1,
+    correct_threshold: float = 0.5,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Per-response advantages from scalar rewards and group ids (SPEC §2).
+
+    Args:
+        rewards: [B] float rewards, one per response.
+        group_ids: [B] integer id of each response's prompt. Any values; members of a group need not be
+            contiguous; singleton groups get ``r / (1 + eps)`` (mean 0, std 1, no virtual sample).
+        estimator: ``"ngrpo"`` (virtual max-reward calibration), ``"grpo"`` ((r - mean) / (std + eps)),
+            ``"dr_grpo"`` (r - mean) or ``"w_reinforce"`` (+w_lambda if r > correct_threshold, else -1).
+        r_max, num_virtual: the virtual samples' reward and count (NGRPO only; ``num_virtual=0`` is GRPO).
+        eps: added to the std outside the square root.
+        unbiased: Bessel-corrected std (divide by N - 1, the default, as the released code and
+            ``torch.std``); ``False`` gives the paper's printed population std (divide by N).
+        validate: check that rewards are finite (one sync); ``False`` skips it.
+
+    Returns:
+        [B] float32 advantages on the rewards' device.
+    """
+    estimator = Estimator.parse(estimator)
+    check.tensor("rewards", rewards, ranks=(1,))
+    check.tensor("group_ids", group_ids, ranks=(1,))
+    check.floating("rewards", rewards)
+    check.integer("group_ids", group_ids)
+    check.nonempty("rewards", rewards)
+    check.same_shape("group_ids", group_ids, "rewards", rewards)
+    device = check.same_device({"rewards": rewards, "group_ids": group_ids})
+    r_max = check.finite_number("r_max", r_max)
+    num_virtual = check.nonnegative_int("num_virtual", num_virtual)
+    eps = check.open_unit("eps", eps)
+    w_lambda = check.finite_number("w_lambda", w_lambda)
+    correct_threshold = check.finite_number("correct_threshold", correct_threshold)
+    if validate:
+        values = check.ValueChecks()
+        values.finite("rewards", rewards)
+        values.run()
+    return _advantages.compute(
+        selected_backend(device), rewards, group_ids, estimator=estimator, r_max=r_max,
+        num_virtual=num_virtual, eps=eps, unbiased=bool(unbiased), w_lambda=w_lambda,
+        correct_threshold=correct_threshold,
+    )
+
+
+def ngrpo_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    r_max: float = 1.0,
+    num_virtual: int = 1,
+    eps: float = 1e-6,
+    unbiased: bool = True,
+    validate: bool = True,
+) -> torch.Tensor:
+    """NGRPO advantage calibration (SPEC §2): GRPO statistics with ``num_virtual`` virtual samples of
+    reward ``r_max`` added to each group of two or more; all-wrong groups get a negative advantage.
+    See ``group_advantages`` for the arguments. Returns [B] float32."""
+    return group_advantages(
+        rewards, group_ids, estimator=Estimator.NGRPO, r_max=r_max, num_virtual=num_virtual, eps=eps,
+        unbiased=unbiased, validate=validate,
+    )
+
+
+def ngrpo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_neg: float = 0.16,
+    eps_pos: float = 0.24,
+    clip_ratio_c: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.0,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    loss_agg_mode: str | AggMode = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
+    length_budget: float | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The NGRPO policy loss with asymmetric clipping (SPEC §3-§4), fused forward and backward.
+
+    Per valid token: ``rho = exp(logprobs - old_logprobs)``;
+    ``l = -min(rho A, clip(rho, 1 - eps_neg, 1 + eps_pos) A)``, bounded by ``-clip_ratio_c A`` for
+    ``A < 0`` when ``clip_ratio_c`` is given (dual clip), times ``rollout_is_weights`` when given;
+    plus ``beta * k3`` with ``k3 = exp(ref - logp) - (ref - logp) - 1`` when ``ref_logprobs`` is given;
+    minus ``entropy_coef * entropy``. Then aggregated by ``loss_agg_mode`` (see ``AggMode``).
+
+    Args:
+        logprobs: [B, T] float, the current policy's log-probs of the sampled tokens (gets a gradient).
+        old_logprobs: [B, T] float, the behaviour policy's log-probs (no gradient).
+        advantages: [B] (one per sequence) or [B, T] float (no gradient).
+        mask: [B, T] bool, or 0/1 integer or float: which tokens count. Masked positions are never read
+            into the result, so padding may hold anything (even NaN).
+        ref_logprobs, entropy, rollout_is_weights: optional [B, T] float; ``entropy`` gets a gradient.
+        normalizer: replaces the aggregation's denominator (the token count for token-mean, the number
+            of non-empty sequences for the seq-mean modes, 1 for seq-mean-token-sum-norm). Give every
+            micro-batch the whole batch's value (e.g. TRL's ``num_items_in_batch``): micro-batch losses
+            and gradients then sum to the whole batch's. A number or a 0-dim tensor (> 0).
+        length_budget: the constant length of seq-mean-token-sum-norm (default: T).
+        validate: check values (finite inputs at valid positions, 0/1 mask, positive tensor
+            normaliser) with one sync; ``False`` skips them.
+
+    Returns:
+        ``(loss, metrics)``: a 0-dim loss, and 0-dim metric tensors averaged over valid tokens:
+        ``clip_frac`` (clipped branch chosen), ``approx_kl`` (mean old_logp - logp), ``adv_mean``, and
+        ``entropy`` / ``kl`` (k3 to the reference) / ``dual_clip_frac`` when those inputs are given.
+        A fully masked batch gives loss 0, zero gradients and zero metrics. No host synchronisation
+        when ``validate=False``.
+    """
+    loss_agg_mode = AggMode.parse(loss_agg_mode)
+    check.tensor("logprobs", logprobs, ranks=(2,))
+    check.floating("logprobs", logprobs)
+    check.nonempty("logprobs", logprobs)
+    for name, x in (("old_logprobs", old_logprobs), ("mask", mask)):
+        check.tensor(name, x, ranks=(2,))
+        check.same_shape(name, x, "logprobs", logprobs)
+    check.floating("old_logprobs", old_logprobs)
+    check.mask_like("mask", mask)
+    check.tensor("advantages", advantages, ranks=(1, 2))
+    check.floating("advantages", advantages)
+    if advantages.dim() == 1 and advantages.shape[0] != logprobs.shape[0]:
+        raise ValueError(
+            f"advantages of rank 1 must have shape ({logprobs.shape[0]},) (one per sequence of logprobs "
+            f"{tuple(logprobs.shape)}), got {check.describe(advantages)}"
+        )
+    if advantages.dim() == 2:
+        check.same_shape("advantages", advantages, "logprobs", logprobs)
+    optional = {"ref_logprobs": ref_logprobs, "entropy": entropy, "rollout_is_weights": rollout_is_weights}
+    for name, x in optional.items():
+        if x is not None:
+            check.tensor(name, x, ranks=(2,))
+            check.floating(name, x)
+            check.same_shape(name, x, "logprobs", logprobs)
+    check.same_device({"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages,
+                       "mask": mask, **optional})
+
+    eps_neg = check.open_unit("eps_neg", eps_neg)
+    eps_pos = check.open_unit("eps_pos", eps_pos)
+    if clip_ratio_c is not None:
+        clip_ratio_c = check.finite_number("clip_ratio_c", clip_ratio_c)
+        if clip_ratio_c <= 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1 (the dual-clip bound -c*A), got {clip_ratio_c!r}")
+    beta = check.finite_number("beta", beta)
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError(f"beta={beta!r} > 0 needs ref_logprobs for the KL penalty")
+    entropy_coef = check.finite_number("entropy_coef", entropy_coef)
+    if entropy_coef != 0 and entropy is None:
+        raise ValueError(f"entropy_coef={entropy_coef!r} needs the per-token entropy tensor")
+    if length_budget is not None:
+        if loss_agg_mode != AggMode.SEQ_MEAN_TOKEN_SUM_NORM:
+            raise ValueError(f"length_budget applies only to loss_agg_mode='seq-mean-token-sum-norm', "
+                             f"not {loss_agg_mode.value!r}")
+        length_budget = check.positive("length_budget", length_budget)
+    if isinstance(normalizer, torch.Tensor):
+        check.tensor("normalizer", normalizer, ranks=(0,))
+        if normalizer.dtype.is_complex or normalizer.dtype == torch.bool:
+            raise TypeError(f"normalizer must be a real number tensor, got {check.describe(normalizer)}")
+        normalizer = normalizer.to(device=logprobs.device)
+    elif normalizer is not None:
+        normalizer = check.positive("normalizer", normalizer)
+
+    if validate:
+        values = check.ValueChecks()
+        valid = mask != 0
+        if not (mask.dtype == torch.bool):
+            values.add((mask == 0) | (mask == 1), f"mask must hold only 0 and 1 ({check.describe(mask)})")
+        values.finite("logprobs", logprobs, valid)
+        values.finite("old_logprobs", old_logprobs, valid)
+        values.finite("advantages", advantages, valid if advantages.dim() == 2 else None)
+        for name, x in optional.items():
+            if x is not None:
+                values.finite(name, x, valid)
+        if isinstance(normalizer, torch.Tensor):
+            values.add(torch.isfinite(normalizer) & (normalizer > 0), "normalizer must be finite and > 0")
+        values.run()
+
+    return _policy_loss.compute(
+        selected_backend(logprobs.device), logprobs, old_logprobs, advantages, mask, eps_neg=eps_neg,
+        eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, ref_logprobs=ref_logprobs, beta=beta, entropy=entropy,
+        entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode, normalizer=normalizer,
+        length_budget=length_budget, rollout_is_weights=rollout_is_weights,
+    )

@@ -1,0 +1,30 @@
+"""Group advantages (SPEC §2): ``naive.py`` is the spec, ``torch_impl.py`` and ``triton_impl.py`` the
+fast paths. ``compute`` dispatches among them; inputs arrive validated from ``ngrpo_kernels.functional``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...backend import Backend
+from ...variants import Estimator
+from .naive import group_advantages_naive
+
+
+def compute(
+    backend: Backend, rewards: torch.Tensor, group_ids: torch.Tensor, *, estimator: Estimator,
+    r_max: float, num_virtual: int, eps: float, unbiased: bool, w_lambda: float, correct_threshold: float,
+) -> torch.Tensor:
+    if estimator == Estimator.W_REINFORCE:
+        # Elementwise, no group statistics: one torch op on every backend.
+        return torch.where(rewards > correct_threshold, w_lambda, -1.0).to(torch.float32)
+    options = dict(estimator=estimator, r_max=r_max, num_virtual=num_virtual, eps=eps, unbiased=unbiased)
+    if backend == Backend.TRITON:
+        from .triton_impl import group_stats_advantages_triton
+
+        return group_stats_advantages_triton(rewards, group_ids, **options)
+    if backend == Backend.TORCH:
+        from .torch_impl import group_stats_advantages_torch
+
+        return group_stats_advantages_torch(rewards, group_ids, **options)
+    return group_advantages_naive(rewards.to(torch.float64), group_ids, **options).to(torch.float32)

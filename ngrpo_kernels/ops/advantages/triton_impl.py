@@ -1,0 +1,88 @@
+"""Group advantages, Triton: one segmented-statistics kernel.
+
+Launch: grid ``(B,)``. Program ``p`` looks at sorted position ``p``; only the first position of a
+segment (a group) does work, the others run zero-trip loops. The segment owner makes three passes over
+its members, ``BLOCK`` at a time: the sum, the sum of squared deviations about the calibrated mean
+(two-pass, so no catastrophic cancellation), then the per-sample output written back to the original
+positions. The virtual samples enter the statistics analytically (``M * r_max`` in the sum,
+``M * (r_max - mu)^2`` in the deviations); they have no storage.
+
+Traffic: each reward read three times and each output written once (12 B + 4 B per sample plus the
+int64 ids/order/end); O(B) work, no atomics, deterministic. The batch is [B] scalars, so this kernel is
+never the bottleneck; its point is that trainers keep the whole step on the device without a sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...variants import Estimator
+from .segments import segments_by_id
+
+
+
+@triton.jit
+def _group_advantages_kernel(
+    R, ORDER, SORTED_IDS, SEG_END, OUT,
+    r_max, num_virtual, eps,
+    UNBIASED: tl.constexpr, USE_STD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    p = tl.program_id(0)
+    gid = tl.load(SORTED_IDS + p)
+    prev = tl.load(SORTED_IDS + p - 1, mask=p > 0, other=0)
+    is_start = (p == 0) | (prev != gid)
+    end = tl.where(is_start, tl.load(SEG_END + p), p)  # non-owners loop zero times
+
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for lo in range(p, end, BLOCK):
+        idx = lo + offs
+        live = idx < end
+        src = tl.load(ORDER + idx, mask=live, other=0)
+        acc += tl.load(R + src, mask=live, other=0.0).to(tl.float32)
+    count = (end - p).to(tl.float32)
+    grouped = count >= 2.0
+    M = tl.where(grouped, num_virtual, 0.0)
+    N = count + M
+    mu = tl.where(grouped, (tl.sum(acc, axis=0) + M * r_max) / tl.maximum(N, 1.0), 0.0)
+
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for lo in range(p, end, BLOCK):
+        idx = lo + offs
+        live = idx < end
+        src = tl.load(ORDER + idx, mask=live, other=0)
+        d = tl.load(R + src, mask=live, other=0.0).to(tl.float32) - mu
+        acc += tl.where(live, d * d, 0.0)
+    squared_dev = tl.sum(acc, axis=0) + M * (r_max - mu) * (r_max - mu)
+    if UNBIASED:
+        dof = N - 1.0
+    else:
+        dof = N
+    sigma = tl.where(grouped, tl.sqrt(squared_dev / tl.maximum(dof, 1.0)), 1.0)
+
+    for lo in range(p, end, BLOCK):
+        idx = lo + offs
+        live = idx < end
+        src = tl.load(ORDER + idx, mask=live, other=0)
+        a = tl.load(R + src, mask=live, other=0.0).to(tl.float32) - mu
+        if USE_STD:
+            a = a / (sigma + eps)
+        tl.store(OUT + src, a, mask=live)
+
+
+def group_stats_advantages_triton(
+    rewards: torch.Tensor, group_ids: torch.Tensor, *, estimator: Estimator, r_max: float,
+    num_virtual: int, eps: float, unbiased: bool, block: int = 32,
+) -> torch.Tensor:
+    """NGRPO / GRPO / Dr. GRPO advantages as float32 [B] (rewards contiguous, any float dtype)."""
+    seg = segments_by_id(group_ids)
+    B = rewards.numel()
+    out = torch.empty(B, dtype=torch.float32, device=rewards.device)
+    _group_advantages_kernel[(B,)](
+        rewards.contiguous(), seg.order, seg.sorted_ids, seg.end, out,
+        float(r_max), float(num_virtual if estimator == Estimator.NGRPO else 0), float(eps),
+        UNBIASED=bool(unbiased), USE_STD=estimator != Estimator.DR_GRPO, BLOCK=block,
+    )
+    return out

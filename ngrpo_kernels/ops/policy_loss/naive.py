@@ -1,0 +1,84 @@
+"""The NGRPO policy loss in plain PyTorch: the readable specification (SPEC §3, §4).
+
+Gradients come from autograd through ``max``/``clamp``/``min``, independently of the closed-form
+gradients the fused paths compute. Runs in the dtype of ``logprobs`` (pass float64 for the ground
+truth). Values at masked positions are never read into the result (padding may hold garbage).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...variants import AggMode
+
+
+def aggregate_naive(per_token, valid, mode: AggMode, normalizer=None, length_budget=None):
+    """SPEC §4 / ``AggMode``: one scalar from per-token losses [B, T] and a bool mask [B, T]."""
+    m = valid.to(per_token.dtype)
+    n_b = m.sum(-1)
+    token_sums = (per_token * m).sum(-1)
+    if mode == AggMode.TOKEN_MEAN:
+        numerator, denominator = token_sums.sum(), n_b.sum()
+    elif mode == AggMode.SEQ_MEAN_TOKEN_MEAN:
+        numerator, denominator = (token_sums / n_b.clamp_min(1)).sum(), (n_b > 0).sum()
+    elif mode == AggMode.SEQ_MEAN_TOKEN_SUM:
+        numerator, denominator = token_sums.sum(), (n_b > 0).sum()
+    else:  # SEQ_MEAN_TOKEN_SUM_NORM
+        budget = per_token.shape[-1] if length_budget is None else length_budget
+        numerator, denominator = token_sums.sum() / budget, torch.ones((), dtype=per_token.dtype)
+    if normalizer is not None:
+        denominator = torch.as_tensor(normalizer, dtype=per_token.dtype)
+    if denominator == 0:  # nothing valid: numerator is an exact 0 that still carries a (zero) gradient
+        return numerator * 0.0
+    return numerator / denominator
+
+
+def policy_loss_naive(
+    logprobs, old_logprobs, advantages, mask, *, eps_neg=0.16, eps_pos=0.24, clip_ratio_c=None,
+    ref_logprobs=None, beta=0.0, entropy=None, entropy_coef=0.0, loss_agg_mode=AggMode.TOKEN_MEAN,
+    normalizer=None, length_budget=None, rollout_is_weights=None,
+):
+    valid = mask != 0
+    def masked(x):  # padding may hold NaN/inf: select, never multiply
+        return torch.where(valid, x, torch.zeros_like(x))
+
+    A = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(logprobs)
+    A = masked(A.to(logprobs.dtype))
+    logp, old_logp = masked(logprobs), masked(old_logprobs.to(logprobs.dtype))
+
+    ratio = torch.exp(logp - old_logp)  # rho_t, no clamp on the log-ratio
+    pg_unclipped = -A * ratio
+    pg_clipped = -A * torch.clamp(ratio, 1.0 - eps_neg, 1.0 + eps_pos)
+    pg = torch.maximum(pg_unclipped, pg_clipped)  # loss_t = -min(rho*A, clip(rho)*A)
+    clipped = pg_clipped > pg_unclipped
+    dual_clipped = torch.zeros_like(valid)
+    if clip_ratio_c is not None:  # dual clip: a negative-advantage token's loss is at most -c*A
+        bound = -A * clip_ratio_c
+        dual_clipped = (A < 0) & (bound < pg)
+        pg = torch.where(A < 0, torch.minimum(pg, bound), pg)
+    if rollout_is_weights is not None:
+        pg = pg * masked(rollout_is_weights.to(logprobs.dtype))
+    per_token = pg
+
+    metrics = {}
+    def token_mean(x):
+        n = valid.sum()
+        return (x * valid).sum() / n if n > 0 else (x * valid).sum() * 0.0
+
+    if ref_logprobs is not None:
+        log_r = masked(ref_logprobs.to(logprobs.dtype)) - logp
+        k3 = torch.exp(log_r) - log_r - 1.0  # k3 estimator of KL(pi || pi_ref)
+        per_token = per_token + beta * k3
+        metrics["kl"] = token_mean(k3.detach())
+    if entropy is not None:
+        H = masked(entropy.to(logprobs.dtype))
+        per_token = per_token - entropy_coef * H
+        metrics["entropy"] = token_mean(H.detach())
+
+    loss = aggregate_naive(per_token, valid, loss_agg_mode, normalizer, length_budget)
+    metrics["clip_frac"] = token_mean(clipped.to(logprobs.dtype))
+    metrics["approx_kl"] = token_mean((old_logp - logp).detach())
+    metrics["adv_mean"] = token_mean(A)
+    if clip_ratio_c is not None:
+        metrics["dual_clip_frac"] = token_mean(dual_clipped.to(logprobs.dtype))
+    return loss, metrics

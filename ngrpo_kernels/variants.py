@@ -1,0 +1,77 @@
+"""The named loss variants, in one place.
+
+Aggregation modes and advantage estimators are enums whose values are the strings RL stacks use
+(verl's ``loss_agg_mode`` names). The reference, the kernels' host code and the docs all read these
+enums; no other module re-parses the strings.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class AggMode(str, enum.Enum):
+    """How per-token losses become one scalar (SPEC §4).
+
+    With ``m`` the validity mask, ``n_b`` the valid tokens of sequence ``b``, ``S`` the sequences
+    that have at least one valid token and ``L`` the length budget:
+
+    - ``token-mean``: ``sum_bt m*l / N`` with ``N = sum m`` (DAPO; the default).
+    - ``seq-mean-token-mean``: ``sum_b (sum_t m*l / n_b) / S`` (original GRPO).
+    - ``seq-mean-token-sum``: ``sum_b (sum_t m*l) / S``.
+    - ``seq-mean-token-sum-norm``: ``sum_bt m*l / L`` (Dr. GRPO; ``L`` defaults to ``T``), as verl
+      computes it: no division by the number of sequences unless a ``normalizer`` is given.
+
+    An explicit ``normalizer`` replaces the outer denominator (``N``, ``S``, or ``1`` for the
+    sum-norm mode). Passing the whole batch's value to every micro-batch makes the micro-batch
+    losses (and gradients) sum to the whole batch's.
+    """
+
+    TOKEN_MEAN = "token-mean"
+    SEQ_MEAN_TOKEN_MEAN = "seq-mean-token-mean"
+    SEQ_MEAN_TOKEN_SUM = "seq-mean-token-sum"
+    SEQ_MEAN_TOKEN_SUM_NORM = "seq-mean-token-sum-norm"
+
+    @classmethod
+    def parse(cls, value: "str | AggMode") -> "AggMode":
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(f"loss_agg_mode={value!r} is not one of {names}") from None
+
+
+class Estimator(str, enum.Enum):
+    """Group advantage estimators sharing the segmented-statistics machinery (SPEC §2)."""
+
+    NGRPO = "ngrpo"              # (r - mu') / (sigma' + eps), virtual r_max sample(s) in the stats
+    GRPO = "grpo"                # (r - mean) / (std + eps)
+    DR_GRPO = "dr_grpo"          # r - mean
+    W_REINFORCE = "w_reinforce"  # +lambda if correct else -1; no baseline
+
+    @classmethod
+    def parse(cls, value: "str | Estimator") -> "Estimator":
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(f"estimator={value!r} is not one of {names}") from None
+
+
+class Stat(enum.IntEnum):
+    """Columns of the per-program partial sums that every policy-loss backend writes.
+
+    All sums run over valid tokens only. ``LOSS`` is already scaled by the per-row factor of the
+    aggregation mode; the global denominator is applied once, on the device, by the entry point.
+    """
+
+    LOSS = 0        # sum of row_scale * l_t
+    CLIPPED = 1     # tokens where the clipped branch of the asymmetric clip was chosen
+    LOG_RATIO = 2   # sum of old_logp - logp   (approx KL to the old policy)
+    ADV = 3         # sum of the (broadcast) advantage
+    ENTROPY = 4     # sum of entropy
+    KL_REF = 5      # sum of the k3 KL to the reference policy
+    DUAL_CLIPPED = 6  # tokens where the dual-clip bound -c*A was chosen
+
+
+NUM_STATS = len(Stat)

@@ -1,0 +1,32 @@
+import os
+import zlib
+
+import pytest
+import torch
+
+# The Triton interpreter reads this when @triton.jit decorates a kernel, i.e. when the kernel modules
+# are first imported: it must be set before any test imports them. On a CUDA machine the kernels
+# compile for the GPU instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FAST_BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=FAST_BACKENDS)
+def backend(request, device):
+    if request.param == "torch" and device.type == "cuda":
+        pytest.skip("the vectorised PyTorch path is the CPU fallback")
+    return request.param
+
+
+@pytest.fixture
+def gen(request):
+    """A random stream of its own per test, seeded from the test's id: reproducible, never shared."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))

@@ -1,0 +1,138 @@
+"""Bad input raises a clear error naming the argument, its shape and dtype; nothing is silent."""
+
+import pytest
+import torch
+
+import ngrpo_kernels as nk
+
+
+def _loss_args(B=2, T=3):
+    lp = -torch.rand(B, T)
+    return dict(logprobs=lp, old_logprobs=lp.clone(), advantages=torch.randn(B), mask=torch.ones(B, T, dtype=torch.bool))
+
+
+def _loss(**overrides):
+    args = _loss_args()
+    options = {k: overrides.pop(k) for k in list(overrides) if k not in args}
+    args.update(overrides)
+    return nk.ngrpo_policy_loss(args["logprobs"], args["old_logprobs"], args["advantages"], args["mask"], **options)
+
+
+@pytest.mark.parametrize("rewards,ids,error,words", [
+    (torch.tensor([1.0, 0.0]), torch.tensor([0]), ValueError, ["group_ids", "(1,)", "(2,)"]),
+    (torch.tensor([[1.0, 0.0]]), torch.tensor([[0, 0]]), ValueError, ["rewards", "rank 1", "(1, 2)"]),
+    (torch.tensor([1, 0]), torch.tensor([0, 0]), TypeError, ["rewards", "torch.int64"]),
+    (torch.tensor([1j, 0j]), torch.tensor([0, 0]), TypeError, ["rewards", "complex"]),
+    (torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), TypeError, ["group_ids", "torch.float32"]),
+    (torch.tensor([1.0, 0.0]), torch.tensor([True, False]), TypeError, ["group_ids", "torch.bool"]),
+    (torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]), ValueError, ["rewards", "NaN"]),
+    (torch.tensor([1.0, float("inf")]), torch.tensor([0, 0]), ValueError, ["rewards", "inf"]),
+    (torch.zeros(0), torch.zeros(0, dtype=torch.int64), ValueError, ["rewards", "empty"]),
+    ([1.0, 0.0], torch.tensor([0, 0]), TypeError, ["rewards", "list"]),
+])
+def test_advantage_input_errors(rewards, ids, error, words):
+    with pytest.raises(error) as info:
+        nk.ngrpo_advantages(rewards, ids)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize("options,words", [
+    ({"r_max": float("inf")}, ["r_max"]),
+    ({"r_max": float("nan")}, ["r_max"]),
+    ({"num_virtual": -1}, ["num_virtual"]),
+    ({"num_virtual": 1.5}, ["num_virtual"]),
+    ({"eps": 0.0}, ["eps", "(0, 1)"]),
+    ({"eps": 1.0}, ["eps"]),
+])
+def test_advantage_option_errors(options, words):
+    with pytest.raises(ValueError) as info:
+        nk.ngrpo_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), **options)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_unknown_estimator():
+    with pytest.raises(ValueError, match="estimator='ppo'.*'ngrpo'"):
+        nk.group_advantages(torch.tensor([1.0]), torch.tensor([0]), estimator="ppo")
+
+
+def test_nan_rewards_pass_without_validation():
+    # validate=False skips the value checks (documented); the structure is still checked
+    out = nk.ngrpo_advantages(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]), validate=False)
+    assert out.shape == (2,)
+    with pytest.raises(TypeError):
+        nk.ngrpo_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), validate=False)
+
+
+@pytest.mark.parametrize("overrides,error,words", [
+    ({"old_logprobs": -torch.rand(2, 4)}, ValueError, ["old_logprobs", "(2, 3)", "(2, 4)"]),
+    ({"mask": torch.ones(3, 3)}, ValueError, ["mask", "(3, 3)"]),
+    ({"logprobs": -torch.rand(6)}, ValueError, ["logprobs", "rank 2", "(6,)"]),
+    ({"advantages": torch.randn(3)}, ValueError, ["advantages", "(3,)", "(2,)"]),
+    ({"advantages": torch.randn(2, 4)}, ValueError, ["advantages", "(2, 4)"]),
+    ({"advantages": torch.randn(2, 3, 1)}, ValueError, ["advantages", "rank 1 or 2"]),
+    ({"advantages": torch.tensor([1, 0])}, TypeError, ["advantages", "torch.int64"]),
+    ({"logprobs": torch.zeros(2, 3, dtype=torch.int32)}, TypeError, ["logprobs", "torch.int32"]),
+    ({"old_logprobs": torch.zeros(2, 3, dtype=torch.complex64)}, TypeError, ["old_logprobs", "complex64"]),
+    ({"mask": torch.ones(2, 3, dtype=torch.complex64)}, TypeError, ["mask", "complex64"]),
+    ({"logprobs": torch.zeros(0, 3), "old_logprobs": torch.zeros(0, 3), "advantages": torch.zeros(0),
+      "mask": torch.zeros(0, 3)}, ValueError, ["logprobs", "empty"]),
+    ({"ref_logprobs": torch.zeros(2, 2), "beta": 0.1}, ValueError, ["ref_logprobs", "(2, 2)"]),
+    ({"entropy": torch.zeros(2, 3, dtype=torch.int64), "entropy_coef": 0.1}, TypeError, ["entropy", "int64"]),
+    ({"rollout_is_weights": torch.zeros(3, 2)}, ValueError, ["rollout_is_weights"]),
+    ({"loss_agg_mode": "seq-mean"}, ValueError, ["loss_agg_mode", "'seq-mean'", "token-mean"]),
+    ({"eps_neg": 0.0}, ValueError, ["eps_neg", "(0, 1)"]),
+    ({"eps_pos": 1.2}, ValueError, ["eps_pos", "(0, 1)"]),
+    ({"eps_pos": float("nan")}, ValueError, ["eps_pos"]),
+    ({"clip_ratio_c": 1.0}, ValueError, ["clip_ratio_c", "> 1"]),
+    ({"beta": 0.1}, ValueError, ["beta", "ref_logprobs"]),
+    ({"beta": -0.1, "ref_logprobs": torch.zeros(2, 3)}, ValueError, ["beta", ">= 0"]),
+    ({"entropy_coef": 0.01}, ValueError, ["entropy_coef", "entropy"]),
+    ({"normalizer": 0}, ValueError, ["normalizer", "> 0"]),
+    ({"normalizer": float("inf")}, ValueError, ["normalizer"]),
+    ({"normalizer": torch.tensor(0.0)}, ValueError, ["normalizer", "> 0"]),
+    ({"normalizer": torch.tensor([3.0])}, ValueError, ["normalizer", "rank 0"]),
+    ({"length_budget": 10}, ValueError, ["length_budget", "seq-mean-token-sum-norm"]),
+    ({"length_budget": 0, "loss_agg_mode": "seq-mean-token-sum-norm"}, ValueError, ["length_budget", "> 0"]),
+    ({"mask": torch.full((2, 3), 2.0)}, ValueError, ["mask", "0 and 1"]),
+    ({"logprobs": torch.tensor([[0.0, float("nan"), 0.0], [0.0, 0.0, 0.0]])}, ValueError, ["logprobs", "NaN"]),
+    ({"advantages": torch.tensor([float("inf"), 0.0])}, ValueError, ["advantages", "inf"]),
+])
+def test_policy_loss_input_errors(overrides, error, words):
+    with pytest.raises(error) as info:
+        _loss(**overrides)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_nan_at_masked_positions_is_not_an_error():
+    lp = torch.tensor([[-0.5, float("nan")]])
+    loss, _ = nk.ngrpo_policy_loss(lp, torch.tensor([[-0.5, float("-inf")]]), torch.tensor([1.0]),
+                                   torch.tensor([[True, False]]))
+    assert float(loss) == pytest.approx(-1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_mixed_devices():
+    args = _loss_args()
+    with pytest.raises(ValueError, match="one device"):
+        nk.ngrpo_policy_loss(args["logprobs"].cuda(), args["old_logprobs"], args["advantages"], args["mask"])
+
+
+def test_mixed_devices_meta():
+    # the device check is structural: a meta tensor stands in for a second device on CPU-only machines
+    args = _loss_args()
+    with pytest.raises(ValueError, match="one device.*meta"):
+        nk.ngrpo_policy_loss(args["logprobs"], args["old_logprobs"].to("meta"), args["advantages"], args["mask"])
+    with pytest.raises(ValueError, match="one device"):
+        nk.ngrpo_advantages(torch.tensor([1.0]), torch.tensor([0], device="meta"))
+
+
+def test_backend_selection():
+    assert nk.selected_backend("cpu") in (nk.Backend.TORCH, nk.Backend.TRITON)
+    with nk.use_backend("reference"):
+        assert nk.selected_backend("cpu") == nk.Backend.REFERENCE
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        with nk.use_backend("cuda"):
+            pass
