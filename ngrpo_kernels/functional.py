@@ -13,10 +13,11 @@ import torch
 from . import _checks as check
 from .backend import selected_backend
 from .ops import advantages as _advantages
+from .ops import linear_logprobs as _linear_logprobs
 from .ops import policy_loss as _policy_loss
 from .variants import AggMode, Estimator
 
-__all__ = ["group_advantages", "ngrpo_advantages", "ngrpo_policy_loss"]
+__all__ = ["fused_linear_logprobs", "group_advantages", "ngrpo_advantages", "ngrpo_policy_loss"]
 
 
 def group_advantages(
@@ -215,4 +216,84 @@ def ngrpo_policy_loss(
         eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, ref_logprobs=ref_logprobs, beta=beta, entropy=entropy,
         entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode, normalizer=normalizer,
         length_budget=length_budget, rollout_is_weights=rollout_is_weights,
+    )
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    deterministic: bool = True,
+    workspace_bytes: int | None = None,
+    validate: bool = True,
+):
+    """Log-probs of ``targets`` (and the entropy) under ``softmax((hidden @ weight.T + bias) / temperature)``
+    without materialising the [tokens, vocab] logits (SPEC §5).
+
+    Args:
+        hidden: [..., H] final hidden states (after the final norm), bf16 / fp16 / fp32.
+        weight: [V, H] lm_head weight, same dtype as ``hidden``. ``bias``: optional [V].
+        targets: [...] integer token ids (the leading shape of ``hidden``); ``ignore_index`` marks
+            positions that get log-prob 0, entropy 0 and no gradient.
+        temperature: logits are divided by it (> 0).
+        return_entropy: also return ``logsumexp(z) - sum softmax(z) * z`` per position.
+        deterministic: backward without atomics, in a fixed reduction order (dZ chunks in a bounded
+            workspace, then GEMMs). The default. ``False`` uses one fused kernel with fp32 atomics
+            (no workspace; results differ run to run in the last bits). CPU paths are always deterministic.
+        workspace_bytes: bound on the backward's dZ workspace (default 512 MiB on GPU, 64 MiB on CPU).
+        validate: check that targets lie in [0, V) or equal ``ignore_index`` (one sync).
+
+    Returns:
+        ``logprobs`` float32 with the leading shape, or ``(logprobs, entropy)``. Gradients flow to
+        ``hidden``, ``weight`` and ``bias`` (in their dtypes, accumulated in fp32). Under
+        ``torch.no_grad()`` nothing is kept for a backward pass.
+    """
+    check.tensor("hidden", hidden)
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must have shape [..., H], got {check.describe(hidden)}")
+    check.tensor("weight", weight, ranks=(2,))
+    check.tensor("targets", targets)
+    for name, x in (("hidden", hidden), ("weight", weight)):
+        check.floating(name, x)
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {check.describe(x)}")
+    check.integer("targets", targets)
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must have shape [V, {H}] to match hidden {tuple(hidden.shape)}, "
+                         f"got {check.describe(weight)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype must match hidden ({hidden.dtype}), got {check.describe(weight)}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
+                         f"got {check.describe(targets)}")
+    if bias is not None:
+        check.tensor("bias", bias, ranks=(1,))
+        if bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) and dtype {weight.dtype}, "
+                             f"got {check.describe(bias)}")
+    check.nonempty("hidden", hidden)
+    if weight.shape[0] == 0 or H == 0:
+        raise ValueError(f"weight must be non-empty, got {check.describe(weight)}")
+    device = check.same_device({"hidden": hidden, "weight": weight, "targets": targets, "bias": bias})
+    temperature = check.positive("temperature", temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or workspace_bytes <= 0):
+        raise ValueError(f"workspace_bytes must be a positive int, got {workspace_bytes!r}")
+    if validate:
+        values = check.ValueChecks()
+        V = weight.shape[0]
+        values.add((targets == ignore_index) | ((targets >= 0) & (targets < V)),
+                   f"targets must lie in [0, {V}) or equal ignore_index={ignore_index} ({check.describe(targets)})")
+        values.run()
+    return _linear_logprobs.compute(
+        selected_backend(device), hidden, weight, targets, bias=bias, temperature=temperature,
+        ignore_index=ignore_index, return_entropy=bool(return_entropy), deterministic=bool(deterministic),
+        workspace_bytes=workspace_bytes,
     )

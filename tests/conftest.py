@@ -30,3 +30,18 @@ def backend(request, device):
 def gen(request):
     """A random stream of its own per test, seeded from the test's id: reproducible, never shared."""
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every float buffer the ops allocate with torch.empty / empty_like starts as NaN, so an output
+    element that a kernel forgets to write shows up as NaN in the comparison instead of stale zeros."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))

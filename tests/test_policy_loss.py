@@ -104,7 +104,7 @@ def _one_token(logp, old, adv, backend, device, **options):
                                              torch.tensor([adv], dtype=torch.float64, device=device),
                                              torch.ones(1, 1, dtype=torch.bool, device=device), **options)
     loss.backward()
-    return float(loss), float(lp.grad), float(metrics["clip_frac"])
+    return float(loss.detach()), float(lp.grad), float(metrics["clip_frac"])
 
 
 @pytest.mark.parametrize("rho,adv,clipped", [

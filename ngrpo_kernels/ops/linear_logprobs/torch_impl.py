@@ -1,0 +1,74 @@
+"""Fused linear -> log-prob, chunked PyTorch (CPU without the Triton interpreter).
+
+Same schedule as the Triton path, in plain torch: tokens in chunks whose logits fit a bounded
+workspace (never [N, V] at once); backward recomputes each chunk's logits. GEMMs run in the inputs'
+dtype (fp32 accumulation inside), everything after the GEMM in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CPU_WORKSPACE_BYTES = 64 * 2**20
+
+
+def _chunk_rows(V: int, workspace_bytes: int | None) -> int:
+    budget = CPU_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+    return max(1, budget // (V * 4 * 3))  # logits, probabilities, dZ in float32
+
+
+def _logits(x, weight, bias, inv_temp):
+    z = (x @ weight.T).float()
+    if bias is not None:
+        z = z + bias.float()
+    return z * inv_temp
+
+
+def forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, workspace_bytes=None):
+    N = x.shape[0]
+    lse = torch.empty(N, dtype=torch.float32, device=x.device)
+    logprobs = torch.empty(N, dtype=torch.float32, device=x.device)
+    mean_z = torch.empty(N, dtype=torch.float32, device=x.device) if entropy else None
+    step = _chunk_rows(weight.shape[0], workspace_bytes)
+    for lo in range(0, N, step):
+        hi = min(N, lo + step)
+        z = _logits(x[lo:hi], weight, bias, inv_temp)
+        lse[lo:hi] = torch.logsumexp(z, dim=-1)
+        t = targets[lo:hi]
+        logprobs[lo:hi] = z.gather(1, torch.where(t == ignore_index, 0, t)[:, None])[:, 0] - lse[lo:hi]
+        if entropy:
+            mean_z[lo:hi] = (torch.softmax(z, dim=-1) * z).sum(-1)
+    valid = targets != ignore_index
+    logprobs = torch.where(valid, logprobs, 0.0)
+    ent = torch.where(valid, lse - mean_z, 0.0) if entropy else None
+    return logprobs, ent, lse, mean_z
+
+
+def backward(x, weight, bias, targets, lse, mean_z, g_lp, g_ent, *, inv_temp, ignore_index,
+             need_x, need_w, need_b, workspace_bytes=None, deterministic=True):
+    N, V = x.shape[0], weight.shape[0]
+    dx = torch.empty_like(x) if need_x else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
+    db = torch.zeros(V, dtype=torch.float32, device=x.device) if need_b else None
+    valid = targets != ignore_index
+    g_lp = torch.where(valid, g_lp, 0.0)
+    g_ent = None if g_ent is None else torch.where(valid, g_ent, 0.0)
+    step = _chunk_rows(V, workspace_bytes)
+    for lo in range(0, N, step):
+        hi = min(N, lo + step)
+        z = _logits(x[lo:hi], weight, bias, inv_temp)
+        p = torch.exp(z - lse[lo:hi, None])
+        dz = -g_lp[lo:hi, None] * p
+        t = targets[lo:hi]
+        dz.scatter_add_(1, torch.where(t == ignore_index, 0, t)[:, None], g_lp[lo:hi, None])
+        if g_ent is not None:  # dH/dz = -p (z - E[z])
+            dz -= g_ent[lo:hi, None] * p * (z - mean_z[lo:hi, None])
+        dz *= inv_temp
+        dz_in = dz.to(x.dtype)
+        if need_x:
+            dx[lo:hi] = dz_in @ weight
+        if need_w:
+            dw += (dz_in.T @ x[lo:hi]).float()
+        if need_b:
+            db += dz.sum(0)
+    return dx, dw, db

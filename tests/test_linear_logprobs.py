@@ -1,0 +1,165 @@
+"""Fused linear -> log-prob (+ entropy): every backend against the float64 reference, at odd shapes,
+with outputs poisoned so that an unwritten element fails. Tolerance: our error against the float64
+truth may not exceed the plain PyTorch path's error in the same input dtype, plus a small margin."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ngrpo_kernels as nk
+from ngrpo_kernels.ops.linear_logprobs.naive import linear_logprobs_naive
+
+SHAPES = [  # (leading shape, H, V): V below one vocab block, V ragged, N = 1, 3-d hidden
+    ((1,), 16, 10),
+    ((37,), 40, 203),
+    ((3, 11), 24, 97),
+    ((64,), 33, 130),
+]
+
+
+def _make(lead, H, V, dtype, gen, bias, ignore_frac=0.2):
+    x = torch.randn(*lead, H, generator=gen)
+    w = torch.randn(V, H, generator=gen) * (2.0 / H) ** 0.5 * 2  # logits of realistic spread (std ~2)
+    b = torch.randn(V, generator=gen) * 0.5 if bias else None
+    t = torch.randint(0, V, lead, generator=gen)
+    t[torch.rand(lead, generator=gen) < ignore_frac] = -100
+    cast = lambda a: None if a is None else a.to(dtype)  # noqa: E731
+    return cast(x), cast(w), cast(b), t
+
+
+def _grads(fn, x, w, b, t, g_lp, g_ent, **kw):
+    leaves = [a.detach().clone().requires_grad_() for a in (x, w) + ((b,) if b is not None else ())]
+    lp, ent = fn(leaves[0], leaves[1], t, bias=leaves[2] if b is not None else None, **kw)
+    ((lp.double() * g_lp).sum() + (ent.double() * g_ent).sum()).backward()
+    return [lp.detach(), ent.detach()] + [a.grad for a in leaves]
+
+
+def _naive(x, w, t, *, bias=None, temperature=1.0, **_):
+    return linear_logprobs_naive(x, w, t, bias=bias, temperature=temperature)
+
+
+def _max_err(a, truth):
+    return (a.double() - truth).abs().max().item()
+
+
+@pytest.mark.parametrize("lead,H,V", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_against_float64_reference(lead, H, V, dtype, bias, deterministic, device, backend, gen,
+                                   poisoned_outputs):
+    if backend == "torch" and not deterministic:
+        pytest.skip("the chunked PyTorch path is always deterministic")
+    temperature = 0.7
+    x, w, b, t = _make(lead, H, V, dtype, gen, bias)
+    g_lp = torch.randn(lead, generator=gen, dtype=torch.float64)
+    g_ent = torch.randn(lead, generator=gen, dtype=torch.float64)
+    up = lambda a: None if a is None else a.double()  # noqa: E731
+    truth = _grads(_naive, up(x), up(w), up(b), t, g_lp, g_ent, temperature=temperature)
+    plain = _grads(_naive, x, w, b, t, g_lp, g_ent, temperature=temperature)  # PyTorch in `dtype`
+
+    def ours(x_, w_, t_, *, bias=None, temperature):
+        with nk.use_backend(backend):
+            return nk.fused_linear_logprobs(x_, w_, t_, bias=bias, temperature=temperature, return_entropy=True,
+                                            deterministic=deterministic, workspace_bytes=24 * V * 4)
+    dev = lambda a: None if a is None else a.to(device)  # noqa: E731
+    got = _grads(ours, dev(x), dev(w), dev(b), t.to(device), g_lp.to(device), g_ent.to(device),
+                 temperature=temperature)
+
+    names = ["logprobs", "entropy", "d_hidden", "d_weight", "d_bias"]
+    margin = 2e-5 if dtype == torch.float32 else 2e-3
+    for name, g, p, tr in zip(names, got, plain, truth):
+        g = g.cpu()
+        assert g.shape == tr.shape and torch.isfinite(g).all(), name
+        scale = max(1.0, tr.abs().max().item())
+        assert _max_err(g, tr) <= 1.5 * _max_err(p, tr) + margin * scale, (
+            f"{name}: error {_max_err(g, tr):.3g} vs plain PyTorch {dtype} error {_max_err(p, tr):.3g}")
+    assert got[0].dtype == torch.float32 and got[2].dtype == dtype and got[3].dtype == dtype
+    ignored = (t == -100).to(device)
+    assert (got[0].to(device)[ignored] == 0).all() and (got[1].to(device)[ignored] == 0).all()
+
+
+def test_ignored_rows_get_no_gradient(device, backend, gen):
+    x, w, _, t = _make((9,), 16, 50, torch.float32, gen, bias=False, ignore_frac=0.0)
+    t[::2] = -7
+    x = x.to(device).requires_grad_()
+    with nk.use_backend(backend):
+        lp, ent = nk.fused_linear_logprobs(x, w.to(device), t.to(device), ignore_index=-7, return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    assert (x.grad[::2] == 0).all() and (x.grad[1::2] != 0).any()
+
+
+def test_one_token_and_upstream_grad_of_logprobs_only(device, backend, gen):
+    x, w, b, t = _make((1,), 16, 7, torch.float32, gen, bias=True, ignore_frac=0.0)
+    xs = x.to(device).requires_grad_()
+    with nk.use_backend(backend):
+        lp = nk.fused_linear_logprobs(xs, w.to(device), t.to(device), bias=b.to(device))
+    lp.sum().backward()
+    xd = x.detach().double().requires_grad_()
+    want, _ = linear_logprobs_naive(xd, w.double(), t, bias=b.double())
+    want.sum().backward()
+    torch.testing.assert_close(lp.detach().cpu().double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xs.grad.cpu().double(), xd.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_no_grad_keeps_nothing_and_frozen_weight(device, backend, gen):
+    x, w, _, t = _make((5,), 16, 40, torch.float32, gen, bias=False)
+    x, w, t = x.to(device).requires_grad_(), w.to(device), t.to(device)
+    with nk.use_backend(backend):
+        with torch.no_grad():
+            lp = nk.fused_linear_logprobs(x, w, t)
+        assert lp.grad_fn is None and not lp.requires_grad
+        lp2 = nk.fused_linear_logprobs(x, w, t)  # weight frozen: only d_hidden is formed
+    lp2.sum().backward()
+    torch.testing.assert_close(lp, lp2.detach())
+    assert x.grad is not None and w.grad is None
+
+
+def test_deterministic_backward_is_bitwise_repeatable(device, backend, gen):
+    x, w, b, t = _make((29,), 24, 90, torch.float32, gen, bias=True)
+    runs = []
+    for _ in range(2):
+        xs, ws, bs = (a.to(device).requires_grad_() for a in (x, w, b))
+        with nk.use_backend(backend):
+            lp, ent = nk.fused_linear_logprobs(xs, ws, t.to(device), bias=bs, return_entropy=True,
+                                               workspace_bytes=8 * 90 * 4)
+        (lp.sum() + 0.3 * ent.sum()).backward()
+        runs.append((xs.grad, ws.grad, bs.grad))
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("bad,error,words", [
+    (dict(weight=torch.randn(10, 5)), ValueError, ["weight", "[V, 8]"]),
+    (dict(targets=torch.zeros(4, dtype=torch.int64)), ValueError, ["targets", "(3,)"]),
+    (dict(targets=torch.zeros(3)), TypeError, ["targets", "float32"]),
+    (dict(hidden=torch.zeros(3, 8, dtype=torch.float64), weight=torch.zeros(10, 8, dtype=torch.float64)),
+     TypeError, ["hidden", "float64"]),
+    (dict(weight=torch.zeros(10, 8, dtype=torch.bfloat16)), TypeError, ["weight", "bfloat16"]),
+    (dict(bias=torch.zeros(9)), ValueError, ["bias", "(10,)"]),
+    (dict(targets=torch.tensor([0, 10, 1])), ValueError, ["targets", "[0, 10)"]),
+    (dict(targets=torch.tensor([0, -1, 1])), ValueError, ["targets", "ignore_index"]),
+    (dict(temperature=0.0), ValueError, ["temperature", "> 0"]),
+    (dict(hidden=torch.zeros(0, 8), targets=torch.zeros(0, dtype=torch.int64)), ValueError, ["empty"]),
+])
+def test_bad_input(bad, error, words):
+    args = dict(hidden=torch.randn(3, 8), weight=torch.randn(10, 8), targets=torch.tensor([0, 9, -100]))
+    args.update(bad)
+    h, w, t = args.pop("hidden"), args.pop("weight"), args.pop("targets")
+    with pytest.raises(error) as info:
+        nk.fused_linear_logprobs(h, w, t, **args)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_hopper_code_generation_report():
+    """Every shipped kernel config compiles for sm_90a with wgmma, no spills, and fits shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "ngrpo_kernels.hopper_report"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("lse_forward", "dlogits"))]
+    assert len(rows) == 8 and all(line.rstrip().endswith("ok") for line in rows), proc.stdout
