@@ -11,9 +11,10 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || ech
 $(PY):
 	python3 -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml setup.py
+$(STAMP): $(PY) pyproject.toml setup.py CMakeLists.txt csrc/loss_rows.cpp
 	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev]"
+	NGRPO_REQUIRE_CPP=$${NGRPO_REQUIRE_CPP:-1} $(PY) -m pip install -q --disable-pip-version-check \
+		--no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -4,12 +4,21 @@ Public API (one entry point per op; each picks the backend from the tensors' dev
 
 - ``ngrpo_advantages`` / ``group_advantages``: group advantages with NGRPO's virtual max-reward sample.
 - ``fused_linear_logprobs``: hidden states x lm_head -> token log-probs (+ entropy), no full logits.
+- ``fused_linear_ngrpo_loss`` / ``NGRPOLoss``: hidden states -> NGRPO loss and gradients in one pass.
 - ``ngrpo_policy_loss``: the asymmetric clipped policy loss, forward and backward in one fused pass.
 - ``selected_backend(device)`` / ``use_backend(name)``: which implementation runs, and forcing one.
 """
 
 from .backend import Backend, selected_backend, use_backend
-from .functional import fused_linear_logprobs, group_advantages, ngrpo_advantages, ngrpo_policy_loss
+from ._cpp import cpp_available
+from .functional import (
+    fused_linear_logprobs,
+    fused_linear_ngrpo_loss,
+    group_advantages,
+    ngrpo_advantages,
+    ngrpo_policy_loss,
+)
+from .modules import NGRPOLoss
 from .variants import AggMode, Estimator
 
 __version__ = "0.1.0"
@@ -18,7 +27,10 @@ __all__ = [
     "AggMode",
     "Backend",
     "Estimator",
+    "NGRPOLoss",
+    "cpp_available",
     "fused_linear_logprobs",
+    "fused_linear_ngrpo_loss",
     "group_advantages",
     "ngrpo_advantages",
     "ngrpo_policy_loss",

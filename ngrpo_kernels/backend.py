@@ -3,6 +3,8 @@
 - CUDA tensors -> Triton kernels.
 - CPU tensors -> the vectorised PyTorch path, or the Triton kernels when ``TRITON_INTERPRET=1``
   (the Triton interpreter runs them on the CPU: that is how CI tests the kernel code itself).
+  Ops that have a C++ kernel (the fused linear -> loss row kernel) use it on CPU when it was built
+  (``Backend.CPP``); the others treat CPP as TORCH.
 - ``use_backend(...)`` forces a choice (tests use it to check every path against the reference).
 
 ``selected_backend(device)`` answers "which one would run here?" without running anything.
@@ -22,6 +24,7 @@ import torch
 class Backend(str, enum.Enum):
     TRITON = "triton"        # Triton kernels (GPU, or CPU under TRITON_INTERPRET=1)
     TORCH = "torch"          # vectorised PyTorch with the same fused math (CPU fallback)
+    CPP = "cpp"              # the C++ extension (csrc/), CPU only, where an op has one
     REFERENCE = "reference"  # the plain-PyTorch specification (slow, autograd-based)
 
 
@@ -49,6 +52,11 @@ def selected_backend(device: torch.device | str) -> Backend:
     device = torch.device(device)
     if triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())):
         return Backend.TRITON
+    if device.type == "cpu":
+        from ._cpp import cpp_available
+
+        if cpp_available():
+            return Backend.CPP
     return Backend.TORCH
 
 
@@ -62,6 +70,11 @@ def use_backend(backend: Backend | str):
         raise ValueError(f"backend={backend!r} is not one of {names}") from None
     if backend == Backend.TRITON and not triton_available():
         raise RuntimeError("backend='triton' requested but triton is not installed")
+    if backend == Backend.CPP:
+        from ._cpp import cpp_available
+
+        if not cpp_available():
+            raise RuntimeError("backend='cpp' requested but the C++ extension was not built (see setup.py)")
     token = _forced.set(backend)
     try:
         yield backend

@@ -13,11 +13,12 @@ import torch
 from . import _checks as check
 from .backend import selected_backend
 from .ops import advantages as _advantages
+from .ops import fused_loss as _fused_loss
 from .ops import linear_logprobs as _linear_logprobs
 from .ops import policy_loss as _policy_loss
 from .variants import AggMode, Estimator
 
-__all__ = ["fused_linear_logprobs", "group_advantages", "ngrpo_advantages", "ngrpo_policy_loss"]
+__all__ = ["fused_linear_logprobs", "fused_linear_ngrpo_loss", "group_advantages", "ngrpo_advantages", "ngrpo_policy_loss"]
 
 
 def group_advantages(
@@ -169,32 +170,9 @@ def ngrpo_policy_loss(
     check.same_device({"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages,
                        "mask": mask, **optional})
 
-    eps_neg = check.open_unit("eps_neg", eps_neg)
-    eps_pos = check.open_unit("eps_pos", eps_pos)
-    if clip_ratio_c is not None:
-        clip_ratio_c = check.finite_number("clip_ratio_c", clip_ratio_c)
-        if clip_ratio_c <= 1.0:
-            raise ValueError(f"clip_ratio_c must be > 1 (the dual-clip bound -c*A), got {clip_ratio_c!r}")
-    beta = check.finite_number("beta", beta)
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta!r}")
-    if beta > 0 and ref_logprobs is None:
-        raise ValueError(f"beta={beta!r} > 0 needs ref_logprobs for the KL penalty")
-    entropy_coef = check.finite_number("entropy_coef", entropy_coef)
-    if entropy_coef != 0 and entropy is None:
-        raise ValueError(f"entropy_coef={entropy_coef!r} needs the per-token entropy tensor")
-    if length_budget is not None:
-        if loss_agg_mode != AggMode.SEQ_MEAN_TOKEN_SUM_NORM:
-            raise ValueError(f"length_budget applies only to loss_agg_mode='seq-mean-token-sum-norm', "
-                             f"not {loss_agg_mode.value!r}")
-        length_budget = check.positive("length_budget", length_budget)
-    if isinstance(normalizer, torch.Tensor):
-        check.tensor("normalizer", normalizer, ranks=(0,))
-        if normalizer.dtype.is_complex or normalizer.dtype == torch.bool:
-            raise TypeError(f"normalizer must be a real number tensor, got {check.describe(normalizer)}")
-        normalizer = normalizer.to(device=logprobs.device)
-    elif normalizer is not None:
-        normalizer = check.positive("normalizer", normalizer)
+    eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, length_budget, normalizer = _loss_options(
+        loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, ref_logprobs is not None, entropy_coef,
+        entropy is not None, length_budget, normalizer, logprobs.device)
 
     if validate:
         values = check.ValueChecks()
@@ -217,6 +195,38 @@ def ngrpo_policy_loss(
         entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode, normalizer=normalizer,
         length_budget=length_budget, rollout_is_weights=rollout_is_weights,
     )
+
+
+def _loss_options(loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, has_ref, entropy_coef, has_entropy,
+                  length_budget, normalizer, device):
+    """Checks the scalar options shared by the policy-loss entry points; returns them normalised."""
+    eps_neg = check.open_unit("eps_neg", eps_neg)
+    eps_pos = check.open_unit("eps_pos", eps_pos)
+    if clip_ratio_c is not None:
+        clip_ratio_c = check.finite_number("clip_ratio_c", clip_ratio_c)
+        if clip_ratio_c <= 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1 (the dual-clip bound -c*A), got {clip_ratio_c!r}")
+    beta = check.finite_number("beta", beta)
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    if beta > 0 and not has_ref:
+        raise ValueError(f"beta={beta!r} > 0 needs ref_logprobs for the KL penalty")
+    entropy_coef = check.finite_number("entropy_coef", entropy_coef)
+    if entropy_coef != 0 and not has_entropy:
+        raise ValueError(f"entropy_coef={entropy_coef!r} needs the per-token entropy tensor")
+    if length_budget is not None:
+        if loss_agg_mode != AggMode.SEQ_MEAN_TOKEN_SUM_NORM:
+            raise ValueError(f"length_budget applies only to loss_agg_mode='seq-mean-token-sum-norm', "
+                             f"not {loss_agg_mode.value!r}")
+        length_budget = check.positive("length_budget", length_budget)
+    if isinstance(normalizer, torch.Tensor):
+        check.tensor("normalizer", normalizer, ranks=(0,))
+        if normalizer.dtype.is_complex or normalizer.dtype == torch.bool:
+            raise TypeError(f"normalizer must be a real number tensor, got {check.describe(normalizer)}")
+        normalizer = normalizer.to(device=device)
+    elif normalizer is not None:
+        normalizer = check.positive("normalizer", normalizer)
+    return eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, length_budget, normalizer
 
 
 def fused_linear_logprobs(
@@ -295,5 +305,151 @@ def fused_linear_logprobs(
     return _linear_logprobs.compute(
         selected_backend(device), hidden, weight, targets, bias=bias, temperature=temperature,
         ignore_index=ignore_index, return_entropy=bool(return_entropy), deterministic=bool(deterministic),
+        workspace_bytes=workspace_bytes,
+    )
+
+
+def fused_linear_ngrpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    *,
+    advantages: torch.Tensor | None = None,
+    rewards: torch.Tensor | None = None,
+    group_ids: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    eps_neg: float = 0.16,
+    eps_pos: float = 0.24,
+    clip_ratio_c: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.0,
+    entropy_coef: float = 0.0,
+    loss_agg_mode: str | AggMode = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
+    length_budget: float | None = None,
+    r_max: float = 1.0,
+    num_virtual: int = 1,
+    rollout_is_weights: torch.Tensor | None = None,
+    workspace_bytes: int | None = None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The NGRPO loss straight from final hidden states: log-probs, entropy, asymmetric clipped loss and
+    the gradients for ``hidden``, ``weight`` (and ``bias``) in one pass, never holding more than
+    ``workspace_bytes`` of logits (SPEC §2-§5).
+
+    Args:
+        hidden: [B, T, H] final hidden states at the positions that predict ``targets`` (already shifted
+            by one: position t holds the state that predicts token t), bf16 / fp16 / fp32.
+        weight: [V, H] lm_head weight (same dtype); ``bias``: optional [V].
+        targets: [B, T] sampled token ids; ``mask``: [B, T] bool or 0/1, the response tokens that count.
+        old_logprobs: [B, T] behaviour-policy log-probs, or None for on-policy updates (the ratio is then
+            exactly 1, as in TRL with one iteration per generation).
+        advantages: [B] or [B, T]; or ``rewards`` [B] with ``group_ids`` [B], from which NGRPO advantages
+            are computed in-op (``r_max``, ``num_virtual``; see ``ngrpo_advantages``).
+        temperature: the sampling temperature; logits are divided by it.
+        eps_neg, eps_pos, clip_ratio_c, ref_logprobs, beta, rollout_is_weights, loss_agg_mode, normalizer,
+            length_budget: as in ``ngrpo_policy_loss``.
+        entropy_coef: the entropy bonus (loss -= entropy_coef * aggregated entropy; the recipe uses 0.001).
+        workspace_bytes: bound on the logits workspace (default: 32 MiB on CPU; min(1 GiB, memory / 16)
+            on a GPU). It must hold at least one row: V * 4 bytes (+ V * 2 for bf16/fp16 gradients).
+        validate: value checks (targets in range, finite inputs at valid positions, 0/1 mask, finite
+            rewards) with one sync; ``False`` skips them.
+
+    Returns:
+        ``(loss, metrics)``: 0-dim loss; metrics (0-dim, means over valid tokens): ``clip_frac``,
+        ``approx_kl``, ``entropy``, ``adv_mean``, ``logprob_mean`` (+ ``kl``, ``dual_clip_frac`` when used).
+        The gradients are computed in the forward pass (6*N*H*V FLOPs) and only rescaled in backward.
+    """
+    loss_agg_mode = AggMode.parse(loss_agg_mode)
+    check.tensor("hidden", hidden, ranks=(3,))
+    check.tensor("weight", weight, ranks=(2,))
+    for name, x in (("hidden", hidden), ("weight", weight)):
+        check.floating(name, x)
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {check.describe(x)}")
+    check.nonempty("hidden", hidden)
+    B, T, H = hidden.shape
+    V = weight.shape[0]
+    if weight.shape[1] != H or V == 0:
+        raise ValueError(f"weight must have shape [V, {H}] to match hidden {tuple(hidden.shape)}, "
+                         f"got {check.describe(weight)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype must match hidden ({hidden.dtype}), got {check.describe(weight)}")
+    if bias is not None:
+        check.tensor("bias", bias, ranks=(1,))
+        if bias.shape[0] != V or bias.dtype != weight.dtype:
+            raise ValueError(f"bias must have shape ({V},) and dtype {weight.dtype}, got {check.describe(bias)}")
+    bt = (B, T)
+    check.tensor("targets", targets, ranks=(2,))
+    check.integer("targets", targets)
+    check.tensor("mask", mask, ranks=(2,))
+    check.mask_like("mask", mask)
+    optional = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "rollout_is_weights": rollout_is_weights}
+    for name, x in (("targets", targets), ("mask", mask), *optional.items()):
+        if x is None:
+            continue
+        check.tensor(name, x, ranks=(2,))
+        if x.shape != bt:
+            raise ValueError(f"{name} must have shape {bt} (hidden's [B, T]), got {check.describe(x)}")
+        if name in optional:
+            check.floating(name, x)
+
+    if (advantages is None) == (rewards is None):
+        raise ValueError("pass exactly one of advantages= or rewards= (with group_ids=)")
+    if advantages is not None:
+        if group_ids is not None:
+            raise ValueError("group_ids= goes with rewards=, not with advantages=")
+        check.tensor("advantages", advantages, ranks=(1, 2))
+        check.floating("advantages", advantages)
+        if advantages.shape not in ((B,), bt):
+            raise ValueError(f"advantages must have shape ({B},) or {bt}, got {check.describe(advantages)}")
+    else:
+        if group_ids is None:
+            raise ValueError("rewards= needs group_ids= (one id per prompt)")
+        check.tensor("rewards", rewards)
+        if rewards.shape != (B,):
+            raise ValueError(f"rewards must have shape ({B},) (one per sequence), got {check.describe(rewards)}")
+    device = check.same_device({"hidden": hidden, "weight": weight, "bias": bias, "targets": targets, "mask": mask,
+                                "advantages": advantages, "rewards": rewards, "group_ids": group_ids, **optional})
+
+    temperature = check.positive("temperature", temperature)
+    eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, length_budget, normalizer = _loss_options(
+        loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, ref_logprobs is not None, entropy_coef, True,
+        length_budget, normalizer, device)
+    if workspace_bytes is not None:
+        if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
+            raise TypeError(f"workspace_bytes must be an int, got {workspace_bytes!r}")
+        from .ops.fused_loss.schedule import bytes_per_row
+
+        need = bytes_per_row(V, hidden.dtype, hidden.requires_grad or weight.requires_grad)
+        if workspace_bytes < need:
+            raise ValueError(f"workspace_bytes={workspace_bytes} cannot hold one row of logits (V={V}, "
+                             f"{hidden.dtype}): at least {need} bytes are needed")
+
+    if rewards is not None:  # validates rewards / group_ids itself (the same validate= convention)
+        advantages = ngrpo_advantages(rewards, group_ids, r_max=r_max, num_virtual=num_virtual, validate=validate)
+    if validate:
+        values = check.ValueChecks()
+        valid = mask != 0
+        if mask.dtype != torch.bool:
+            values.add((mask == 0) | (mask == 1), f"mask must hold only 0 and 1 ({check.describe(mask)})")
+        values.add(~valid | ((targets >= 0) & (targets < V)),
+                   f"targets must lie in [0, {V}) at valid (mask != 0) positions ({check.describe(targets)})")
+        values.finite("advantages", advantages, valid if advantages.dim() == 2 else None)
+        for name, x in optional.items():
+            if x is not None:
+                values.finite(name, x, valid)
+        if isinstance(normalizer, torch.Tensor):
+            values.add(torch.isfinite(normalizer) & (normalizer > 0), "normalizer must be finite and > 0")
+        values.run()
+
+    return _fused_loss.compute(
+        selected_backend(device), hidden, weight, targets, mask, old_logprobs, advantages, bias=bias,
+        temperature=temperature, eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c,
+        ref_logprobs=ref_logprobs, beta=beta, entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode,
+        normalizer=normalizer, length_budget=length_budget, rollout_is_weights=rollout_is_weights,
         workspace_bytes=workspace_bytes,
     )

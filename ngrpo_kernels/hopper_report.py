@@ -90,8 +90,8 @@ def _cases():
     """(kernel name, config label, is GEMM-class, fn, signature, constexprs, warps, stages)."""
     from .ops.advantages.triton_impl import _group_advantages_kernel
     from .ops.linear_logprobs import triton_impl as ll
-    from .ops.policy_loss.triton_impl import _policy_loss_kernel
-    from .variants import NUM_STATS, Stat
+    from .ops.policy_loss.triton_impl import _policy_loss_kernel, stat_constexprs
+    from .variants import NUM_STATS
 
     for dtype in ("bf16", "fp16"):
         ptr = f"*{dtype}"
@@ -124,11 +124,7 @@ def _cases():
            "ENT": "*fp32", "ISW": "*fp32", "G_LP": "*fp32", "G_ENT": "*fp32", "STATS": "*fp32", "T": "i32",
            "eps_neg": "fp32", "eps_pos": "fp32", "clip_c": "fp32", "beta": "fp32", "entropy_coef": "fp32"}
     const = dict(ADV_PER_TOKEN=False, HAS_REF=True, HAS_ENT=True, HAS_ISW=True, DUAL_CLIP=True, GRAD_LP=True,
-                 GRAD_ENT=True, NUM_STATS=NUM_STATS, BLOCK_T=1024,
-                 **{f"S_{k}": int(v) for k, v in (("LOSS", Stat.LOSS), ("CLIPPED", Stat.CLIPPED),
-                                                  ("LOG_RATIO", Stat.LOG_RATIO), ("ADV", Stat.ADV),
-                                                  ("ENTROPY", Stat.ENTROPY), ("KL_REF", Stat.KL_REF),
-                                                  ("DUAL", Stat.DUAL_CLIPPED))})
+                 GRAD_ENT=True, NUM_STATS=NUM_STATS, BLOCK_T=1024, **stat_constexprs())
     sig.update({k: "constexpr" for k in const})
     yield ("policy_loss", "all options, BLOCK_T=1024 w4", False, _policy_loss_kernel, sig, const, 4, 1)
 

@@ -72,6 +72,7 @@ class Stat(enum.IntEnum):
     ENTROPY = 4     # sum of entropy
     KL_REF = 5      # sum of the k3 KL to the reference policy
     DUAL_CLIPPED = 6  # tokens where the dual-clip bound -c*A was chosen
+    LOGPROB = 7     # sum of logp
 
 
 NUM_STATS = len(Stat)

@@ -23,7 +23,7 @@ def compute(
         from .triton_impl import group_stats_advantages_triton
 
         return group_stats_advantages_triton(rewards, group_ids, **options)
-    if backend == Backend.TORCH:
+    if backend in (Backend.TORCH, Backend.CPP):  # no C++ kernel for this op
         from .torch_impl import group_stats_advantages_torch
 
         return group_stats_advantages_torch(rewards, group_ids, **options)

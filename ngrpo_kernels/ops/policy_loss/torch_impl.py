@@ -1,7 +1,7 @@
 """The fused policy-loss pass in vectorised PyTorch (CPU fallback; same contract as the Triton kernel).
 
-One pass over [B, T] computes the per-token loss, its closed-form gradient with respect to the
-log-prob (and entropy), and the metric sums. See ``triton_impl.py`` for the contract.
+``token_terms`` is the per-token math on flat tokens with aggregation weights ``w``; the fused
+linear -> loss op reuses it on each chunk of tokens. See ``triton_impl.py`` for the contract.
 """
 
 from __future__ import annotations
@@ -11,51 +11,60 @@ import torch
 from ...variants import NUM_STATS, Stat
 
 
-def policy_loss_fused_torch(
-    logprobs, old_logprobs, advantages, valid, row_scale, ref_logprobs, entropy, rollout_is_weights, *,
-    eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, grad_logprobs, grad_entropy,
-):
-    dtype = torch.promote_types(logprobs.dtype, torch.float32)
-    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
-    def load(x):
-        return torch.where(valid, x.to(dtype), zero)
-
-    lp, old = load(logprobs), load(old_logprobs)
-    A = load(advantages if advantages.dim() == 2 else advantages[:, None].expand_as(valid))
-    w = torch.where(valid, row_scale.to(dtype)[:, None], zero)
-
+def token_terms(lp, old, A, valid, w, ref, H, isw, *, eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef,
+                grad_logprobs, grad_entropy):
+    """Per-token loss terms. All inputs the same shape, already zero where not ``valid``; ``w`` is the
+    aggregation weight (0 where not valid). Returns (stats [1, NUM_STATS], g_lp, g_H)."""
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     ratio = torch.exp(lp - old)
     pg_unclipped = -A * ratio
     pg_clipped = -A * ratio.clamp(1.0 - eps_neg, 1.0 + eps_pos)
     clipped = pg_clipped > pg_unclipped
     loss = torch.maximum(pg_unclipped, pg_clipped)
     dloss = torch.where(clipped, zero, -A * ratio)
-    stats = torch.zeros(1, NUM_STATS, dtype=dtype, device=lp.device)
+    stats = torch.zeros(1, NUM_STATS, dtype=lp.dtype, device=lp.device)
     if clip_ratio_c is not None:
         bound = -A * clip_ratio_c
         dual = (A < 0) & (bound < loss)
         loss = torch.where(dual, bound, loss)
         dloss = torch.where(dual, zero, dloss)
         stats[0, Stat.DUAL_CLIPPED] = dual.sum()
-    if rollout_is_weights is not None:
-        isw = load(rollout_is_weights)
+    if isw is not None:
         loss, dloss = loss * isw, dloss * isw
-    if ref_logprobs is not None:
-        log_r = load(ref_logprobs) - lp
+    if ref is not None:
+        log_r = ref - lp
         e = torch.exp(log_r)
         k3 = e - log_r - 1.0
         loss = loss + beta * k3
         dloss = dloss + beta * (1.0 - e)
         stats[0, Stat.KL_REF] = torch.where(valid, k3, zero).sum()
-    if entropy is not None:
-        H = load(entropy)
+    if H is not None:
         loss = loss - entropy_coef * H
         stats[0, Stat.ENTROPY] = H.sum()
-
     stats[0, Stat.LOSS] = (w * loss).sum()
     stats[0, Stat.CLIPPED] = (clipped & valid).sum()
     stats[0, Stat.LOG_RATIO] = (old - lp).sum()
     stats[0, Stat.ADV] = A.sum()
-    g_logprobs = w * dloss if grad_logprobs else None
-    g_entropy = -entropy_coef * w if grad_entropy else None
-    return stats, g_logprobs, g_entropy
+    stats[0, Stat.LOGPROB] = lp.sum()
+    g_lp = w * dloss if grad_logprobs else None
+    g_H = -entropy_coef * w if grad_entropy else None
+    return stats, g_lp, g_H
+
+
+def policy_loss_fused_torch(
+    logprobs, old_logprobs, advantages, valid, row_scale, ref_logprobs, entropy, rollout_is_weights, *,
+    eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, grad_logprobs, grad_entropy,
+):
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
+
+    def load(x):
+        return None if x is None else torch.where(valid, x.to(dtype), zero)
+
+    A = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(valid)
+    w = torch.where(valid, row_scale.to(dtype)[:, None], zero)
+    return token_terms(
+        load(logprobs), load(old_logprobs), load(A), valid, w, load(ref_logprobs), load(entropy),
+        load(rollout_is_weights), eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, beta=beta,
+        entropy_coef=entropy_coef, grad_logprobs=grad_logprobs, grad_entropy=grad_entropy,
+    )

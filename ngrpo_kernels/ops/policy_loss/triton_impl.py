@@ -29,6 +29,39 @@ from ...variants import NUM_STATS, Stat
 
 
 @triton.jit
+def token_loss(lp, old, A, valid, ref, H, isw, eps_neg, eps_pos, clip_c, beta, entropy_coef,
+               HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, DUAL_CLIP: tl.constexpr):
+    """Per-token NGRPO loss and d loss / d logp (SPEC §3), on tensors or scalars already zeroed where
+    not valid. Returns (loss, dloss, clipped, dual_clipped, k3). Shared by the policy-loss kernel and
+    the fused linear -> loss row kernel, so the two cannot drift apart."""
+    ratio = tl.exp(lp - old)
+    pg_unclipped = -A * ratio
+    pg_clipped = -A * tl.minimum(tl.maximum(ratio, 1.0 - eps_neg), 1.0 + eps_pos)
+    clipped = pg_clipped > pg_unclipped
+    loss = tl.maximum(pg_unclipped, pg_clipped)
+    dloss = tl.where(clipped, 0.0, -A * ratio)
+    dual = clipped & False
+    if DUAL_CLIP:
+        bound = -A * clip_c
+        dual = (A < 0.0) & (bound < loss)
+        loss = tl.where(dual, bound, loss)
+        dloss = tl.where(dual, 0.0, dloss)
+    if HAS_ISW:
+        loss = loss * isw
+        dloss = dloss * isw
+    k3 = loss * 0.0
+    if HAS_REF:
+        log_r = ref - lp
+        e = tl.exp(log_r)
+        k3 = tl.where(valid, e - log_r - 1.0, 0.0)
+        loss = loss + beta * k3
+        dloss = dloss + beta * (1.0 - e)
+    if HAS_ENT:
+        loss = loss - entropy_coef * H
+    return loss, dloss, clipped & valid, dual & valid, k3
+
+
+@triton.jit
 def _policy_loss_kernel(
     LP, OLD, ADV, VALID, ROW_SCALE, REF, ENT, ISW, G_LP, G_ENT, STATS,
     T, eps_neg, eps_pos, clip_c, beta, entropy_coef,
@@ -36,7 +69,7 @@ def _policy_loss_kernel(
     DUAL_CLIP: tl.constexpr, GRAD_LP: tl.constexpr, GRAD_ENT: tl.constexpr,
     NUM_STATS: tl.constexpr, BLOCK_T: tl.constexpr,
     S_LOSS: tl.constexpr, S_CLIPPED: tl.constexpr, S_LOG_RATIO: tl.constexpr, S_ADV: tl.constexpr,
-    S_ENTROPY: tl.constexpr, S_KL_REF: tl.constexpr, S_DUAL: tl.constexpr,
+    S_ENTROPY: tl.constexpr, S_KL_REF: tl.constexpr, S_DUAL: tl.constexpr, S_LOGPROB: tl.constexpr,
 ):
     b = tl.program_id(0)
     tb = tl.program_id(1)
@@ -52,32 +85,17 @@ def _policy_loss_kernel(
     else:
         A = tl.where(valid, tl.load(ADV + b).to(tl.float32), 0.0)
     w = tl.where(valid, tl.load(ROW_SCALE + b), 0.0)
-
-    ratio = tl.exp(lp - old)
-    pg_unclipped = -A * ratio
-    pg_clipped = -A * tl.minimum(tl.maximum(ratio, 1.0 - eps_neg), 1.0 + eps_pos)
-    clipped = pg_clipped > pg_unclipped
-    loss = tl.maximum(pg_unclipped, pg_clipped)
-    dloss = tl.where(clipped, 0.0, -A * ratio)
-    if DUAL_CLIP:
-        bound = -A * clip_c
-        dual = (A < 0.0) & (bound < loss)
-        loss = tl.where(dual, bound, loss)
-        dloss = tl.where(dual, 0.0, dloss)
-    if HAS_ISW:
-        isw = tl.load(ISW + offs, mask=valid, other=0.0).to(tl.float32)
-        loss = loss * isw
-        dloss = dloss * isw
+    ref = lp
     if HAS_REF:
-        log_r = tl.load(REF + offs, mask=valid, other=0.0).to(tl.float32) - lp
-        e = tl.exp(log_r)
-        k3 = tl.where(valid, e - log_r - 1.0, 0.0)
-        loss = loss + beta * k3
-        dloss = dloss + beta * (1.0 - e)
+        ref = tl.load(REF + offs, mask=valid, other=0.0).to(tl.float32)
+    H = lp * 0.0
     if HAS_ENT:
         H = tl.load(ENT + offs, mask=valid, other=0.0).to(tl.float32)
-        loss = loss - entropy_coef * H
-
+    isw = lp * 0.0
+    if HAS_ISW:
+        isw = tl.load(ISW + offs, mask=valid, other=0.0).to(tl.float32)
+    loss, dloss, clipped, dual, k3 = token_loss(lp, old, A, valid, ref, H, isw, eps_neg, eps_pos, clip_c, beta,
+                                                entropy_coef, HAS_REF, HAS_ENT, HAS_ISW, DUAL_CLIP)
     if GRAD_LP:
         tl.store(G_LP + offs, w * dloss, mask=in_row)
     if GRAD_ENT:
@@ -85,21 +103,19 @@ def _policy_loss_kernel(
 
     out = STATS + (b.to(tl.int64) * tl.num_programs(1) + tb) * NUM_STATS
     tl.store(out + S_LOSS, tl.sum(w * loss, axis=0))
-    tl.store(out + S_CLIPPED, tl.sum((clipped & valid).to(tl.float32), axis=0))
+    tl.store(out + S_CLIPPED, tl.sum(clipped.to(tl.float32), axis=0))
     tl.store(out + S_LOG_RATIO, tl.sum(old - lp, axis=0))
     tl.store(out + S_ADV, tl.sum(A, axis=0))
-    if HAS_ENT:
-        tl.store(out + S_ENTROPY, tl.sum(H, axis=0))
-    else:
-        tl.store(out + S_ENTROPY, 0.0)
-    if HAS_REF:
-        tl.store(out + S_KL_REF, tl.sum(k3, axis=0))
-    else:
-        tl.store(out + S_KL_REF, 0.0)
-    if DUAL_CLIP:
-        tl.store(out + S_DUAL, tl.sum(dual.to(tl.float32), axis=0))
-    else:
-        tl.store(out + S_DUAL, 0.0)
+    tl.store(out + S_ENTROPY, tl.sum(H, axis=0))
+    tl.store(out + S_KL_REF, tl.sum(k3, axis=0))
+    tl.store(out + S_DUAL, tl.sum(dual.to(tl.float32), axis=0))
+    tl.store(out + S_LOGPROB, tl.sum(lp, axis=0))
+
+
+def stat_constexprs() -> dict:
+    """The Stat column indices as kernel constexprs (S_LOSS=0, ...)."""
+    names = {Stat.DUAL_CLIPPED: "DUAL"}
+    return {f"S_{names.get(s, s.name)}": int(s) for s in Stat}
 
 
 def _block_t(T: int) -> int:
@@ -130,8 +146,6 @@ def policy_loss_fused_triton(
         ADV_PER_TOKEN=advantages.dim() == 2, HAS_REF=ref_logprobs is not None, HAS_ENT=entropy is not None,
         HAS_ISW=rollout_is_weights is not None, DUAL_CLIP=clip_ratio_c is not None,
         GRAD_LP=grad_logprobs, GRAD_ENT=grad_entropy, NUM_STATS=NUM_STATS, BLOCK_T=block_t,
-        S_LOSS=int(Stat.LOSS), S_CLIPPED=int(Stat.CLIPPED), S_LOG_RATIO=int(Stat.LOG_RATIO),
-        S_ADV=int(Stat.ADV), S_ENTROPY=int(Stat.ENTROPY), S_KL_REF=int(Stat.KL_REF),
-        S_DUAL=int(Stat.DUAL_CLIPPED),
+        **stat_constexprs(),
     )
     return stats.sum(0, keepdim=True), g_lp, g_ent

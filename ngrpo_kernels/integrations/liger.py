@@ -1,0 +1,65 @@
+"""A drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss``: same constructor names and
+``forward`` argument order, so a TRL user swaps one object; NGRPO's asymmetric clip by default.
+
+Mapping of Liger's ``loss_type`` to our aggregation (checked against liger-kernel 0.8.5 in the tests):
+``bnpo`` -> token-mean over the micro-batch; ``dapo`` -> token-mean divided by ``num_items_in_batch``
+(over the world size when torch.distributed is up, as Liger does; without it, the micro-batch's
+token count); ``grpo`` -> per-sequence token mean summed over sequences / B; ``dr_grpo`` ->
+token sum / (B * max_completion_length). The returned metrics follow Liger's layout:
+``(loss, (mean_kl if beta != 0, clip_ratio))``; ours add nothing there (call
+``fused_linear_ngrpo_loss`` directly for the full metric dict).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..functional import fused_linear_ngrpo_loss
+
+
+class LigerFusedLinearNGRPOLoss(nn.Module):
+    def __init__(self, beta: float = 0.0, compiled: bool = True, use_ref_model: bool = False, chunk_size: int = 1,
+                 epsilon_low: float = 0.16, epsilon_high: float = 0.24, loss_type: str = "dapo",
+                 max_completion_length: int | None = None, importance_sampling_level: str = "token",
+                 temperature: float = 1.0, entropy_coef: float = 0.0, clip_ratio_c: float | None = None,
+                 workspace_bytes: int | None = None):
+        super().__init__()
+        if loss_type not in ("bnpo", "dapo", "grpo", "dr_grpo"):
+            raise ValueError(f"loss_type={loss_type!r} is not supported here (bnpo, dapo, grpo, dr_grpo)")
+        if loss_type == "dr_grpo" and max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
+        if importance_sampling_level != "token":
+            raise ValueError("only importance_sampling_level='token' is supported (NGRPO clips per token)")
+        del compiled, use_ref_model, chunk_size  # Liger's tuning knobs; the fused schedule needs none
+        self.beta, self.loss_type, self.max_completion_length = beta, loss_type, max_completion_length
+        self.options = dict(eps_neg=epsilon_low, eps_pos=epsilon_high, temperature=temperature,
+                            entropy_coef=entropy_coef, clip_ratio_c=clip_ratio_c, workspace_bytes=workspace_bytes)
+
+    def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
+                ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
+                vllm_is_ratio=None, num_items_in_batch=None):
+        if ref_input is not None or ref_weight is not None or ref_bias is not None:
+            raise NotImplementedError("pass ref_per_token_logps (computed with fused_linear_logprobs under "
+                                      "torch.no_grad) instead of ref_input / ref_weight")
+        B, T = selected_token_ids.shape
+        hidden = _input.reshape(B, T, _input.shape[-1])
+        if vllm_is_ratio is not None and vllm_is_ratio.shape != (B, T):
+            vllm_is_ratio = vllm_is_ratio.expand(B, T)
+        agg, normalizer, budget = "token-mean", None, None
+        if self.loss_type == "dapo" and num_items_in_batch is not None:
+            world = torch.distributed.get_world_size() if (
+                torch.distributed.is_available() and torch.distributed.is_initialized()) else 1
+            normalizer = torch.as_tensor(num_items_in_batch, dtype=torch.float32).clamp_min(1.0) / world
+        elif self.loss_type == "grpo":
+            agg, normalizer = "seq-mean-token-mean", B
+        elif self.loss_type == "dr_grpo":
+            agg, normalizer, budget = "seq-mean-token-sum-norm", B, self.max_completion_length
+        loss, metrics = fused_linear_ngrpo_loss(
+            hidden, lin_weight, selected_token_ids, attention_mask, old_per_token_logps,
+            advantages=advantages.to(torch.float32), bias=bias, ref_logprobs=ref_per_token_logps,
+            beta=self.beta if ref_per_token_logps is not None else 0.0, rollout_is_weights=vllm_is_ratio,
+            loss_agg_mode=agg, normalizer=normalizer, length_budget=budget, **self.options,
+        )
+        out = ([metrics["kl"]] if self.beta != 0.0 and "kl" in metrics else []) + [metrics["clip_frac"]]
+        return loss, tuple(out)

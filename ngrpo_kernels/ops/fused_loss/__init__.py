@@ -1,0 +1,115 @@
+"""Fused linear -> NGRPO loss (SPEC §2-§5): hidden states in, loss and both gradients out, in bounded
+memory. ``naive.py`` is the spec (composition of the reference ops); ``schedule.py`` the chunked
+6*N*H*V schedule; ``row_triton.py`` / ``row_cpp.py`` / ``row_torch.py`` its row kernel per backend.
+Inputs arrive validated from ``ngrpo_kernels.functional``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ...backend import Backend
+from ...variants import Stat
+from ..policy_loss import _row_scale_and_denominator, _safe_inverse
+from . import schedule
+from .naive import fused_linear_ngrpo_loss_naive
+
+
+def _row_op(backend: Backend):
+    if backend == Backend.TRITON:
+        from .row_triton import loss_rows_triton
+
+        return loss_rows_triton
+    if backend == Backend.CPP:
+        from .row_cpp import loss_rows_cpp
+
+        return loss_rows_cpp
+    from .row_torch import loss_rows_torch
+
+    return loss_rows_torch
+
+
+class FusedLinearNGRPOLoss(torch.autograd.Function):
+    """Forward runs the whole schedule, gradients included; backward only rescales them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, inv_denominator, run):
+        stats, dx, dw, db = run(need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
+                                need_db=ctx.needs_input_grad[2])
+        ctx.save_for_backward(dx, dw, db, inv_denominator)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(stats)
+        return stats[Stat.LOSS] * inv_denominator, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_stats):
+        dx, dw, db, inv_denominator = ctx.saved_tensors
+        scale = grad_loss * inv_denominator
+        grads = [None if g is None else (g * scale).to(dtype) for g, dtype in zip((dx, dw, db), ctx.dtypes)]
+        return (*grads, None, None)
+
+
+def _per_token(x, valid, fill=0.0):
+    """[B, T] (or [B] broadcast) -> contiguous float32 [N], zero where not valid."""
+    if x.dim() == 1:
+        x = x[:, None].expand(valid.shape)
+    return torch.where(valid, x.to(torch.float32), fill).reshape(-1).contiguous()
+
+
+def compute(backend: Backend, hidden, weight, targets, mask, old_logprobs, advantages, *, bias, temperature,
+            eps_neg, eps_pos, clip_ratio_c, ref_logprobs, beta, entropy_coef, loss_agg_mode, normalizer,
+            length_budget, rollout_is_weights, workspace_bytes):
+    options = dict(eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, beta=beta, entropy_coef=entropy_coef,
+                   loss_agg_mode=loss_agg_mode, normalizer=normalizer, length_budget=length_budget,
+                   ref_logprobs=ref_logprobs, rollout_is_weights=rollout_is_weights)
+    if backend == Backend.REFERENCE:
+        return fused_linear_ngrpo_loss_naive(hidden, weight, targets, mask, old_logprobs, advantages=advantages,
+                                             bias=bias, temperature=temperature, **options)
+
+    B, T, H = hidden.shape
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    row_scale, denominator, n_tokens = _row_scale_and_denominator(valid, loss_agg_mode, normalizer, length_budget)
+    on_policy = old_logprobs is None
+    flat_valid = valid.reshape(-1).contiguous()
+    per_token = dict(
+        target=torch.where(valid, targets, 0).reshape(-1).to(torch.int64).contiguous(),
+        valid=flat_valid,
+        w=_per_token(row_scale, valid),
+        adv=_per_token(advantages, valid),
+        old=flat_valid.new_zeros(flat_valid.shape, dtype=torch.float32) if on_policy else _per_token(old_logprobs, valid),
+        ref=None if ref_logprobs is None else _per_token(ref_logprobs, valid),
+        isw=None if rollout_is_weights is None else _per_token(rollout_is_weights, valid),
+    )
+    row_options = dict(inv_temp=1.0 / temperature, eps_neg=eps_neg, eps_pos=eps_pos, clip_c=clip_ratio_c, beta=beta,
+                       entropy_coef=entropy_coef, on_policy=on_policy)
+    x = hidden.reshape(B * T, H).contiguous()
+    w_ = weight.contiguous()
+    b_ = None if bias is None else bias.contiguous()
+    if workspace_bytes is None:
+        workspace_bytes = schedule.default_workspace_bytes(x.device)
+    run = functools.partial(schedule.run, x, w_, b_, **per_token, row_op=_row_op(backend), row_options=row_options,
+                            workspace_bytes=workspace_bytes)
+    inv_denominator = _safe_inverse(denominator)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if needs_grad:
+        loss, stats = FusedLinearNGRPOLoss.apply(x, w_, b_, inv_denominator, run)
+    else:
+        stats, _, _, _ = run(need_dx=False, need_dw=False, need_db=False)
+        loss = stats[Stat.LOSS] * inv_denominator
+
+    per_tok = _safe_inverse(n_tokens)
+    metrics = {
+        "clip_frac": stats[Stat.CLIPPED] * per_tok,
+        "approx_kl": stats[Stat.LOG_RATIO] * per_tok,
+        "entropy": stats[Stat.ENTROPY] * per_tok,
+        "adv_mean": stats[Stat.ADV] * per_tok,
+        "logprob_mean": stats[Stat.LOGPROB] * per_tok,
+    }
+    if ref_logprobs is not None:
+        metrics["kl"] = stats[Stat.KL_REF] * per_tok
+    if clip_ratio_c is not None:
+        metrics["dual_clip_frac"] = stats[Stat.DUAL_CLIPPED] * per_tok
+    return loss, metrics

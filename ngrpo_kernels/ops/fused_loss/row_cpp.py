@@ -1,0 +1,13 @@
+"""The row kernel of the fused linear -> NGRPO loss through the C++ extension (csrc/loss_rows.cpp)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def loss_rows_cpp(z, dz, bias, target, valid, w, adv, old, ref, isw, *, inv_temp, eps_neg, eps_pos, clip_c,
+                  beta, entropy_coef, on_policy, need_grad):
+    return torch.ops.ngrpo_kernels.loss_rows(
+        z, dz if need_grad else None, None if bias is None else bias.float().contiguous(), target, valid, w, adv,
+        old, ref, isw, inv_temp, eps_neg, eps_pos, clip_c, beta, entropy_coef, on_policy, need_grad,
+    )

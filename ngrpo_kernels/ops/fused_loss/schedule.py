@@ -1,0 +1,99 @@
+"""The 6*N*H*V schedule of the fused linear -> NGRPO loss, with a bounded workspace.
+
+The gradient of the loss with respect to a token's logits is known as soon as that token's logsumexp
+is, so every chunk of tokens is finished in one visit:
+
+1. ``Z = X_c W^T`` into a float32 workspace of ``chunk x V`` (the only logits that ever exist);
+2. the row kernel: logsumexp, log-prob, entropy, NGRPO loss terms and metric sums, dZ written over Z
+   (or into a bf16/fp16 buffer beside it);
+3. ``dX_c = dZ W`` and ``dW += dZ^T X_c`` (float32 accumulator), ``db += sum dZ``.
+
+GEMMs go through torch.matmul (cuBLAS on GPU, with float32 outputs for bf16 inputs where torch offers
+``out_dtype``); the chunk order is fixed, so the result is deterministic. Without gradients (the
+no-grad pass, 2*N*H*V) step 3 and the dZ writes are skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...variants import NUM_STATS
+
+CPU_WORKSPACE_BYTES = 32 * 2**20
+GPU_WORKSPACE_BYTES = 2**30
+
+
+def default_workspace_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return min(GPU_WORKSPACE_BYTES, total // 16)
+    return CPU_WORKSPACE_BYTES
+
+
+def bytes_per_row(V: int, dtype: torch.dtype, need_grad: bool) -> int:
+    separate_dz = need_grad and dtype != torch.float32
+    return V * (4 + (torch.finfo(dtype).bits // 8 if separate_dz else 0))
+
+
+def _mm_fp32(a, b, out):
+    """out (float32) = a @ b for any input dtype; float32 accumulation."""
+    if a.dtype == torch.float32 or b.dtype == torch.float32:
+        return torch.matmul(a.to(b.dtype), b, out=out)
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32, out=out)
+        except (RuntimeError, TypeError):  # older torch: no out_dtype
+            pass
+    return out.copy_(a @ b)
+
+
+def _addmm_fp32(acc, a, b):
+    """acc (float32) += a @ b for any input dtype."""
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if a.is_cuda:
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (RuntimeError, TypeError):
+            pass
+    return acc.add_(a @ b)
+
+
+def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_op, row_options, workspace_bytes,
+        need_dx, need_dw, need_db):
+    """x [N, H], weight [V, H]; per-token target/valid/w/adv/old/ref/isw [N]. Returns
+    (stats [NUM_STATS] float32, dX [N, H] in x's dtype or None, dW [V, H] float32 or None, db [V] or None),
+    the gradients being those of the *unnormalised* loss sum (the caller scales them)."""
+    N, H = x.shape
+    V = weight.shape[0]
+    need_grad = need_dx or need_dw or need_db
+    chunk = max(1, min(N, workspace_bytes // bytes_per_row(V, x.dtype, need_grad)))
+    z_buf = torch.empty(chunk, V, dtype=torch.float32, device=x.device)
+    dz_buf = None
+    if need_grad:
+        dz_buf = z_buf if x.dtype == torch.float32 else torch.empty(chunk, V, dtype=x.dtype, device=x.device)
+    dx = torch.empty_like(x) if need_dx else None
+    dw = torch.zeros(V, H, dtype=torch.float32, device=x.device) if need_dw else None
+    db = torch.zeros(V, dtype=torch.float32, device=x.device) if need_db else None
+    stats = torch.zeros(NUM_STATS, dtype=torch.float32, device=x.device)
+    w_t = weight.T
+    if x.dtype != torch.float32 and not x.is_cuda:
+        # CPUs have no bf16 GEMM with a float32 output: upcast the weight once (V x H floats) rather
+        # than round every logit to bf16.
+        w_t = weight.float().T
+    for lo in range(0, N, chunk):
+        hi = min(N, lo + chunk)
+        n = hi - lo
+        xc, z = x[lo:hi], z_buf[:n]
+        _mm_fp32(xc, w_t, z)
+        d = dz_buf[:n] if need_grad else None
+        per_token = (target[lo:hi], valid[lo:hi], w[lo:hi], adv[lo:hi], old[lo:hi],
+                     None if ref is None else ref[lo:hi], None if isw is None else isw[lo:hi])
+        stats += row_op(z, d, bias, *per_token, need_grad=need_grad, **row_options)
+        if need_dx:
+            torch.matmul(d, weight, out=dx[lo:hi])
+        if need_dw:
+            _addmm_fp32(dw, d.T, xc)
+        if need_db:
+            db += d.sum(0, dtype=torch.float32)
+    return stats, dx, dw, db

@@ -1,0 +1,284 @@
+"""The fused linear -> NGRPO loss: every backend against the float64 composition of the reference ops
+(advantages -> log-probs -> policy loss), Liger-Kernel's chunked GRPO loss, micro-batching, bad input."""
+
+import pytest
+import torch
+
+import ngrpo_kernels as nk
+from ngrpo_kernels.ops.fused_loss.naive import fused_linear_ngrpo_loss_naive
+
+BACKENDS = ["torch", "triton"] + (["cpp"] if nk.cpp_available() else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def loss_backend(request, device):
+    if device.type == "cuda" and request.param != "triton":
+        pytest.skip("CPU backend")
+    return request.param
+
+
+def _batch(B, T, H, V, gen, *, masked_row=None):
+    x = torch.randn(B, T, H, generator=gen)
+    w = torch.randn(V, H, generator=gen) * (3.0 / H) ** 0.5
+    b = torch.randn(V, generator=gen) * 0.3
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    mask = torch.rand(B, T, generator=gen) < 0.8
+    mask[:, 0] = True
+    if masked_row is not None:
+        mask[masked_row] = False
+        targets[masked_row] = V + 5  # out of range where masked: must be ignored
+    old = -torch.rand(B, T, generator=gen) * 6  # ratios far from 1: both clip branches are taken
+    ref = -torch.rand(B, T, generator=gen) * 6
+    isw = torch.rand(B, T, generator=gen) + 0.5
+    adv = torch.randn(B, generator=gen)
+    rewards = torch.randint(0, 2, (B,), generator=gen).float()
+    group_ids = torch.randint(0, max(1, B // 2), (B,), generator=gen) * 3 + 1
+    return dict(x=x, w=w, b=b, targets=targets, mask=mask, old=old, ref=ref, isw=isw, adv=adv, rewards=rewards,
+                group_ids=group_ids)
+
+
+OPTIONS = {
+    "plain": dict(),
+    "everything": dict(bias=True, temperature=0.7, clip_ratio_c=2.5, ref_logprobs=True, beta=0.05,
+                       entropy_coef=0.01, rollout_is_weights=True, eps_neg=0.2, eps_pos=0.28),
+    "rewards": dict(rewards=True, entropy_coef=0.001),
+    "on_policy": dict(on_policy=True, entropy_coef=0.001),
+    "per_token_adv": dict(per_token_adv=True, bias=True),
+}
+
+
+def _args(batch, options, dtype, device, reference=False):
+    """Positional and keyword arguments for one call; float64 copies for the reference."""
+    cast = (lambda t: t.double()) if reference else (lambda t: t.to(device, dtype))  # noqa: E731
+    put = (lambda t: t) if reference else (lambda t: t.to(device))  # noqa: E731
+    kw = {}
+    opts = dict(options)
+    if opts.pop("bias", False):
+        kw["bias"] = cast(batch["b"])
+    for key, name in (("ref_logprobs", "ref"), ("rollout_is_weights", "isw")):
+        if opts.pop(key, False):
+            kw[key] = put(batch[name].double() if reference else batch[name])
+    if opts.pop("rewards", False):
+        kw["rewards"], kw["group_ids"] = put(batch["rewards"]), put(batch["group_ids"])
+    elif opts.pop("per_token_adv", False):
+        kw["advantages"] = put(batch["adv"][:, None] * torch.linspace(-1, 2, batch["mask"].shape[1]))
+    else:
+        kw["advantages"] = put(batch["adv"])
+    old = None if opts.pop("on_policy", False) else put(batch["old"].double() if reference else batch["old"])
+    kw.update(opts)
+    return (cast(batch["x"]), cast(batch["w"]), put(batch["targets"]), put(batch["mask"]), old), kw
+
+
+def _run(fn, args, kw, backend=None):
+    x, w = (a.detach().clone().requires_grad_() for a in args[:2])
+    b = kw.get("bias")
+    if b is not None:
+        kw = dict(kw, bias=b.detach().clone().requires_grad_())
+    if backend is None:
+        loss, metrics = fn(x, w, *args[2:], **kw)
+    else:
+        with nk.use_backend(backend):
+            loss, metrics = fn(x, w, *args[2:], **kw)
+    loss.backward()
+    grads = [x.grad, w.grad] + ([kw["bias"].grad] if b is not None else [])
+    return loss.detach(), {k: v.detach() for k, v in metrics.items()}, grads
+
+
+@pytest.mark.parametrize("mode", [m.value for m in nk.AggMode])
+@pytest.mark.parametrize("option_set", list(OPTIONS))
+@pytest.mark.parametrize("B,T,H,V,workspace_rows", [(1, 1, 16, 10, None), (3, 7, 24, 101, 4), (4, 5, 40, 333, 3)])
+def test_against_float64_composition(mode, option_set, B, T, H, V, workspace_rows, device, loss_backend, gen):
+    batch = _batch(B, T, H, V, gen, masked_row=1 if B > 2 else None)
+    options = dict(OPTIONS[option_set], loss_agg_mode=mode)
+    args, kw = _args(batch, options, torch.float32, device)
+    if workspace_rows:
+        kw["workspace_bytes"] = workspace_rows * V * 4
+    loss, metrics, grads = _run(nk.fused_linear_ngrpo_loss, args, kw, loss_backend)
+    rargs, rkw = _args(batch, options, torch.float64, device, reference=True)
+    want_loss, want_metrics, want_grads = _run(fused_linear_ngrpo_loss_naive, rargs, rkw)
+
+    torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=2e-5, atol=2e-6)
+    assert set(metrics) == set(want_metrics)
+    for k in metrics:
+        torch.testing.assert_close(metrics[k].cpu().double(), want_metrics[k].double(), rtol=2e-5, atol=2e-5,
+                                   msg=lambda m: f"metric {k}: {m}")
+    for name, g, want in zip(("d_hidden", "d_weight", "d_bias"), grads, want_grads):
+        assert g.dtype == torch.float32
+        # fp32 GEMM rounding relative to the gradient's scale (sums of up to B*T terms)
+        atol = 1e-5 * max(1e-3, want.abs().max().item())
+        torch.testing.assert_close(g.cpu().double(), want, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def test_bf16_error_no_worse_than_plain_pytorch(device, loss_backend, gen):
+    batch = _batch(4, 6, 32, 257, gen)
+    for k in ("x", "w", "b"):  # the truth is computed from the very inputs the bf16 paths see
+        batch[k] = batch[k].bfloat16().float()
+    options = OPTIONS["everything"]
+    args, kw = _args(batch, options, torch.bfloat16, device)
+    kw["workspace_bytes"] = 5 * 257 * 6
+    got = _run(nk.fused_linear_ngrpo_loss, args, kw, loss_backend)
+    rargs, rkw = _args(batch, options, torch.float64, device, reference=True)
+    truth = _run(fused_linear_ngrpo_loss_naive, rargs, rkw)
+    pargs, pkw = _args(batch, options, torch.bfloat16, "cpu")  # the same math in plain PyTorch bf16
+    pkw = {k: (v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+           for k, v in pkw.items()}
+    plain = _run(fused_linear_ngrpo_loss_naive, pargs, pkw)
+
+    def err(a, b):
+        return (a.cpu().double() - b).abs().max().item()
+    assert err(got[0], truth[0]) <= 1.5 * err(plain[0], truth[0]) + 1e-3
+    for g, p, t in zip(got[2], plain[2], truth[2]):
+        assert g.dtype == torch.bfloat16
+        assert err(g, t) <= 1.5 * err(p, t) + 2e-3 * t.abs().max().item()
+
+
+@pytest.mark.parametrize("mode", [m.value for m in nk.AggMode])
+def test_micro_batches_give_the_batch_gradient(mode, device, loss_backend, gen):
+    batch = _batch(6, 5, 16, 50, gen, masked_row=2)
+    mask = batch["mask"]
+    normalizer = {"token-mean": mask.sum().item(), "seq-mean-token-sum-norm": None}.get(
+        mode, (mask.sum(-1) > 0).sum().item())
+    x = batch["x"].to(device).requires_grad_()
+    w = batch["w"].to(device).requires_grad_()
+    put = {k: batch[k].to(device) for k in ("targets", "mask", "old", "adv")}
+    with nk.use_backend(loss_backend):
+        whole, _ = nk.fused_linear_ngrpo_loss(x, w, put["targets"], put["mask"], put["old"], advantages=put["adv"],
+                                              loss_agg_mode=mode)
+        g_whole = torch.autograd.grad(whole, (x, w))
+        total = 0
+        for rows in (slice(0, 2), slice(2, 3), slice(3, 6)):
+            part, _ = nk.fused_linear_ngrpo_loss(x[rows], w, put["targets"][rows], put["mask"][rows],
+                                                 put["old"][rows], advantages=put["adv"][rows], loss_agg_mode=mode,
+                                                 normalizer=normalizer)
+            total = total + part
+        g_parts = torch.autograd.grad(total, (x, w))
+    torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_parts, g_whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fully_masked_batch(device, loss_backend, gen):
+    batch = _batch(2, 3, 16, 20, gen)
+    x = batch["x"].to(device).requires_grad_()
+    w = batch["w"].to(device).requires_grad_()
+    with nk.use_backend(loss_backend):
+        loss, metrics = nk.fused_linear_ngrpo_loss(
+            x, w, batch["targets"].to(device), torch.zeros(2, 3, dtype=torch.bool, device=device),
+            torch.full((2, 3), float("nan"), device=device), advantages=batch["adv"].to(device), entropy_coef=0.1)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and all(float(v) == 0.0 for v in metrics.values())
+    assert not x.grad.any() and not w.grad.any()
+
+
+def test_no_grad_pass_matches_and_keeps_no_graph(device, loss_backend, gen):
+    batch = _batch(3, 4, 16, 40, gen)
+    args, kw = _args(batch, OPTIONS["everything"], torch.float32, device)
+    with nk.use_backend(loss_backend):
+        with torch.no_grad():
+            l1, m1 = nk.fused_linear_ngrpo_loss(*args, **kw)
+        l2, m2 = nk.fused_linear_ngrpo_loss(args[0].requires_grad_(), *args[1:], **kw)
+    assert l1.grad_fn is None and l2.grad_fn is not None
+    torch.testing.assert_close(l1, l2.detach())
+    for k in m1:
+        torch.testing.assert_close(m1[k], m2[k])
+
+
+def test_module_and_rewards_path(device, loss_backend, gen):
+    batch = _batch(8, 3, 16, 30, gen)
+    module = nk.NGRPOLoss(entropy_coef=0.001)
+    put = {k: v.to(device) for k, v in batch.items()}
+    with nk.use_backend(loss_backend):
+        loss, metrics = module(put["x"], put["w"], put["targets"], put["mask"], put["old"],
+                               rewards=put["rewards"], group_ids=put["group_ids"])
+        want, _ = nk.fused_linear_ngrpo_loss(put["x"], put["w"], put["targets"], put["mask"], put["old"],
+                                             advantages=nk.ngrpo_advantages(put["rewards"], put["group_ids"]),
+                                             entropy_coef=0.001)
+    torch.testing.assert_close(loss, want)
+    assert "entropy_coef=0.001" in repr(module)
+    with pytest.raises(ValueError, match="eps_pos"):
+        nk.NGRPOLoss(eps_pos=1.5)
+
+
+liger_chunked = pytest.importorskip("liger_kernel.chunked_loss")
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "dapo", "grpo", "dr_grpo"])
+def test_agrees_with_liger(loss_type, device, loss_backend, gen):
+    """Same inputs, beta = 0, eps 0.16 / 0.24, given advantages: Liger's chunked GRPO loss and ours
+    (through the Liger-signature adapter, and directly for bnpo = token-mean)."""
+    from ngrpo_kernels.integrations.liger import LigerFusedLinearNGRPOLoss
+
+    B, T, H, V = 4, 6, 32, 97
+    batch = _batch(B, T, H, V, gen, masked_row=3)
+    put = {k: v.to(device) for k, v in batch.items()}
+    common = dict(beta=0.0, epsilon_low=0.16, epsilon_high=0.24, loss_type=loss_type, max_completion_length=T)
+    liger = liger_chunked.LigerFusedLinearGRPOLoss(use_ref_model=False, compiled=False, **common)
+    ours = LigerFusedLinearNGRPOLoss(**common)
+    mask = put["mask"].long()  # Liger takes an integer attention mask
+    extra = dict(num_items_in_batch=torch.tensor(37.0)) if loss_type == "dapo" else {}
+    results = []
+    for fn in (liger, ours):
+        x = put["x"].clone().requires_grad_()
+        w = put["w"].clone().requires_grad_()
+        with nk.use_backend(loss_backend):
+            loss, metrics = fn(x, w, put["targets"].masked_fill(~put["mask"], 0), mask, put["adv"],
+                               old_per_token_logps=put["old"], **extra)
+        loss.backward()
+        results.append((loss.detach(), metrics[-1].detach(), x.grad, w.grad))
+    (l_ref, clip_ref, gx_ref, gw_ref), (l, clip, gx, gw) = results
+    torch.testing.assert_close(l, l_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(clip, clip_ref)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-6)
+    if loss_type == "bnpo":
+        with nk.use_backend(loss_backend):
+            direct, _ = nk.fused_linear_ngrpo_loss(put["x"], put["w"], put["targets"], put["mask"], put["old"],
+                                                   advantages=put["adv"])
+        torch.testing.assert_close(direct, l_ref, rtol=1e-5, atol=1e-6)
+
+
+def _good():
+    return dict(hidden=torch.randn(2, 3, 8), weight=torch.randn(10, 8), targets=torch.zeros(2, 3, dtype=torch.long),
+                mask=torch.ones(2, 3, dtype=torch.bool), old_logprobs=-torch.rand(2, 3), advantages=torch.randn(2))
+
+
+@pytest.mark.parametrize("bad,error,words", [
+    (dict(weight=torch.randn(10, 9)), ValueError, ["weight", "[V, 8]"]),
+    (dict(hidden=torch.randn(6, 8)), ValueError, ["hidden", "rank 3"]),
+    (dict(targets=torch.zeros(2, 4, dtype=torch.long)), ValueError, ["targets", "(2, 3)"]),
+    (dict(mask=torch.ones(3, 3)), ValueError, ["mask", "(2, 3)"]),
+    (dict(old_logprobs=-torch.rand(2, 2)), ValueError, ["old_logprobs", "(2, 3)"]),
+    (dict(advantages=torch.randn(3)), ValueError, ["advantages", "(2,)"]),
+    (dict(targets=torch.full((2, 3), 10)), ValueError, ["targets", "[0, 10)"]),
+    (dict(targets=torch.full((2, 3), -1)), ValueError, ["targets", "[0, 10)"]),
+    (dict(targets=torch.zeros(2, 3)), TypeError, ["targets", "float32"]),
+    (dict(hidden=torch.randn(2, 3, 8).double(), weight=torch.randn(10, 8).double()), TypeError, ["float64"]),
+    (dict(weight=torch.randn(10, 8).bfloat16()), TypeError, ["weight", "bfloat16"]),
+    (dict(bias=torch.randn(11)), ValueError, ["bias", "(10,)"]),
+    (dict(old_logprobs=torch.zeros(2, 3, dtype=torch.long)), TypeError, ["old_logprobs", "int64"]),
+    (dict(workspace_bytes=39), ValueError, ["workspace_bytes", "one row", "40"]),
+    (dict(advantages=None), ValueError, ["advantages", "rewards"]),
+    (dict(advantages=None, rewards=torch.ones(2)), ValueError, ["group_ids"]),
+    (dict(advantages=None, rewards=torch.ones(3), group_ids=torch.zeros(3, dtype=torch.long)), ValueError,
+     ["rewards", "(2,)"]),
+    (dict(temperature=0.0), ValueError, ["temperature"]),
+    (dict(eps_neg=1.0), ValueError, ["eps_neg"]),
+    (dict(loss_agg_mode="sum"), ValueError, ["loss_agg_mode"]),
+    (dict(old_logprobs=torch.tensor([[0.0, float("nan"), 0.0], [0.0, 0.0, 0.0]])), ValueError, ["old_logprobs", "NaN"]),
+])
+def test_bad_input(bad, error, words):
+    args = _good()
+    args.update(bad)
+    pos = [args.pop(k) for k in ("hidden", "weight", "targets", "mask", "old_logprobs")]
+    with pytest.raises(error) as info:
+        nk.fused_linear_ngrpo_loss(*pos, **args)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_mixed_devices_are_rejected():
+    args = _good()
+    args["weight"] = args["weight"].to("meta")
+    pos = [args.pop(k) for k in ("hidden", "weight", "targets", "mask", "old_logprobs")]
+    with pytest.raises(ValueError, match="one device"):
+        nk.fused_linear_ngrpo_loss(*pos, **args)
