@@ -31,29 +31,81 @@ struct Options {
 template <typename OutT>
 inline OutT cast_out(float v) { return static_cast<OutT>(v); }
 
+// The row loops. Each exists with and without a bias (a per-element `bias ? ... : 0` stops GCC from
+// vectorising under -fopenmp), and is compiled twice (AVX2+FMA and baseline x86-64), picked at load
+// time by the CPU (GCC target_clones; glibc's libmvec supplies the matching vector expf).
+#define NGRPO_CLONES __attribute__((target_clones("avx2,fma", "default")))
+
+// Pass 1: max, sum of exp(zz - max) and sum of exp(zz - max) * zz, zz = (z + b) * it.
+NGRPO_CLONES void row_softmax_stats(const float* z, const float* bias, int64_t V, float it, float* out) {
+  float m = -std::numeric_limits<float>::max(), s = 0.f, u = 0.f;
+  if (bias) {
+    #pragma omp simd reduction(max : m)
+    for (int64_t v = 0; v < V; ++v) m = std::max(m, (z[v] + bias[v]) * it);
+    #pragma omp simd reduction(+ : s, u)
+    for (int64_t v = 0; v < V; ++v) {
+      const float zv = (z[v] + bias[v]) * it;
+      const float p = std::exp(zv - m);
+      s += p;
+      u += p * zv;
+    }
+  } else {
+    #pragma omp simd reduction(max : m)
+    for (int64_t v = 0; v < V; ++v) m = std::max(m, z[v] * it);
+    #pragma omp simd reduction(+ : s, u)
+    for (int64_t v = 0; v < V; ++v) {
+      const float zv = z[v] * it;
+      const float p = std::exp(zv - m);
+      s += p;
+      u += p * zv;
+    }
+  }
+  out[0] = m;
+  out[1] = s;
+  out[2] = u;
+}
+
+// Pass 2: dz_v = (-g_lp p_v - g_H p_v (zz_v - mean_z)) * it, p_v = exp(zz_v - lse); the one-hot term is
+// added by the caller. dz may alias z (float32).
+template <typename OutT>
+inline void row_grad_impl(const float* z, const float* bias, OutT* dz, int64_t V, float it, float lse, float mean_z,
+                          float g_lp, float g_H) {
+  if (bias) {
+    #pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      const float zv = (z[v] + bias[v]) * it;
+      const float p = std::exp(zv - lse);
+      dz[v] = cast_out<OutT>((-g_lp * p - g_H * p * (zv - mean_z)) * it);
+    }
+  } else {
+    #pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      const float zv = z[v] * it;
+      const float p = std::exp(zv - lse);
+      dz[v] = cast_out<OutT>((-g_lp * p - g_H * p * (zv - mean_z)) * it);
+    }
+  }
+}
+
+NGRPO_CLONES void row_grad(const float* z, const float* bias, float* dz, int64_t V, float it, float lse,
+                           float mean_z, float g_lp, float g_H) {
+  row_grad_impl(z, bias, dz, V, it, lse, mean_z, g_lp, g_H);
+}
+
+NGRPO_CLONES void row_grad(const float* z, const float* bias, at::BFloat16* dz, int64_t V, float it, float lse,
+                           float mean_z, float g_lp, float g_H) {
+  row_grad_impl(z, bias, dz, V, it, lse, mean_z, g_lp, g_H);
+}
+
 // One row: z (raw logits, V floats) -> statistics and, when asked, dz (V values of OutT, may alias z).
 template <typename OutT>
 void one_row(const float* z, OutT* dz, const float* bias, int64_t V, int64_t target, float w, float A,
              float old_lp, float ref_lp, float isw, const Options& o, double* stats) {
   const float it = o.inv_temp;
-  // Pass 1a: max of the scaled logits.
-  float m = -std::numeric_limits<float>::max();
-  #pragma omp simd reduction(max : m)
-  for (int64_t v = 0; v < V; ++v) {
-    float zv = (z[v] + (bias ? bias[v] : 0.f)) * it;
-    m = std::max(m, zv);
-  }
-  // Pass 1b: sum of exponentials and exp-weighted logits (vectorised expf).
-  float s = 0.f, u = 0.f;
-  #pragma omp simd reduction(+ : s, u)
-  for (int64_t v = 0; v < V; ++v) {
-    float zv = (z[v] + (bias ? bias[v] : 0.f)) * it;
-    float p = std::exp(zv - m);
-    s += p;
-    u += p * zv;
-  }
-  const float lse = m + std::log(s);
-  const float mean_z = u / s;
+  float msu[3];
+  row_softmax_stats(z, bias, V, it, msu);
+  const float lse = msu[0] + std::log(msu[1]);
+  const float mean_z = msu[2] / msu[1];
   const float H = lse - mean_z;
   const float zt = (z[target] + (bias ? bias[target] : 0.f)) * it;
   const float lp = zt - lse;
@@ -93,16 +145,9 @@ void one_row(const float* z, OutT* dz, const float* bias, int64_t V, int64_t tar
   stats[LOGPROB] += lp;
 
   if (!o.need_grad) return;
-  // Pass 2: dZ_v = (g_lp (onehot_v - p_v) - g_H p_v (z_v - E[z])) / temperature.
   // On policy (old = logp, ratio == 1 exactly) the ratio's own dependence on logp is what dloss holds.
   const float g_lp = w * dloss;
-  const float g_H = -o.entropy_coef * w;
-  #pragma omp simd
-  for (int64_t v = 0; v < V; ++v) {
-    float zv = (z[v] + (bias ? bias[v] : 0.f)) * it;
-    float p = std::exp(zv - lse);
-    dz[v] = cast_out<OutT>((-g_lp * p - g_H * p * (zv - mean_z)) * it);
-  }
+  row_grad(z, bias, dz, V, it, lse, mean_z, g_lp, -o.entropy_coef * w);
   dz[target] = cast_out<OutT>(static_cast<float>(dz[target]) + g_lp * it);
 }
 
