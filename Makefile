@@ -29,8 +29,12 @@ test: setup
 	TRITON_INTERPRET=$${TRITON_INTERPRET:-$$interp} $(PY) -m pytest tests -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# CPU benchmarks against the peers (pytest-benchmark), then benchmarks/RESULTS.md and results.png.
 bench: setup
-	$(PY) -m pytest benchmarks $(PYTEST_ARGS)
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[bench]"
+	$(PY) -m pytest benchmarks --benchmark-json=.benchmarks/cpu.json $(PYTEST_ARGS)
+	$(PY) benchmarks/report.py .benchmarks/cpu.json --title "CPU benchmark results" >/dev/null
+	@echo "wrote benchmarks/RESULTS.md and benchmarks/results.png"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -12,16 +12,16 @@ import torch
 CPU_WORKSPACE_BYTES = 64 * 2**20
 
 
-def _chunk_rows(V: int, workspace_bytes: int | None) -> int:
+def _chunk_rows(V: int, workspace_bytes: int | None, buffers: int = 3) -> int:
     budget = CPU_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
-    return max(1, budget // (V * 4 * 3))  # logits, probabilities, dZ in float32
+    return max(1, budget // (V * 4 * buffers))  # logits, log-softmax / probabilities, dZ in float32
 
 
 def _logits(x, weight, bias, inv_temp):
     z = (x @ weight.T).float()
     if bias is not None:
         z = z + bias.float()
-    return z * inv_temp
+    return z if inv_temp == 1.0 else z * inv_temp
 
 
 def forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, workspace_bytes=None):
@@ -29,15 +29,17 @@ def forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, worksp
     lse = torch.empty(N, dtype=torch.float32, device=x.device)
     logprobs = torch.empty(N, dtype=torch.float32, device=x.device)
     mean_z = torch.empty(N, dtype=torch.float32, device=x.device) if entropy else None
-    step = _chunk_rows(weight.shape[0], workspace_bytes)
+    step = _chunk_rows(weight.shape[0], workspace_bytes, buffers=2)
     for lo in range(0, N, step):
         hi = min(N, lo + step)
         z = _logits(x[lo:hi], weight, bias, inv_temp)
-        lse[lo:hi] = torch.logsumexp(z, dim=-1)
         t = targets[lo:hi]
-        logprobs[lo:hi] = z.gather(1, torch.where(t == ignore_index, 0, t)[:, None])[:, 0] - lse[lo:hi]
+        t = torch.where(t == ignore_index, 0, t)[:, None]
+        log_p = torch.log_softmax(z, dim=-1)  # one fused pass; cheaper than logsumexp on CPU
+        logprobs[lo:hi] = log_p.gather(1, t)[:, 0]
+        lse[lo:hi] = z.gather(1, t)[:, 0] - logprobs[lo:hi]
         if entropy:
-            mean_z[lo:hi] = (torch.softmax(z, dim=-1) * z).sum(-1)
+            mean_z[lo:hi] = (log_p.exp_() * z).sum(-1)
     valid = targets != ignore_index
     logprobs = torch.where(valid, logprobs, 0.0)
     ent = torch.where(valid, lse - mean_z, 0.0) if entropy else None

@@ -1,0 +1,377 @@
+"""Every implementation the benchmarks compare, as factories: ``factory(case) -> callable`` that runs one
+forward+backward (or one no-grad pass) and returns only when the device is done, or raises
+``Unavailable(reason)`` where it cannot run (missing package, CPU-only or GPU-only).
+
+All of them compute the same NGRPO token-mean loss (eps 0.16 / 0.24, no KL, no entropy bonus: the
+peers that lack an entropy term are compared on equal work) from the same inputs: hidden states
+[B, T, H], the lm_head weight [V, H], sampled tokens, old log-probs and per-sequence advantages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+import ngrpo_kernels as nk
+from ngrpo_kernels.ops.policy_loss.naive import policy_loss_naive
+
+
+class Unavailable(Exception):
+    """This implementation cannot run here (the reason says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    N: int
+    H: int
+    V: int
+    dtype: torch.dtype
+    device: str
+    sequences: int = 8
+
+    @property
+    def label(self) -> str:
+        return f"N{self.N}-H{self.H}-V{self.V}-{str(self.dtype).replace('torch.', '')}"
+
+
+@functools.lru_cache(maxsize=4)
+def inputs(case: Case):
+    g = torch.Generator().manual_seed(0)
+    B, T = case.sequences, case.N // case.sequences
+    hidden = torch.randn(B, T, case.H, generator=g)
+    weight = torch.randn(case.V, case.H, generator=g) * (4.0 / case.H) ** 0.5  # logits with std ~2
+    targets = torch.randint(0, case.V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    old = -torch.rand(B, T, generator=g) * 4
+    rewards = torch.randint(0, 2, (B,), generator=g).float()
+    adv = nk.ngrpo_advantages(rewards, torch.arange(B) // 4)
+    dev, dt = case.device, case.dtype
+    return dict(hidden=hidden.to(dev, dt), weight=weight.to(dev, dt), targets=targets.to(dev), mask=mask.to(dev),
+                old=old.to(dev), adv=adv.to(dev))
+
+
+def _sync(case):
+    if case.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _train_step(case, loss_fn):
+    """fwd+bwd: fresh leaf tensors each call, gradients for hidden and weight."""
+    x = inputs(case)
+
+    def step():
+        h = x["hidden"].detach().requires_grad_()
+        w = x["weight"].detach().requires_grad_()
+        loss = loss_fn(h, w, x)
+        loss.backward()
+        _sync(case)
+        return loss
+    return step
+
+
+def _policy_loss(logprobs, x):
+    loss, _ = policy_loss_naive(logprobs, x["old"], x["adv"], x["mask"])
+    return loss
+
+
+def _full_logprobs(h, w, targets):
+    logits = (h @ w.T).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+
+
+# ---------------------------------------------------------------- fused loss, forward + backward
+
+def loss_naive(case):
+    return _train_step(case, lambda h, w, x: _policy_loss(_full_logprobs(h, w, x["targets"]), x))
+
+
+def loss_torch_compile(case):
+    compiled = _compiled_full_logprobs()
+    return _train_step(case, lambda h, w, x: _policy_loss(compiled(h, w, x["targets"]), x))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_full_logprobs():
+    return torch.compile(_full_logprobs, dynamic=True)
+
+
+def _chunked_logprobs(h, w, targets, chunk=1024):
+    """What a careful PyTorch user writes: per chunk of tokens, logits under activation checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    parts = [checkpoint(_full_logprobs, flat_h[i:i + chunk], w, flat_t[i:i + chunk], use_reentrant=False)
+             for i in range(0, flat_h.shape[0], chunk)]
+    return torch.cat(parts).view(targets.shape)
+
+
+def loss_torch_chunked(case):
+    return _train_step(case, lambda h, w, x: _policy_loss(_chunked_logprobs(h, w, x["targets"]), x))
+
+
+def loss_liger(case):
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except ImportError as err:
+        raise Unavailable(f"liger-kernel not installed ({err})") from None
+    fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=0.16, epsilon_high=0.24,
+                                  loss_type="bnpo", compiled=True)
+
+    def loss(h, w, x):
+        out, _ = fn(h, w, x["targets"], x["mask"].long(), x["adv"], old_per_token_logps=x["old"])
+        return out
+    return _train_step(case, loss)
+
+
+def loss_liger_triton(case):
+    """Liger's Triton grpo_loss on materialised logits (GPU only)."""
+    if case.device != "cuda":
+        raise Unavailable("Triton GPU kernel")
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    except ImportError as err:
+        raise Unavailable(f"liger-kernel triton grpo_loss not importable ({err})") from None
+
+    def loss(h, w, x):
+        logits = h @ w.T
+        # Liger's kernel reads logits[:, :-1] as the predictions of completion_ids: pad one position.
+        logits = torch.cat([logits, logits[:, -1:]], dim=1)
+        loss, _ = triton_grpo_loss(logits, x["old"], None, x["targets"], x["adv"], x["mask"].long(),
+                                   temperature=1.0, beta=0.0, eps_low=0.16, eps_high=0.24, inplace=True,
+                                   loss_type="bnpo", reduce=True)
+        return loss
+    return _train_step(case, loss)
+
+
+def loss_cce(case):
+    if case.device != "cuda":
+        raise Unavailable("Triton GPU kernel")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as err:
+        raise Unavailable(f"cut-cross-entropy not installed ({err})") from None
+
+    def loss(h, w, x):
+        lp = -linear_cross_entropy(h, w, x["targets"], reduction="none")
+        return _policy_loss(lp.float(), x)
+    return _train_step(case, loss)
+
+
+def _trl_logprobs(h, w, targets):
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    except ImportError as err:
+        raise Unavailable(f"trl >= 1.15 not installed ({err})") from None
+    flat = h.reshape(-1, h.shape[-1])
+    lp, *_ = ChunkedLogProbFunction.apply(flat, w, None, targets.reshape(-1), 1.0, 32768, None, 1.0, ())
+    return lp.view(targets.shape)
+
+
+def loss_trl_fused(case):
+    try:
+        import trl.kernels.chunked_logprob  # noqa: F401
+    except ImportError as err:
+        raise Unavailable(f"trl >= 1.15 not installed ({err})") from None
+    return _train_step(case, lambda h, w, x: _policy_loss(_trl_logprobs(h, w, x["targets"]), x))
+
+
+def _ngrpo_loss(backend):
+    def factory(case):
+        try:
+            with nk.use_backend(backend):
+                pass
+        except RuntimeError as err:
+            raise Unavailable(str(err)) from None
+        if backend == "triton" and case.device != "cuda":
+            raise Unavailable("compiled Triton needs a GPU (the interpreter is for tests)")
+        if backend in ("cpp", "torch") and case.device != "cpu":
+            raise Unavailable("CPU backend")
+
+        def loss(h, w, x):
+            with nk.use_backend(backend):
+                out, _ = nk.fused_linear_ngrpo_loss(h, w, x["targets"], x["mask"], x["old"], advantages=x["adv"],
+                                                    validate=False)
+            return out
+        return _train_step(case, loss)
+    return factory
+
+
+def gemm_floor_train(case):
+    """The three GEMMs that fwd+bwd cannot avoid: logits, dX, dW (6*N*H*V FLOPs)."""
+    x = inputs(case)
+    h = x["hidden"].reshape(-1, case.H)
+    w = x["weight"]
+    dz = torch.randn(case.N, case.V, dtype=case.dtype, device=case.device) * 1e-3
+
+    def step():
+        torch.matmul(h, w.T)
+        torch.matmul(dz, w)
+        torch.matmul(dz.T, h)
+        _sync(case)
+    return step
+
+
+FUSED_LOSS = {
+    "gemm_floor": gemm_floor_train,
+    "naive": loss_naive,
+    "torch_compile": loss_torch_compile,
+    "torch_chunked": loss_torch_chunked,
+    "liger": loss_liger,
+    "liger_triton": loss_liger_triton,
+    "cce": loss_cce,
+    "trl_fused": loss_trl_fused,
+    "ngrpo_triton": _ngrpo_loss("triton"),
+    "ngrpo_cpp": _ngrpo_loss("cpp"),
+    "ngrpo_torch": _ngrpo_loss("torch"),
+}
+
+
+# ---------------------------------------------------------------- no-grad log-prob pass
+
+def _no_grad(case, fn):
+    x = inputs(case)
+
+    def run():
+        with torch.no_grad():
+            out = fn(x["hidden"], x["weight"], x["targets"])
+        _sync(case)
+        return out
+    return run
+
+
+def _ngrpo_logprobs(backend):
+    def factory(case):
+        if backend == "triton" and case.device != "cuda":
+            raise Unavailable("compiled Triton needs a GPU (the interpreter is for tests)")
+        if backend == "torch" and case.device != "cpu":
+            raise Unavailable("CPU backend")
+
+        def fn(h, w, t):
+            with nk.use_backend(backend):
+                return nk.fused_linear_logprobs(h, w, t, validate=False)
+        return _no_grad(case, fn)
+    return factory
+
+
+def _cce_logprobs(case):
+    if case.device != "cuda":
+        raise Unavailable("Triton GPU kernel")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as err:
+        raise Unavailable(f"cut-cross-entropy not installed ({err})") from None
+    return _no_grad(case, lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none"))
+
+
+def _trl_nograd(case):
+    try:
+        import trl.kernels.chunked_logprob  # noqa: F401
+    except ImportError as err:
+        raise Unavailable(f"trl >= 1.15 not installed ({err})") from None
+    return _no_grad(case, _trl_logprobs)
+
+
+def _liger_logprobs(case):
+    raise Unavailable("liger-kernel has no log-prob-only op (its GRPO loss takes ref log-probs as input)")
+
+
+def gemm_floor_nograd(case):
+    x = inputs(case)
+    h = x["hidden"].reshape(-1, case.H)
+
+    def run():
+        torch.matmul(h, x["weight"].T)
+        _sync(case)
+    return run
+
+
+LOGPROBS = {
+    "gemm_floor": gemm_floor_nograd,
+    "naive": lambda case: _no_grad(case, _full_logprobs),
+    "torch_compile": lambda case: _no_grad(case, _compiled_full_logprobs()),
+    "torch_chunked": lambda case: _no_grad(case, _chunked_logprobs),
+    "liger": _liger_logprobs,
+    "cce": _cce_logprobs,
+    "trl_fused": _trl_nograd,
+    "ngrpo_triton": _ngrpo_logprobs("triton"),
+    "ngrpo_torch": _ngrpo_logprobs("torch"),
+}
+
+
+# ---------------------------------------------------------------- group advantages at large B
+
+@dataclasses.dataclass(frozen=True)
+class AdvCase:
+    B: int
+    group: int
+    device: str
+
+    @property
+    def label(self) -> str:
+        return f"B{self.B}-G{self.group}"
+
+
+def _adv_inputs(case):
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randint(0, 2, (case.B,), generator=g).float()
+    ids = torch.arange(case.B) // case.group
+    perm = torch.randperm(case.B, generator=g)  # trainers shuffle: groups are not contiguous
+    return rewards[perm].to(case.device), ids[perm].to(case.device)
+
+
+def _adv(backend):
+    def factory(case):
+        if backend == "triton" and case.device != "cuda":
+            raise Unavailable("compiled Triton needs a GPU (the interpreter is for tests)")
+        if backend == "torch" and case.device != "cpu":
+            raise Unavailable("CPU backend")
+        rewards, ids = _adv_inputs(case)
+
+        def run():
+            with nk.use_backend(backend):
+                out = nk.ngrpo_advantages(rewards, ids, validate=False)
+            _sync(case)
+            return out
+        return run
+    return factory
+
+
+def adv_reshape(case):
+    """What TRL does: sort into contiguous groups of equal size, view(-1, G), mean/std per row (with
+    NGRPO's virtual sample added analytically)."""
+    rewards, ids = _adv_inputs(case)
+
+    def run():
+        order = torch.argsort(ids, stable=True)
+        r = rewards[order].view(-1, case.group).double()
+        n = case.group + 1
+        mu = (r.sum(1, keepdim=True) + 1.0) / n
+        var = (((r - mu) ** 2).sum(1, keepdim=True) + (1.0 - mu) ** 2) / (n - 1)
+        out = torch.empty_like(rewards)
+        out[order] = ((r - mu) / (var.sqrt() + 1e-6)).view(-1).float()
+        _sync(case)
+        return out
+    return run
+
+
+def adv_naive(case):
+    if case.B > 20_000:
+        raise Unavailable("the Python loop over groups takes minutes at this size")
+    rewards, ids = _adv_inputs(case)
+    from ngrpo_kernels.ops.advantages.naive import ngrpo_advantages_naive
+
+    def run():
+        out = ngrpo_advantages_naive(rewards, ids)
+        _sync(case)
+        return out
+    return run
+
+
+ADVANTAGES = {
+    "naive": adv_naive,
+    "reshape_groups": adv_reshape,
+    "ngrpo_triton": _adv("triton"),
+    "ngrpo_torch": _adv("torch"),
+}
