@@ -2,6 +2,7 @@
 
 1. SPEC §2's advantage table (G = 8, binary rewards) computed by ``ngrpo_advantages`` beside GRPO.
 2. One fused policy-loss call on a random batch, with its metrics and the gradient it produces.
+3. The fused hidden-state -> NGRPO loss with its gradients for the hidden states and the lm_head.
 """
 
 from __future__ import annotations
@@ -54,9 +55,30 @@ def loss_example() -> None:
           f"{logp.grad[:4][mask[:4]].mean().item():+.6f} (> 0 means gradient descent lowers their log-probs)")
 
 
+def fused_example() -> None:
+    """The product's centre: hidden states + lm_head -> NGRPO loss and gradients, no full logits."""
+    torch.manual_seed(0)
+    B, T, H, V = 8, 16, 64, 4096
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    lm_head = torch.nn.Linear(H, V, bias=False)
+    targets = torch.randint(0, V, (B, T))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    with torch.no_grad():  # the old policy's log-probs, through the fused no-grad pass
+        old = nk.fused_linear_logprobs(hidden, lm_head.weight, targets) + 0.05 * torch.randn(B, T)
+    rewards = torch.tensor([0.0] * 4 + [1.0, 0.0, 1.0, 1.0])
+    group_ids = torch.tensor([0] * 4 + [1] * 4)
+    loss, metrics = nk.NGRPOLoss(entropy_coef=0.001)(hidden, lm_head.weight, targets, mask, old, rewards=rewards,
+                                                    group_ids=group_ids)
+    loss.backward()
+    print(f"\nFused hidden -> loss (B={B}, T={T}, H={H}, V={V}, backend {nk.selected_backend('cpu').value}): "
+          f"loss = {loss.item():+.6f}, entropy = {metrics['entropy'].item():.4f}, "
+          f"|dL/dhidden| = {hidden.grad.norm().item():.3e}, |dL/dW| = {lm_head.weight.grad.norm().item():.3e}")
+
+
 def main() -> None:
     advantage_table()
     loss_example()
+    fused_example()
 
 
 if __name__ == "__main__":
