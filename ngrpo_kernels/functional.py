@@ -175,18 +175,8 @@ def ngrpo_policy_loss(
         entropy is not None, length_budget, normalizer, logprobs.device)
 
     if validate:
-        values = check.ValueChecks()
-        valid = mask != 0
-        if not (mask.dtype == torch.bool):
-            values.add((mask == 0) | (mask == 1), f"mask must hold only 0 and 1 ({check.describe(mask)})")
-        values.finite("logprobs", logprobs, valid)
-        values.finite("old_logprobs", old_logprobs, valid)
-        values.finite("advantages", advantages, valid if advantages.dim() == 2 else None)
-        for name, x in optional.items():
-            if x is not None:
-                values.finite(name, x, valid)
-        if isinstance(normalizer, torch.Tensor):
-            values.add(torch.isfinite(normalizer) & (normalizer > 0), "normalizer must be finite and > 0")
+        values = _loss_value_checks(mask, advantages, normalizer,
+                                    {"logprobs": logprobs, "old_logprobs": old_logprobs, **optional})
         values.run()
 
     return _policy_loss.compute(
@@ -227,6 +217,21 @@ def _loss_options(loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, has_ref, 
     elif normalizer is not None:
         normalizer = check.positive("normalizer", normalizer)
     return eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, length_budget, normalizer
+
+
+def _loss_value_checks(mask, advantages, normalizer, per_token: dict) -> check.ValueChecks:
+    """The data checks shared by the loss entry points (run by the caller, with its own additions)."""
+    values = check.ValueChecks()
+    valid = mask != 0
+    if mask.dtype != torch.bool:
+        values.add((mask == 0) | (mask == 1), f"mask must hold only 0 and 1 ({check.describe(mask)})")
+    values.finite("advantages", advantages, valid if advantages.dim() == 2 else None)
+    for name, x in per_token.items():
+        if x is not None:
+            values.finite(name, x, valid)
+    if isinstance(normalizer, torch.Tensor):
+        values.add(torch.isfinite(normalizer) & (normalizer > 0), "normalizer must be finite and > 0")
+    return values
 
 
 def fused_linear_logprobs(
@@ -432,18 +437,9 @@ def fused_linear_ngrpo_loss(
     if rewards is not None:  # validates rewards / group_ids itself (the same validate= convention)
         advantages = ngrpo_advantages(rewards, group_ids, r_max=r_max, num_virtual=num_virtual, validate=validate)
     if validate:
-        values = check.ValueChecks()
-        valid = mask != 0
-        if mask.dtype != torch.bool:
-            values.add((mask == 0) | (mask == 1), f"mask must hold only 0 and 1 ({check.describe(mask)})")
-        values.add(~valid | ((targets >= 0) & (targets < V)),
+        values = _loss_value_checks(mask, advantages, normalizer, optional)
+        values.add((mask == 0) | ((targets >= 0) & (targets < V)),
                    f"targets must lie in [0, {V}) at valid (mask != 0) positions ({check.describe(targets)})")
-        values.finite("advantages", advantages, valid if advantages.dim() == 2 else None)
-        for name, x in optional.items():
-            if x is not None:
-                values.finite(name, x, valid)
-        if isinstance(normalizer, torch.Tensor):
-            values.add(torch.isfinite(normalizer) & (normalizer > 0), "normalizer must be finite and > 0")
         values.run()
 
     return _fused_loss.compute(

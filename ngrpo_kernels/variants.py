@@ -10,6 +10,14 @@ from __future__ import annotations
 import enum
 
 
+def _parse(cls, value, argument: str):
+    try:
+        return cls(value)
+    except ValueError:
+        names = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"{argument}={value!r} is not one of {names}") from None
+
+
 class AggMode(str, enum.Enum):
     """How per-token losses become one scalar (SPEC §4).
 
@@ -34,11 +42,7 @@ class AggMode(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: "str | AggMode") -> "AggMode":
-        try:
-            return cls(value)
-        except ValueError:
-            names = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"loss_agg_mode={value!r} is not one of {names}") from None
+        return _parse(cls, value, "loss_agg_mode")
 
 
 class Estimator(str, enum.Enum):
@@ -51,11 +55,7 @@ class Estimator(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: "str | Estimator") -> "Estimator":
-        try:
-            return cls(value)
-        except ValueError:
-            names = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"estimator={value!r} is not one of {names}") from None
+        return _parse(cls, value, "estimator")
 
 
 class Stat(enum.IntEnum):

@@ -12,7 +12,7 @@ import torch
 
 from ...backend import Backend
 from ...variants import Stat
-from ..policy_loss import _row_scale_and_denominator, _safe_inverse
+from ..policy_loss import _row_scale_and_denominator, _safe_inverse, metrics_from_stats
 from . import schedule
 from .naive import fused_linear_ngrpo_loss_naive
 
@@ -100,16 +100,5 @@ def compute(backend: Backend, hidden, weight, targets, mask, old_logprobs, advan
         stats, _, _, _ = run(need_dx=False, need_dw=False, need_db=False)
         loss = stats[Stat.LOSS] * inv_denominator
 
-    per_tok = _safe_inverse(n_tokens)
-    metrics = {
-        "clip_frac": stats[Stat.CLIPPED] * per_tok,
-        "approx_kl": stats[Stat.LOG_RATIO] * per_tok,
-        "entropy": stats[Stat.ENTROPY] * per_tok,
-        "adv_mean": stats[Stat.ADV] * per_tok,
-        "logprob_mean": stats[Stat.LOGPROB] * per_tok,
-    }
-    if ref_logprobs is not None:
-        metrics["kl"] = stats[Stat.KL_REF] * per_tok
-    if clip_ratio_c is not None:
-        metrics["dual_clip_frac"] = stats[Stat.DUAL_CLIPPED] * per_tok
-    return loss, metrics
+    return loss, metrics_from_stats(stats, n_tokens, entropy=True, logprob=True, kl=ref_logprobs is not None,
+                                    dual_clip=clip_ratio_c is not None)

@@ -87,17 +87,15 @@ def compute(
                   ref_logprobs=ref_logprobs, rollout_is_weights=rollout_is_weights, **options)
     loss, stats = FusedPolicyLoss.apply(logprobs, entropy, _safe_inverse(denominator), fused_pass, kwargs)
 
+    return loss, metrics_from_stats(stats[0], n_tokens, entropy=entropy is not None,
+                                    kl=ref_logprobs is not None, dual_clip=clip_ratio_c is not None)
+
+
+def metrics_from_stats(stats, n_tokens, *, entropy: bool, kl: bool, dual_clip: bool, logprob: bool = False):
+    """Metric means over valid tokens from the ``Stat`` sums (0-dim device tensors, no sync)."""
     per_token = _safe_inverse(n_tokens)
-    stats = stats[0]
-    metrics = {
-        "clip_frac": stats[Stat.CLIPPED] * per_token,
-        "approx_kl": stats[Stat.LOG_RATIO] * per_token,
-        "adv_mean": stats[Stat.ADV] * per_token,
-    }
-    if entropy is not None:
-        metrics["entropy"] = stats[Stat.ENTROPY] * per_token
-    if ref_logprobs is not None:
-        metrics["kl"] = stats[Stat.KL_REF] * per_token
-    if clip_ratio_c is not None:
-        metrics["dual_clip_frac"] = stats[Stat.DUAL_CLIPPED] * per_token
-    return loss, metrics
+    names = {"clip_frac": Stat.CLIPPED, "approx_kl": Stat.LOG_RATIO, "adv_mean": Stat.ADV}
+    optional = {"entropy": (entropy, Stat.ENTROPY), "logprob_mean": (logprob, Stat.LOGPROB),
+                "kl": (kl, Stat.KL_REF), "dual_clip_frac": (dual_clip, Stat.DUAL_CLIPPED)}
+    names.update({name: col for name, (wanted, col) in optional.items() if wanted})
+    return {name: stats[col] * per_token for name, col in names.items()}
