@@ -2,7 +2,9 @@
 
 Same schedule as the Triton path, in plain torch: tokens in chunks whose logits fit a bounded
 workspace (never [N, V] at once); backward recomputes each chunk's logits. GEMMs run in the inputs'
-dtype (fp32 accumulation inside), everything after the GEMM in float32.
+dtype when it is float32; bf16 / fp16 inputs are multiplied in float32 (the weight upcast once per
+call: CPUs have no half-precision GEMM with a float32 output, and rounding every logit and dZ to half
+precision would cost accuracy for no speed). Everything after the GEMM is float32.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ def _chunk_rows(V: int, workspace_bytes: int | None, buffers: int = 3) -> int:
     return max(1, budget // (V * 4 * buffers))  # logits, log-softmax / probabilities, dZ in float32
 
 
+def _gemm_weight(weight):
+    return weight if weight.dtype == torch.float32 else weight.float()
+
+
 def _logits(x, weight, bias, inv_temp):
-    z = (x @ weight.T).float()
+    z = x.to(weight.dtype) @ weight.T
     if bias is not None:
         z = z + bias.float()
     return z if inv_temp == 1.0 else z * inv_temp
@@ -30,6 +36,7 @@ def forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, worksp
     logprobs = torch.empty(N, dtype=torch.float32, device=x.device)
     mean_z = torch.empty(N, dtype=torch.float32, device=x.device) if entropy else None
     step = _chunk_rows(weight.shape[0], workspace_bytes, buffers=2)
+    weight = _gemm_weight(weight)
     for lo in range(0, N, step):
         hi = min(N, lo + step)
         z = _logits(x[lo:hi], weight, bias, inv_temp)
@@ -56,9 +63,10 @@ def backward(x, weight, bias, targets, lse, mean_z, g_lp, g_ent, *, inv_temp, ig
     g_lp = torch.where(valid, g_lp, 0.0)
     g_ent = None if g_ent is None else torch.where(valid, g_ent, 0.0)
     step = _chunk_rows(V, workspace_bytes)
+    w32 = _gemm_weight(weight)
     for lo in range(0, N, step):
         hi = min(N, lo + step)
-        z = _logits(x[lo:hi], weight, bias, inv_temp)
+        z = _logits(x[lo:hi], w32, bias, inv_temp)
         p = torch.exp(z - lse[lo:hi, None])
         dz = -g_lp[lo:hi, None] * p
         t = targets[lo:hi]
@@ -66,11 +74,10 @@ def backward(x, weight, bias, targets, lse, mean_z, g_lp, g_ent, *, inv_temp, ig
         if g_ent is not None:  # dH/dz = -p (z - E[z])
             dz -= g_ent[lo:hi, None] * p * (z - mean_z[lo:hi, None])
         dz *= inv_temp
-        dz_in = dz.to(x.dtype)
         if need_x:
-            dx[lo:hi] = dz_in @ weight
+            dx[lo:hi] = dz @ w32
         if need_w:
-            dw += (dz_in.T @ x[lo:hi]).float()
+            dw += dz.T @ x[lo:hi].float()
         if need_b:
             db += dz.sum(0)
     return dx, dw, db
