@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ngrpo-installed
 # On a machine without CUDA, torch 2.13.0's CPU wheel (an open range could pull a multi-GB CUDA build).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo library-demo test bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -14,12 +14,18 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml setup.py CMakeLists.txt csrc/loss_rows.cpp
 	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel "$(TORCH_SPEC)"
 	NGRPO_REQUIRE_CPP=$${NGRPO_REQUIRE_CPP:-1} $(PY) -m pip install -q --disable-pip-version-check \
-		--no-build-isolation -e ".[dev]"
+		--no-build-isolation -e ".[dev,train]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
+# The main job on its embedded default: the tiny preset (CPU, a few minutes), then its pass@k evaluation.
 demo: setup
+	$(PY) -m ngrpo_train --preset tiny --algo ngrpo --output-dir outputs/tiny-ngrpo
+	$(PY) -m ngrpo_train.evaluate --model outputs/tiny-ngrpo/final --n 16 --limit 64
+
+# The library on small examples (advantage table, one policy-loss call, one fused loss call).
+library-demo: setup
 	$(PY) -m ngrpo_kernels.demo
 
 # Triton kernels run under the interpreter on CPU-only machines (the variable must be set before the

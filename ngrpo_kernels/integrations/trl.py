@@ -1,0 +1,168 @@
+"""NGRPO on TRL: ``NGRPOConfig`` / ``NGRPOTrainer``, subclasses of ``trl.GRPOConfig`` / ``trl.GRPOTrainer``.
+
+What changes against GRPO (checked on TRL 1.16):
+- Advantages: TRL gathers every process's rewards in ``_calculate_rewards`` and forms advantages in
+  ``_generate_and_score_completions`` before ``_prepare_inputs`` shuffles the batch. We keep its whole
+  pipeline and replace the advantages right there, from the same gathered rewards, with
+  ``ngrpo_kernels.group_advantages`` (NGRPO's virtual max-reward sample by default; group ids from
+  TRL's layout, ``num_generations`` consecutive completions per prompt), then slice this process's
+  part exactly as TRL does.
+- All-correct groups (``filter_all_correct``): the released recipe drops them and refills the batch
+  with new prompts. TRL cannot refill a generation batch, so the closest faithful equivalent is used:
+  their completion tokens are masked out of the loss and out of the global token count (NGRPO gives
+  them advantage 0 anyway, so only the normaliser changes). The effective batch is then smaller than
+  the recipe's; ``frac_all_correct`` is logged.
+- Loss: ``fused_linear_ngrpo_loss`` from the final hidden states and the (unsharded) lm_head, with the
+  asymmetric clip (``epsilon`` = eps_neg 0.16, ``epsilon_high`` = eps_pos 0.24), TRL's ``entropy_coef``
+  bonus, optional k3 KL (``beta``), and TRL's global normaliser (``num_items_in_batch`` per process
+  and accumulation window, as TRL's ``dapo`` loss). The hidden states come through the model's own
+  ``forward`` (patched, as TRL does for its fused head), so FSDP / ZeRO hooks and PEFT still run.
+- Old-policy log-probs stay TRL's (its chunked no-grad head); they are None when the update is on-policy,
+  which our loss treats as ratio exactly 1.
+
+With TRL's defaults the ratio is always 1 and clipping never acts: the recipe's 1024-prompt generation
+batch with 256-prompt mini-batches maps to ``steps_per_generation = 4`` (see ``python/ngrpo_train``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from ..functional import fused_linear_ngrpo_loss, group_advantages
+from ..variants import Estimator
+
+
+@dataclasses.dataclass
+class NGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` with NGRPO's defaults and knobs."""
+
+    advantage_estimator: str = dataclasses.field(
+        default="ngrpo", metadata={"help": "ngrpo | grpo | dr_grpo | w_reinforce (ngrpo_kernels.Estimator)"})
+    r_max: float = dataclasses.field(default=1.0, metadata={"help": "reward of the virtual sample(s)"})
+    num_virtual: int = dataclasses.field(default=1, metadata={"help": "number of virtual samples per group"})
+    w_lambda: float = dataclasses.field(default=0.1, metadata={"help": "W-REINFORCE weight of correct samples"})
+    filter_all_correct: bool = dataclasses.field(
+        default=True, metadata={"help": "mask all-correct groups out of the loss (the recipe's filter)"})
+    filter_all_wrong: bool = dataclasses.field(
+        default=False, metadata={"help": "also mask all-wrong groups (DAPO's dynamic sampling)"})
+    epsilon: float = 0.16
+    epsilon_high: float = 0.24
+    beta: float = 0.0
+    loss_type: str = "dapo"
+
+    def __post_init__(self):
+        super().__post_init__()
+        Estimator.parse(self.advantage_estimator)
+        if self.loss_type != "dapo":
+            raise ValueError("NGRPOTrainer aggregates as token-mean over the global token count (loss_type='dapo')")
+
+
+class NGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` with NGRPO advantages and the fused NGRPO loss (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        _add_ngrpo_head(model)
+
+    # ------------------------------------------------------------------ advantages
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._gathered_rewards_per_func = rewards_per_func  # every process's rewards, in TRL's order
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        rewards_per_func = self._gathered_rewards_per_func
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)[None]).nansum(dim=1)
+        G = self.num_generations if mode == "train" else self.num_generations_eval
+        group_ids = torch.arange(rewards.numel(), device=rewards.device) // G
+        args = self.args
+        advantages = group_advantages(rewards.float(), group_ids, estimator=args.advantage_estimator, r_max=args.r_max,
+                                      num_virtual=args.num_virtual, w_lambda=args.w_lambda)
+        local = output["advantages"].shape[0]
+        process_slice = slice(self.accelerator.process_index * local, (self.accelerator.process_index + 1) * local)
+        output["advantages"] = advantages[process_slice]
+
+        grouped = rewards.view(-1, G)
+        all_correct = (grouped >= args.r_max).all(dim=1)
+        all_wrong = (grouped <= 0).all(dim=1)
+        self._metrics[mode]["frac_all_correct"].append(all_correct.float().mean().item())
+        self._metrics[mode]["frac_all_wrong"].append(all_wrong.float().mean().item())
+        drop = torch.zeros_like(all_correct)
+        if args.filter_all_correct:
+            drop |= all_correct
+        if args.filter_all_wrong:
+            drop |= all_wrong
+        if drop.any():
+            keep = (~drop).repeat_interleave(G)[process_slice].to(output["completion_mask"].dtype)
+            output["completion_mask"] = output["completion_mask"] * keep[:, None]
+            output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
+        return output
+
+    # ------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mode = "train" if self.model.training else "eval"
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":  # TRL's dapo normaliser for one accumulation window
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        request = dict(
+            targets=completion_ids, mask=mask, old_logprobs=inputs.get("old_per_token_logps"),
+            advantages=inputs["advantages"], temperature=self.temperature, eps_neg=self.epsilon_low,
+            eps_pos=self.epsilon_high, beta=self.beta, ref_logprobs=inputs.get("ref_per_token_logps"),
+            entropy_coef=self.args.entropy_coef, normalizer=normalizer.float(),
+            rollout_is_weights=inputs.get("importance_sampling_ratio"),
+        )
+        out = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+                    attention_mask=torch.cat([prompt_mask, completion_mask], dim=1), ngrpo_loss=request)
+        metrics = out.metrics
+        gather = self.accelerator.gather
+        for name, key in (("clip_ratio/region_mean", "clip_frac"), ("entropy", "entropy"),
+                          ("approx_kl", "approx_kl"), ("kl", "kl")):
+            if key in metrics:
+                self._metrics[mode][name].append(gather(metrics[key].detach()).nanmean().item())
+        return out.loss
+
+
+def _add_ngrpo_head(model) -> None:
+    """Let ``model(..., ngrpo_loss=request)`` return the fused NGRPO loss of its completion tokens.
+
+    The model's own forward runs (so FSDP/ZeRO hooks fire and PEFT adapters apply); only the backbone is
+    called inside it, and the lm_head weight is taken whole (a DTensor is gathered; a ZeRO-3 partition
+    through TRL's ``maybe_gather_lm_head_ctx``) and handed to ``fused_linear_ngrpo_loss``. Without
+    ``ngrpo_loss`` the previous forward (TRL's fused-head forward) runs.
+    """
+    previous = model.forward
+
+    def forward(self, *args, ngrpo_loss=None, **kwargs):
+        if ngrpo_loss is None:
+            return previous(*args, **kwargs)
+        request = dict(ngrpo_loss)
+        targets = request.pop("targets")
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        K = targets.shape[1]
+        hidden = hidden[:, -K - 1:-1]  # position t predicts token t + 1
+        head = self.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters as DTensors
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        hidden = hidden.to(device=weight.device, dtype=weight.dtype)
+        # ZeRO-3: gather the partitioned head for the forward; our gradients are formed right here, in the
+        # forward, so nothing needs the gathered weight in backward.
+        with maybe_gather_lm_head_ctx(*(p for p in (weight, bias) if p is not None)):
+            loss, metrics = fused_linear_ngrpo_loss(hidden, weight, targets, request.pop("mask"),
+                                                    request.pop("old_logprobs"), bias=bias, validate=False, **request)
+        return types.SimpleNamespace(loss=loss, metrics=metrics)
+
+    model.forward = types.MethodType(forward, model)

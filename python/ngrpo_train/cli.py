@@ -1,0 +1,53 @@
+"""``ngrpo-train`` / ``python -m ngrpo_train``: run a preset with an algorithm.
+
+    ngrpo-train                                   # tiny preset, NGRPO, output in outputs/tiny-ngrpo
+    ngrpo-train --preset tiny --algo grpo --max-steps 100 --seed 1
+    ngrpo-train --output-dir outputs/run --resume auto   # continue from the last checkpoint
+    accelerate launch --config_file python/ngrpo_train/accelerate/fsdp2.yaml -m ngrpo_train \\
+        --preset qwen2.5-math-7b --train-path ../shared/data/math_train.parquet --output-dir outputs/7b
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from .presets import ALGOS, PRESETS, algo, preset
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ngrpo-train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--algo", default="ngrpo", choices=ALGOS)
+    ap.add_argument("--output-dir", default=None, help="default: outputs/PRESET-ALGO")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", default=None, help="a checkpoint directory, or 'auto' for the last one in --output-dir")
+    ap.add_argument("--quiet", action="store_true")
+    knobs = ap.add_argument_group("overrides of the preset")
+    for field in ("max_steps", "learning_rate", "num_generations", "prompts_per_generation", "steps_per_generation",
+                  "max_completion_length", "temperature", "warm_start_steps", "save_steps", "num_train",
+                  "gradient_accumulation_steps",
+                  "train_path", "model"):
+        f = next(x for x in dataclasses.fields(PRESETS["tiny"]) if x.name == field)
+        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        knobs.add_argument("--" + field.replace("_", "-"), type=kind, default=None)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    p = preset(args.preset)
+    overrides = {k: v for k, v in vars(args).items() if v is not None and hasattr(p, k)}
+    p = dataclasses.replace(p, **overrides)
+    output_dir = args.output_dir or f"outputs/{args.preset}-{args.algo}"
+    from .train import run
+
+    summary = run(p, algo(args.algo), args.algo, output_dir, seed=args.seed, resume=args.resume, quiet=args.quiet)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

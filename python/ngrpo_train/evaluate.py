@@ -1,0 +1,138 @@
+"""``ngrpo-eval``: sample n completions per problem, grade them, report pass@k (k = 1, 2, 4, ..., n) and
+the pass@k AUC of SPEC §7, as a table (eval.md), JSON (eval.json) and a plot (passk.png).
+
+    ngrpo-eval --model outputs/tiny-ngrpo/final --task arithmetic --n 16
+    ngrpo-eval --model outputs/7b/final --task math --data ../shared/data/aime2025.parquet --n 256 \\
+        --temperature 0.6 --top-p 0.95 --max-new-tokens 4096          # vLLM when installed (GPU)
+
+Generation uses vLLM when it is installed and a GPU is present, else HF ``generate`` (CPU works for
+the tiny model). math-verify grading runs in this (main) thread: its timeouts use ``signal.alarm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import passk, tasks
+
+
+def _generate_hf(model_dir, prompts, *, n, temperature, top_p, max_new_tokens, batch=64, tokenizer=None):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = tokenizer or AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if not isinstance(p, str) else p
+             for p in prompts]
+    outputs = []
+    with torch.no_grad():
+        for text in texts:
+            samples = []
+            for lo in range(0, n, batch):
+                k = min(batch, n - lo)
+                enc = tok([text] * k, return_tensors="pt", padding=True)
+                out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
+                                     max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)
+                samples += tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+            outputs.append(samples)
+    return outputs
+
+
+def _generate_vllm(model_dir, prompts, *, n, temperature, top_p, max_new_tokens):
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir)
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
+    if isinstance(prompts[0], str):
+        results = llm.generate(prompts, params)
+    else:
+        results = llm.chat(prompts, params)
+    return [[o.text for o in r.outputs] for r in results]
+
+
+def evaluate(model_dir: str, rows: list[dict], task: str, *, n: int, temperature: float, top_p: float,
+             max_new_tokens: int, out_dir: str | None = None, tokenizer=None) -> dict:
+    prompts = [r["prompt"] for r in rows]
+    use_vllm = False
+    try:
+        import torch
+        import vllm  # noqa: F401
+
+        use_vllm = torch.cuda.is_available()
+    except ImportError:
+        pass
+    gen = _generate_vllm if use_vllm else _generate_hf
+    kwargs = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    if not use_vllm:
+        kwargs["tokenizer"] = tokenizer
+    samples = gen(model_dir, prompts, **kwargs)
+    grade = tasks.exact_answer_reward if task == "arithmetic" else tasks.math_verify_reward
+    correct = [int(sum(grade(None, s, answer=[r["answer"]] * len(s)))) for s, r in zip(samples, rows)]
+    curve = passk.mean_pass_at_k(correct, n)
+    result = {"model": model_dir, "task": task, "problems": len(rows), "n": n, "temperature": temperature,
+              "top_p": top_p, "generator": "vllm" if use_vllm else "hf", "pass_at_k": curve,
+              "auc": passk.pass_at_k_auc(curve) if len(curve) > 1 else None}
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(result, indent=2))
+        lines = ["| k | pass@k |", "|---:|---:|"] + [f"| {k} | {v:.4f} |" for k, v in curve.items()]
+        auc = "n/a" if result["auc"] is None else f"{result['auc']:.2f}"
+        (out / "eval.md").write_text(f"# {model_dir} on {task} ({len(rows)} problems, n = {n})\n\n"
+                                     + "\n".join(lines) + f"\n\npass@k AUC: {auc}\n")
+        _plot(curve, out / "passk.png", title=f"{Path(model_dir).name}: AUC {auc}")
+    return result
+
+
+def _plot(curve, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(list(curve), list(curve.values()), marker="o")
+    ax.set(xscale="log", xlabel="k", ylabel="pass@k", title=title, ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="ngrpo-eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--task", choices=("arithmetic", "math"), default="arithmetic")
+    ap.add_argument("--data", help="parquet (math task); arithmetic problems are generated")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--max-new-tokens", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--output-dir", default=None, help="default: MODEL/../eval")
+    args = ap.parse_args(argv)
+    tokenizer = None
+    if args.task == "arithmetic":
+        from .tokenizer import char_tokenizer
+
+        rows = tasks.arithmetic_problems(args.limit or 64, max_operand=50, seed=args.seed)
+        tokenizer = char_tokenizer(tasks.ALPHABET)
+    else:
+        if not args.data:
+            ap.error("--task math needs --data PARQUET")
+        rows = tasks.load_math_parquet(args.data, limit=args.limit)
+    out_dir = args.output_dir or str(Path(args.model).parent / "eval")
+    result = evaluate(args.model, rows, args.task, n=args.n, temperature=args.temperature, top_p=args.top_p,
+                      max_new_tokens=args.max_new_tokens, out_dir=out_dir, tokenizer=tokenizer)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Presets (what to train, on what, how) and algorithms (SPEC §8), each a plain dataclass.
+
+- ``tiny`` (the default, CPU): a 4-layer Qwen2-architecture model built from a config, a character
+  tokenizer, synthetic arithmetic ``a+b=`` (answers checked exactly), a short supervised warm start
+  (a random model never earns reward), then RL. Minutes on 2 cores.
+- ``qwen2.5-math-7b``: SPEC §6 as released, for one node of 8 x 80 GB GPUs with vLLM in colocate mode.
+  1024 prompts x 8 samples per generation, PPO mini-batch 256 prompts -> steps_per_generation = 4
+  optimizer steps per generation (so the ratio moves away from 1 and the clip acts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ALGOS = ("ngrpo", "grpo", "dapo", "w_reinforce")
+
+
+@dataclasses.dataclass
+class Algo:
+    """Estimator, clip bounds, KL and filtering of one algorithm (SPEC §8; entropy bonus 0.001 for all)."""
+
+    estimator: str
+    epsilon: float
+    epsilon_high: float
+    beta: float
+    filter_all_correct: bool
+    filter_all_wrong: bool
+    entropy_coef: float = 0.001
+
+
+def algo(name: str) -> Algo:
+    if name == "ngrpo":
+        return Algo("ngrpo", 0.16, 0.24, 0.0, filter_all_correct=True, filter_all_wrong=False)
+    if name == "grpo":
+        return Algo("grpo", 0.2, 0.2, 0.001, filter_all_correct=False, filter_all_wrong=False)
+    if name == "dapo":  # the soft overlong penalty of DAPO is not implemented
+        return Algo("grpo", 0.2, 0.28, 0.0, filter_all_correct=True, filter_all_wrong=True)
+    if name == "w_reinforce":
+        return Algo("w_reinforce", 0.2, 0.2, 0.0, filter_all_correct=False, filter_all_wrong=False)
+    raise ValueError(f"--algo {name!r} is not one of {', '.join(ALGOS)}")
+
+
+@dataclasses.dataclass
+class Preset:
+    name: str
+    # model
+    model: str | None = None  # a hub name or path; None: built from `model_config`
+    model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tokenizer: str = "char"  # "char" or "model"
+    # data
+    task: str = "arithmetic"  # "arithmetic" or "math"
+    train_path: str | None = None
+    num_train: int = 4096
+    max_operand: int = 50
+    warm_start_steps: int = 0
+    warm_start_lr: float = 3e-3
+    warm_start_batch: int = 64
+    # RL
+    prompts_per_generation: int = 8
+    num_generations: int = 8
+    steps_per_generation: int = 1
+    max_prompt_length: int = 16
+    max_completion_length: int = 4
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_steps: int = 300
+    temperature: float = 1.0
+    save_steps: int = 100
+    gradient_accumulation_steps: int = 1
+    use_vllm: bool = False
+    bf16: bool = False
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+PRESETS = {
+    "tiny": Preset(
+        name="tiny",
+        model_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False),
+        warm_start_steps=600,  # ~40 % greedy accuracy: room for RL to show
+    ),
+    "qwen2.5-math-7b": Preset(
+        name="qwen2.5-math-7b",
+        model="Qwen/Qwen2.5-Math-7B",
+        tokenizer="model",
+        task="math",
+        train_path="data/math_train.parquet",
+        num_train=7500,
+        prompts_per_generation=1024,
+        num_generations=8,
+        steps_per_generation=4,  # 1024-prompt generation batch / 256-prompt PPO mini-batches
+        gradient_accumulation_steps=32,  # 256 prompts x 8 = 2048 completions per step = 8 GPUs x 8 x 32
+        max_prompt_length=1024,
+        max_completion_length=3072,
+        learning_rate=1e-6,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        max_steps=560,  # ~140 generation steps x 4 optimizer steps (20 passes over 7,500 prompts at 1024/step)
+        temperature=1.0,
+        save_steps=40,
+        use_vllm=True,
+        bf16=True,
+        extra=dict(vllm_mode="colocate", vllm_gpu_memory_utilization=0.35, gradient_checkpointing=True),
+    ),
+}
+
+
+def preset(name: str) -> Preset:
+    try:
+        return dataclasses.replace(PRESETS[name])
+    except KeyError:
+        raise ValueError(f"--preset {name!r} is not one of {', '.join(PRESETS)}") from None
+
+
+def trl_args(p: Preset, a: Algo, *, output_dir: str, seed: int, num_processes: int = 1) -> dict[str, Any]:
+    """NGRPOConfig keyword arguments for a preset and an algorithm.
+
+    TRL generates ``per_device_train_batch_size * gradient_accumulation_steps * steps_per_generation``
+    completions per process per generation; the per-device batch is chosen so that one optimizer step
+    sees ``prompts_per_generation / steps_per_generation`` prompts over all processes."""
+    completions = p.prompts_per_generation * p.num_generations
+    gradient_accumulation_steps = p.gradient_accumulation_steps
+    per_step = completions // p.steps_per_generation
+    per_device = per_step // (num_processes * gradient_accumulation_steps)
+    if per_device * num_processes * gradient_accumulation_steps * p.steps_per_generation != completions:
+        raise ValueError(f"{completions} completions per generation do not split over {num_processes} processes x "
+                         f"{gradient_accumulation_steps} accumulation x {p.steps_per_generation} steps")
+    args = dict(
+        output_dir=output_dir, seed=seed, per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=gradient_accumulation_steps, steps_per_generation=p.steps_per_generation,
+        num_generations=p.num_generations, max_completion_length=p.max_completion_length,
+        learning_rate=p.learning_rate, lr_scheduler_type="constant", weight_decay=p.weight_decay,
+        max_grad_norm=p.max_grad_norm, max_steps=p.max_steps, temperature=p.temperature, top_p=1.0,
+        logging_steps=1, save_strategy="steps", save_steps=p.save_steps, report_to=[], bf16=p.bf16,
+        use_vllm=p.use_vllm, advantage_estimator=a.estimator, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
+        beta=a.beta, filter_all_correct=a.filter_all_correct, filter_all_wrong=a.filter_all_wrong,
+        entropy_coef=a.entropy_coef, loss_type="dapo", num_iterations=1, shuffle_dataset=True,
+        disable_tqdm=True,
+    )
+    args.update(p.extra)
+    return args

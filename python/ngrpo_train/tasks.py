@@ -1,0 +1,90 @@
+"""Verifiable tasks: the tiny preset's synthetic arithmetic (generated in code), and MATH prompts
+from a parquet file in verl's layout for the Qwen2.5-Math-7B preset."""
+
+from __future__ import annotations
+
+import random
+import re
+
+ALPHABET = "0123456789+=-*"
+MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+def arithmetic_problems(n: int, *, max_operand: int, seed: int, min_sum: int = 0, max_sum: int | None = None):
+    """``n`` problems ``a+b=`` with operands in [0, max_operand), answers within [min_sum, max_sum]."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        a, b = rng.randrange(max_operand), rng.randrange(max_operand)
+        if a + b < min_sum or (max_sum is not None and a + b > max_sum):
+            continue
+        out.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+    return out
+
+
+def exact_answer_reward(prompts, completions, answer, **_):
+    """1.0 if the completion (special tokens stripped) is exactly the answer, else 0.0."""
+    return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
+
+
+def load_math_parquet(path: str, limit: int | None = None):
+    """MATH problems from a parquet in verl's layout (``prompt`` chat list or string,
+    ``reward_model.ground_truth``) as ``{"prompt": [chat message], "answer": ground truth}`` rows with
+    the recipe's user prompt: ``{question}`` + MATH_SUFFIX."""
+    import pandas as pd
+
+    frame = pd.read_parquet(path)
+    rows = []
+    for _, row in frame.iterrows():
+        prompt = row["prompt"]
+        question = prompt[-1]["content"] if not isinstance(prompt, str) else prompt
+        question = _strip_suffix(question)
+        truth = row["reward_model"]["ground_truth"]
+        rows.append({"prompt": [{"role": "user", "content": question + MATH_SUFFIX}], "answer": str(truth)})
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+def _strip_suffix(question: str) -> str:
+    # verl's MATH files may already carry an instruction; keep the question itself only once.
+    return re.sub(r"\s*(Let's think step by step|Please reason step by step).*$", "", question, flags=re.S).strip()
+
+
+def boxed_answer(text: str) -> str | None:
+    """The content of the last \\boxed{...} (balanced braces), or None."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:j]
+    return None
+
+
+def math_verify_reward(prompts, completions, answer, **_):
+    """The recipe's reward: 1 if the last \\boxed{} answer is mathematically equal to the reference.
+    math-verify uses signal.alarm for its timeouts: call from the main thread (TRL does)."""
+    from math_verify import parse, verify
+
+    out = []
+    for completion, truth in zip(completions, answer):
+        text = completion if isinstance(completion, str) else completion[-1]["content"]
+        boxed = boxed_answer(text)
+        if boxed is None:
+            out.append(0.0)
+            continue
+        try:
+            ok = verify(parse(f"${truth}$"), parse(f"$\\boxed{{{boxed}}}$"))
+        except Exception:  # a malformed answer is a wrong answer
+            ok = False
+        out.append(1.0 if ok else 0.0)
+    return out

@@ -1,0 +1,214 @@
+"""The training run: build (or load) the model and tokenizer, the data and the reward, warm-start the
+tiny model, then ``NGRPOTrainer``; write metrics.jsonl, the resolved config, checkpoints and a plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from . import tasks
+from .presets import Algo, Preset, trl_args
+
+
+class MetricsLog(TrainerCallback):
+    """One JSON object per optimizer step in OUTPUT/metrics.jsonl, and a one-line progress report."""
+
+    FIELDS = {"reward_mean": "reward", "reward_std": "reward_std", "frac_all_wrong": "frac_all_wrong",
+              "frac_all_correct": "frac_all_correct", "clip_frac": "clip_ratio/region_mean", "entropy": "entropy",
+              "loss": "loss", "approx_kl": "approx_kl", "completion_length": "completions/mean_length"}
+
+    def __init__(self, path: Path, max_steps: int, quiet: bool = False):
+        self.path, self.max_steps, self.quiet = path, max_steps, quiet
+        self._t = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "reward" not in logs:
+            return
+        now = time.perf_counter()
+        row = {"step": state.global_step, "seconds": round(now - self._t, 4)}
+        self._t = now
+        row.update({k: logs[v] for k, v in self.FIELDS.items() if v in logs})
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if not self.quiet:
+            done = int(30 * state.global_step / max(1, self.max_steps))
+            print(f"\r[{'#' * done}{'.' * (30 - done)}] step {state.global_step}/{self.max_steps} "
+                  f"reward {row.get('reward_mean', 0):.3f} clip {row.get('clip_frac', 0):.3f} "
+                  f"{row['seconds']:.2f}s/step", end="\n" if state.global_step >= self.max_steps else "", flush=True)
+
+
+def build_tokenizer(p: Preset):
+    if p.tokenizer == "char":
+        from .tokenizer import char_tokenizer
+
+        return char_tokenizer(tasks.ALPHABET)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(p.model)
+    tok.padding_side = "left"
+    return tok
+
+
+def build_model(p: Preset, tokenizer, seed: int):
+    if p.model is not None:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(p.model, torch_dtype=torch.bfloat16 if p.bf16 else None)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **p.model_config)
+    return Qwen2ForCausalLM(config)
+
+
+def build_data(p: Preset, seed: int):
+    if p.task == "arithmetic":
+        return tasks.arithmetic_problems(p.num_train, max_operand=p.max_operand, seed=seed), tasks.exact_answer_reward
+    rows = tasks.load_math_parquet(p.train_path, limit=p.num_train)
+    return rows, tasks.math_verify_reward
+
+
+def warm_start(model, tokenizer, rows, *, steps: int, lr: float, batch: int, seed: int, log=print) -> float:
+    """Supervised steps on prompt + answer + eos (a random model never earns reward). Returns the last loss."""
+    if steps <= 0:
+        return float("nan")
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        idx = torch.randint(0, len(rows), (batch,), generator=g).tolist()
+        texts = [rows[i]["prompt"] + rows[i]["answer"] + tokenizer.eos_token for i in idx]
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % 100 == 0:
+            log(f"warm start {step + 1}/{steps}: loss {loss.item():.3f}")
+    return loss.item()
+
+
+def greedy_accuracy(model, tokenizer, rows, max_new_tokens: int) -> float:
+    """Share of rows whose greedy completion is exactly the answer."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for lo in range(0, len(rows), 64):
+            chunk = rows[lo:lo + 64]
+            enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+            correct += sum(t.strip() == r["answer"] for t, r in zip(texts, chunk))
+    model.train()
+    return correct / max(1, len(rows))
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    ckpts = sorted(output_dir.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[-1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, resume: str | None = None,
+        quiet: bool = False, train_rows=None, plot: bool = True) -> dict:
+    """Train; returns a summary dict (also written to OUTPUT/summary.json)."""
+    from datasets import Dataset
+
+    from ngrpo_kernels.integrations.trl import NGRPOConfig, NGRPOTrainer
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (lambda *_: None) if quiet else print
+    resume_from = last_checkpoint(out) if resume == "auto" else resume
+    tokenizer = build_tokenizer(p)
+    rows, reward = build_data(p, seed)
+    if train_rows is not None:
+        rows = train_rows
+    model = build_model(p, tokenizer, seed)
+    summary: dict = {"preset": p.name, "algo": algo_name, "seed": seed}
+
+    warm_dir = out / "warm_start"
+    if resume_from is None and p.warm_start_steps:
+        if (warm_dir / "config.json").exists():
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(warm_dir)
+        else:
+            summary["warm_start_loss"] = warm_start(model, tokenizer, rows, steps=p.warm_start_steps,
+                                                    lr=p.warm_start_lr, batch=p.warm_start_batch, seed=seed, log=log)
+            model.save_pretrained(warm_dir)
+    if p.task == "arithmetic":
+        summary["greedy_accuracy_before"] = greedy_accuracy(model, tokenizer, rows[:256], p.max_completion_length)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate / torchrun
+    resolved = trl_args(p, a, output_dir=str(out), seed=seed, num_processes=world)
+    args = NGRPOConfig(**resolved)
+    (out / "config.json").write_text(json.dumps({"preset": dataclasses.asdict(p), "algo": dataclasses.asdict(a),
+                                                 "algo_name": algo_name, "seed": seed, "trl_args": resolved},
+                                                indent=2, default=str))
+    metrics_path = out / "metrics.jsonl"
+    if resume_from is None and metrics_path.exists():
+        metrics_path.unlink()
+    trainer = NGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
+                           processing_class=tokenizer, callbacks=[MetricsLog(metrics_path, p.max_steps, quiet)])
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # MetricsLog reports progress; the raw log dicts go to metrics.jsonl
+    if resume_from is not None:
+        _truncate_metrics(metrics_path, int(Path(resume_from).name.split("-")[-1]))
+    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model(str(out / "final"))
+
+    if p.task == "arithmetic":
+        summary["greedy_accuracy_after"] = greedy_accuracy(trainer.model, tokenizer, rows[:256], p.max_completion_length)
+    rows_logged = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    summary["steps"] = trainer.state.global_step
+    if rows_logged:
+        k = max(1, len(rows_logged) // 5)
+        summary["reward_first"] = sum(r["reward_mean"] for r in rows_logged[:k]) / k
+        summary["reward_last"] = sum(r["reward_mean"] for r in rows_logged[-k:]) / k
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if plot and rows_logged:
+        plot_metrics(rows_logged, out / "reward.png", title=f"{p.name} / {algo_name} / seed {seed}")
+    return summary
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop logged steps after the checkpoint (they will be run again)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def plot_metrics(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax[0].plot(steps, [r["reward_mean"] for r in rows], label="reward (mean accuracy of samples)")
+    ax[0].set(xlabel="step", ylabel="reward", title=title, ylim=(-0.02, 1.02))
+    ax[1].plot(steps, [r.get("frac_all_wrong", 0) for r in rows], label="all-wrong groups")
+    ax[1].plot(steps, [r.get("frac_all_correct", 0) for r in rows], label="all-correct groups")
+    ax[1].plot(steps, [r.get("clip_frac", 0) for r in rows], label="clip fraction")
+    ax[1].set(xlabel="step", title="group outcomes and clipping")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,179 @@
+"""The reference trainer (python/ngrpo_train) and NGRPOTrainer on CPU: advantages inside TRL, a short
+end-to-end run, resume, presets, rewards and pass@k."""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from ngrpo_train import passk, tasks  # noqa: E402
+from ngrpo_train.presets import algo, preset, trl_args  # noqa: E402
+
+SMALL = dict(model_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False),
+             warm_start_steps=20, warm_start_batch=16, prompts_per_generation=2, num_generations=4, max_steps=4,
+             save_steps=2, num_train=64)
+
+
+def _trainer(tmp_path, reward, estimator="ngrpo", num_generations=8):
+    from datasets import Dataset
+
+    from ngrpo_kernels.integrations.trl import NGRPOConfig, NGRPOTrainer
+    from ngrpo_train.train import build_model, build_tokenizer
+
+    p = dataclasses.replace(preset("tiny"), **SMALL)
+    tok = build_tokenizer(p)
+    model = build_model(p, tok, seed=0)
+    args = NGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=num_generations,
+                       num_generations=num_generations, max_completion_length=3, max_steps=1, report_to=[],
+                       advantage_estimator=estimator, save_strategy="no", disable_tqdm=True, bf16=False)
+    rows = tasks.arithmetic_problems(8, max_operand=10, seed=0)
+    return NGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
+                        processing_class=tok), rows
+
+
+def test_all_wrong_group_of_8_gets_minus_one_third(tmp_path):
+    trainer, rows = _trainer(tmp_path, lambda prompts, completions, **_: [0.0] * len(completions))
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([rows[0]] * 8)
+    assert out["advantages"].shape == (8,)
+    # mu' = 1/9, sigma' = 1/3: A = -(1/9) / (1/3 + eps) = -1/3 up to eps (SPEC: -0.333332)
+    assert out["advantages"].tolist() == pytest.approx([-(1 / 9) / (1 / 3 + 1e-6)] * 8, abs=1e-7)
+    assert trainer._metrics["train"]["frac_all_wrong"][-1] == 1.0
+
+
+def test_mixed_group_and_all_correct_filter(tmp_path):
+    calls = []
+
+    def reward(prompts, completions, **_):  # 2 of 8 correct in the first group, all correct in the second
+        calls.append(len(completions))
+        return [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0] if len(calls) == 1 else [1.0] * len(completions)
+
+    trainer, rows = _trainer(tmp_path, reward)
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([rows[1]] * 8)
+    assert out["advantages"].tolist() == pytest.approx([1.333331, -0.666665, -0.666665, 1.333331] + [-0.666665] * 4,
+                                                       abs=1e-6)
+    out = trainer._generate_and_score_completions([rows[2]] * 8)
+    assert out["advantages"].abs().max().item() == 0.0
+    assert out["completion_mask"].sum().item() == 0 and out["num_items_in_batch"].item() == 0  # filtered
+
+
+def test_grpo_estimator_gives_zero_for_all_wrong(tmp_path):
+    trainer, rows = _trainer(tmp_path, lambda prompts, completions, **_: [0.0] * len(completions), estimator="grpo")
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([rows[0]] * 8)
+    assert out["advantages"].abs().max().item() == 0.0
+
+
+def test_end_to_end_and_resume(tmp_path):
+    from ngrpo_train.train import run
+
+    p = dataclasses.replace(preset("tiny"), **SMALL)
+    straight = run(p, algo("ngrpo"), "ngrpo", str(tmp_path / "a"), seed=3, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and straight["steps"] == 4
+    for key in ("reward_mean", "reward_std", "frac_all_wrong", "frac_all_correct", "clip_frac", "entropy", "loss",
+                "seconds"):
+        assert all(key in r and math.isfinite(r[key]) for r in rows), key
+    assert (tmp_path / "a" / "reward.png").stat().st_size > 0
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["trl_args"]["epsilon_high"] == 0.24
+
+    # the same run, interrupted after its step-2 checkpoint and resumed
+    b = tmp_path / "b"
+    run(p, algo("ngrpo"), "ngrpo", str(b), seed=3, quiet=True)
+    import shutil
+
+    shutil.rmtree(b / "checkpoint-4")
+    shutil.rmtree(b / "final")
+    resumed = run(p, algo("ngrpo"), "ngrpo", str(b), seed=3, quiet=True, resume="auto")
+    assert resumed["steps"] == 4
+    rows_b = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
+    for ra, rb in zip(rows, rows_b):
+        assert ra["reward_mean"] == rb["reward_mean"] and ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(b / "final").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+    from ngrpo_train.evaluate import main as eval_main
+
+    result = eval_main(["--model", str(tmp_path / "a" / "final"), "--n", "4", "--limit", "3",
+                        "--output-dir", str(tmp_path / "eval")])
+    assert list(result["pass_at_k"]) == [1, 2, 4] and 0 <= result["auc"] <= 100
+    assert (tmp_path / "eval" / "eval.md").exists() and (tmp_path / "eval" / "passk.png").exists()
+
+
+def test_presets_map_the_recipe_batch():
+    args = trl_args(preset("qwen2.5-math-7b"), algo("ngrpo"), output_dir="x", seed=0, num_processes=8)
+    assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"], args["steps_per_generation"]) \
+        == (8, 32, 4)  # 8 GPUs x 8 x 32 = 2048 completions = 256 prompts x 8 per step; 4 steps per generation
+    assert (args["epsilon"], args["epsilon_high"], args["beta"], args["entropy_coef"], args["learning_rate"]) \
+        == (0.16, 0.24, 0.0, 0.001, 1e-6)
+    assert args["use_vllm"] and args["vllm_mode"] == "colocate"
+    grpo = trl_args(preset("tiny"), algo("grpo"), output_dir="x", seed=0)
+    assert (grpo["advantage_estimator"], grpo["epsilon_high"], grpo["beta"]) == ("grpo", 0.2, 0.001)
+    dapo = trl_args(preset("tiny"), algo("dapo"), output_dir="x", seed=0)
+    assert dapo["filter_all_wrong"] and dapo["filter_all_correct"] and dapo["epsilon_high"] == 0.28
+    with pytest.raises(ValueError, match="ppo"):
+        algo("ppo")
+
+
+def test_cli_parses_overrides():
+    from ngrpo_train.cli import parser
+
+    args = parser().parse_args(["--preset", "tiny", "--algo", "grpo", "--max-steps", "7", "--learning-rate", "1e-4"])
+    assert (args.algo, args.max_steps, args.learning_rate) == ("grpo", 7, 1e-4)
+
+
+def test_boxed_answer_and_math_reward():
+    assert tasks.boxed_answer(r"so \boxed{\frac{1}{2}} and finally \boxed{x^{2}}") == "x^{2}"
+    assert tasks.boxed_answer("no box") is None
+    pytest.importorskip("math_verify")
+    got = tasks.math_verify_reward(None, [r"thus \boxed{\frac{1}{2}}", r"\boxed{0.5}", r"\boxed{3}", "7"],
+                                   answer=["1/2", r"\frac12", "4", "7"])
+    assert got == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_math_parquet_loads_with_the_recipe_prompt():
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "math_train.parquet"
+    if not path.exists():
+        pytest.skip("../shared/data not present")
+    rows = tasks.load_math_parquet(str(path), limit=5)
+    assert len(rows) == 5
+    text = rows[0]["prompt"][0]["content"]
+    assert text.endswith("Please reason step by step, and put your final answer within \\boxed{}.")
+    assert text.count("Please reason step by step") == 1 and rows[0]["answer"]
+
+
+def test_pass_at_k_by_hand():
+    assert passk.pass_at_k(4, 0, 1) == 0.0
+    assert passk.pass_at_k(4, 4, 2) == 1.0
+    assert passk.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert passk.pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    assert passk.pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)  # 1 - C(3,3)/C(5,3)
+    curve = passk.mean_pass_at_k([0, 1, 4], 4)
+    assert list(curve) == [1, 2, 4]
+    assert curve[1] == pytest.approx((0 + 0.25 + 1) / 3) and curve[4] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        passk.pass_at_k(4, 5, 1)
+
+
+def test_pass_at_k_auc_by_hand():
+    # K = 4: 100 * [p1 + 2 p2 + p4] / (2 * 2)
+    assert passk.pass_at_k_auc({1: 0.2, 2: 0.4, 4: 0.6}) == pytest.approx(100 * (0.2 + 0.8 + 0.6) / 4)
+    # K = 256 with every p = 1 -> 100; the SPEC's formula divides by 16
+    assert passk.pass_at_k_auc({k: 1.0 for k in passk.powers_of_two(256)}) == pytest.approx(100.0)
+    curve = {k: k / 256 for k in passk.powers_of_two(256)}
+    inner = sum(curve[k] for k in (2, 4, 8, 16, 32, 64, 128))
+    assert passk.pass_at_k_auc(curve) == pytest.approx(100 * (curve[1] + 2 * inner + curve[256]) / 16)
+    with pytest.raises(ValueError):
+        passk.pass_at_k_auc({1: 0.5, 3: 0.7})
