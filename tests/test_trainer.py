@@ -177,3 +177,14 @@ def test_pass_at_k_auc_by_hand():
     assert passk.pass_at_k_auc(curve) == pytest.approx(100 * (curve[1] + 2 * inner + curve[256]) / 16)
     with pytest.raises(ValueError):
         passk.pass_at_k_auc({1: 0.5, 3: 0.7})
+
+
+def test_experiment_problem_sets_separate_easy_and_hard():
+    from ngrpo_train.experiment import problem_sets
+
+    warm, train, held_easy, held_hard = problem_sets(0, easy_max=60, hard_min=80, max_operand=50)
+    total = lambda row: int(row["answer"])  # noqa: E731
+    assert all(total(r) <= 60 for r in warm + held_easy)
+    assert all(total(r) >= 80 for r in held_hard)
+    assert sum(total(r) >= 80 for r in train) == len(train) // 2
+    assert {r["prompt"] for r in warm}.isdisjoint(r["prompt"] for r in held_hard)

@@ -119,7 +119,7 @@ def last_checkpoint(output_dir: Path) -> str | None:
 
 
 def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, resume: str | None = None,
-        quiet: bool = False, train_rows=None, plot: bool = True) -> dict:
+        quiet: bool = False, train_rows=None, warm_rows=None, plot: bool = True) -> dict:
     """Train; returns a summary dict (also written to OUTPUT/summary.json)."""
     from datasets import Dataset
 
@@ -133,6 +133,7 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     rows, reward = build_data(p, seed)
     if train_rows is not None:
         rows = train_rows
+    warm_rows = rows if warm_rows is None else warm_rows
     model = build_model(p, tokenizer, seed)
     summary: dict = {"preset": p.name, "algo": algo_name, "seed": seed}
 
@@ -143,9 +144,15 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
 
             model = AutoModelForCausalLM.from_pretrained(warm_dir)
         else:
-            summary["warm_start_loss"] = warm_start(model, tokenizer, rows, steps=p.warm_start_steps,
+            summary["warm_start_loss"] = warm_start(model, tokenizer, warm_rows, steps=p.warm_start_steps,
                                                     lr=p.warm_start_lr, batch=p.warm_start_batch, seed=seed, log=log)
             model.save_pretrained(warm_dir)
+    if p.model is None:
+        # TRL builds the KL reference model (beta > 0) from config._name_or_path: point it at the
+        # initial policy's weights (the warm-started model), saved here.
+        if not (warm_dir / "config.json").exists():
+            model.save_pretrained(warm_dir)
+        model.config._name_or_path = str(warm_dir)
     if p.task == "arithmetic":
         summary["greedy_accuracy_before"] = greedy_accuracy(model, tokenizer, rows[:256], p.max_completion_length)
 
