@@ -188,3 +188,34 @@ def test_experiment_problem_sets_separate_easy_and_hard():
     assert all(total(r) >= 80 for r in held_hard)
     assert sum(total(r) >= 80 for r in train) == len(train) // 2
     assert {r["prompt"] for r in warm}.isdisjoint(r["prompt"] for r in held_hard)
+
+
+def test_fused_lm_head_calls_are_served_by_our_kernel(tmp_path):
+    """TRL's no-grad log-prob calls (old policy, reference) go through fused_linear_logprobs and match
+    log-softmax of the full logits."""
+    trainer, rows = _trainer(tmp_path, lambda prompts, completions, **_: [0.0] * len(completions))
+    tok = trainer.processing_class
+    enc = tok([r["prompt"] + r["answer"] for r in rows[:3]], return_tensors="pt", padding=True)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    model = trainer.model
+    with torch.no_grad():
+        out = model(**enc, labels=labels, fused_lm_head=True)
+        logits = model(**enc).logits[:, :-1].float() / trainer.temperature
+    want = torch.log_softmax(logits, -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    want = want.masked_fill(labels[:, 1:] == -100, 0)
+    torch.testing.assert_close(out.log_probs, want, rtol=1e-5, atol=1e-5)
+    assert out.entropy.shape == want.shape
+
+
+def test_off_policy_steps_and_kl_reference(tmp_path):
+    """steps_per_generation = 2: the second step's ratio differs from 1 (old log-probs computed by our
+    no-grad pass); GRPO's beta > 0 builds the reference model from the warm-started weights."""
+    from ngrpo_train.train import run
+
+    p = dataclasses.replace(preset("tiny"), **dict(SMALL, steps_per_generation=2, max_steps=2, save_steps=10))
+    run(p, algo("grpo"), "grpo", str(tmp_path / "g"), seed=1, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    # step 1: old and new log-probs agree up to the two kernels' rounding; step 2: the policy has moved
+    assert abs(rows[0]["approx_kl"]) < 1e-5 and abs(rows[1]["approx_kl"]) > 10 * abs(rows[0]["approx_kl"])
+    assert rows[1]["reward_mean"] == rows[0]["reward_mean"]  # the same generation

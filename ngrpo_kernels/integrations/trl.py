@@ -17,8 +17,9 @@ What changes against GRPO (checked on TRL 1.16):
   bonus, optional k3 KL (``beta``), and TRL's global normaliser (``num_items_in_batch`` per process
   and accumulation window, as TRL's ``dapo`` loss). The hidden states come through the model's own
   ``forward`` (patched, as TRL does for its fused head), so FSDP / ZeRO hooks and PEFT still run.
-- Old-policy log-probs stay TRL's (its chunked no-grad head); they are None when the update is on-policy,
-  which our loss treats as ratio exactly 1.
+- Old-policy and reference log-probs (TRL's no-grad ``fused_lm_head`` calls) come from
+  ``fused_linear_logprobs``; they are None when the update is on-policy, which our loss treats as
+  ratio exactly 1.
 
 With TRL's defaults the ratio is always 1 and clipping never acts: the recipe's 1024-prompt generation
 batch with 256-prompt mini-batches maps to ``steps_per_generation = 4`` (see ``python/ngrpo_train``).
@@ -33,7 +34,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from ..functional import fused_linear_ngrpo_loss, group_advantages
+from ..functional import fused_linear_logprobs, fused_linear_ngrpo_loss, group_advantages
 from ..variants import Estimator
 
 
@@ -68,7 +69,9 @@ class NGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        _add_ngrpo_head(model)
+        _add_ngrpo_head(model, self.temperature)
+        if self.ref_model is not None:
+            _add_ngrpo_head(self.ref_model, self.temperature)
 
     # ------------------------------------------------------------------ advantages
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -133,18 +136,22 @@ class NGRPOTrainer(GRPOTrainer):
         return out.loss
 
 
-def _add_ngrpo_head(model) -> None:
+def _add_ngrpo_head(model, temperature: float) -> None:
     """Let ``model(..., ngrpo_loss=request)`` return the fused NGRPO loss of its completion tokens.
 
     The model's own forward runs (so FSDP/ZeRO hooks fire and PEFT adapters apply); only the backbone is
     called inside it, and the lm_head weight is taken whole (a DTensor is gathered; a ZeRO-3 partition
     through TRL's ``maybe_gather_lm_head_ctx``) and handed to ``fused_linear_ngrpo_loss``. Without
-    ``ngrpo_loss`` the previous forward (TRL's fused-head forward) runs.
+    ``ngrpo_loss`` the previous forward (TRL's fused-head forward) runs, except for TRL's
+    ``fused_lm_head=True`` log-prob calls (old policy, reference), which ``fused_linear_logprobs`` serves.
     """
     previous = model.forward
 
     def forward(self, *args, ngrpo_loss=None, **kwargs):
         if ngrpo_loss is None:
+            if kwargs.get("fused_lm_head") and kwargs.get("shift_labels") is None \
+                    and not kwargs.get("output_router_logits"):
+                return _token_logprobs(self, temperature, *args, **kwargs)
             return previous(*args, **kwargs)
         request = dict(ngrpo_loss)
         targets = request.pop("targets")
@@ -152,11 +159,7 @@ def _add_ngrpo_head(model) -> None:
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         K = targets.shape[1]
         hidden = hidden[:, -K - 1:-1]  # position t predicts token t + 1
-        head = self.get_output_embeddings()
-        weight, bias = head.weight, getattr(head, "bias", None)
-        if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters as DTensors
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
+        weight, bias = _head(self)
         hidden = hidden.to(device=weight.device, dtype=weight.dtype)
         # ZeRO-3: gather the partitioned head for the forward; our gradients are formed right here, in the
         # forward, so nothing needs the gathered weight in backward.
@@ -166,3 +169,28 @@ def _add_ngrpo_head(model) -> None:
         return types.SimpleNamespace(loss=loss, metrics=metrics)
 
     model.forward = types.MethodType(forward, model)
+
+
+def _head(model):
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters as DTensors
+        weight = weight.full_tensor()
+        bias = None if bias is None else bias.full_tensor()
+    return weight, bias
+
+
+def _token_logprobs(model, temperature, *args, labels, fused_lm_head=True, num_items_in_batch=None, **kwargs):
+    """What TRL's fused head returns for ``model(..., labels=labels, fused_lm_head=True)``: per-position
+    log-probs of the next token and the entropy, [B, L - 1], zero where the label is -100."""
+    kwargs["use_cache"] = False
+    hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    weight, bias = _head(model)
+    with maybe_gather_lm_head_ctx(*(p for p in (weight, bias) if p is not None)):
+        log_probs, entropy = fused_linear_logprobs(hidden.to(device=weight.device, dtype=weight.dtype), weight,
+                                                   targets.to(weight.device), bias=bias, temperature=temperature,
+                                                   return_entropy=True, validate=False)
+    mask = targets != -100
+    loss = -log_probs.sum() / mask.sum().clamp(min=1)
+    return types.SimpleNamespace(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask)

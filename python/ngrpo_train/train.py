@@ -23,17 +23,24 @@ class MetricsLog(TrainerCallback):
               "frac_all_correct": "frac_all_correct", "clip_frac": "clip_ratio/region_mean", "entropy": "entropy",
               "loss": "loss", "approx_kl": "approx_kl", "completion_length": "completions/mean_length"}
 
+    # Logged once per generation; the optimizer steps that reuse a generation repeat its values.
+    PER_GENERATION = ("reward_mean", "reward_std", "frac_all_wrong", "frac_all_correct", "completion_length")
+
     def __init__(self, path: Path, max_steps: int, quiet: bool = False):
         self.path, self.max_steps, self.quiet = path, max_steps, quiet
         self._t = time.perf_counter()
+        self._generation: dict = {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "reward" not in logs:
+        if not logs or "loss" not in logs:
             return
         now = time.perf_counter()
         row = {"step": state.global_step, "seconds": round(now - self._t, 4)}
         self._t = now
         row.update({k: logs[v] for k, v in self.FIELDS.items() if v in logs})
+        if "reward_mean" in row:
+            self._generation = {k: row[k] for k in self.PER_GENERATION if k in row}
+        row = {**self._generation, **row}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if not self.quiet:
