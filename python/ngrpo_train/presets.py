@@ -60,7 +60,6 @@ class Preset:
     prompts_per_generation: int = 8
     num_generations: int = 8
     steps_per_generation: int = 1
-    max_prompt_length: int = 16
     max_completion_length: int = 4
     learning_rate: float = 3e-4
     weight_decay: float = 0.0
@@ -106,7 +105,6 @@ PRESETS = {
         num_generations=8,
         steps_per_generation=4,  # 1024-prompt generation batch / 256-prompt PPO mini-batches
         gradient_accumulation_steps=32,  # 256 prompts x 8 = 2048 completions per step = 8 GPUs x 8 x 32
-        max_prompt_length=1024,
         max_completion_length=3072,
         learning_rate=1e-6,
         weight_decay=0.01,

@@ -30,10 +30,18 @@ def exact_answer_reward(prompts, completions, answer, **_):
 def load_math_parquet(path: str, limit: int | None = None):
     """MATH problems from a parquet in verl's layout (``prompt`` chat list or string,
     ``reward_model.ground_truth``) as ``{"prompt": [chat message], "answer": ground truth}`` rows with
-    the recipe's user prompt: ``{question}`` + MATH_SUFFIX."""
+    the recipe's user prompt: ``{question}`` + MATH_SUFFIX. A ``path`` that is not a file is taken as a
+    hub dataset name in the same layout (needs the network; not exercised by the tests)."""
+    import os
+
     import pandas as pd
 
-    frame = pd.read_parquet(path)
+    if os.path.exists(path):
+        frame = pd.read_parquet(path)
+    else:
+        from datasets import load_dataset
+
+        frame = load_dataset(path, split="train").to_pandas()
     rows = []
     for _, row in frame.iterrows():
         prompt = row["prompt"]

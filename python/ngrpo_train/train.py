@@ -15,6 +15,8 @@ from transformers import TrainerCallback
 from . import tasks
 from .presets import Algo, Preset, trl_args
 
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads vs the trainer's workers
+
 
 class MetricsLog(TrainerCallback):
     """One JSON object per optimizer step in OUTPUT/metrics.jsonl, and a one-line progress report."""
@@ -230,5 +232,3 @@ def plot_metrics(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
