@@ -128,6 +128,17 @@ def _cases():
     sig.update({k: "constexpr" for k in const})
     yield ("policy_loss", "all options, BLOCK_T=1024 w4", False, _policy_loss_kernel, sig, const, 4, 1)
 
+    from .ops.fused_loss.row_triton import _loss_rows_kernel
+
+    sig = {"Z": "*fp32", "DZ": "*bf16", "BIAS": "*bf16", "TGT": "*i64", "VALID": "*u8", "W_TOK": "*fp32",
+           "ADV": "*fp32", "OLD": "*fp32", "REF": "*fp32", "ISW": "*fp32", "STATS": "*fp32", "V": "i32",
+           "inv_temp": "fp32", "eps_neg": "fp32", "eps_pos": "fp32", "clip_c": "fp32", "beta": "fp32",
+           "entropy_coef": "fp32"}
+    const = dict(HAS_BIAS=True, HAS_REF=True, HAS_ISW=True, DUAL_CLIP=True, ON_POLICY=False, NEED_GRAD=True,
+                 NUM_STATS=NUM_STATS, BLOCK_V=4096, **stat_constexprs())
+    sig.update({k: "constexpr" for k in const})
+    yield ("loss_rows", "all options, bf16 dZ, BLOCK_V=4096 w8", False, _loss_rows_kernel, sig, const, 8, 1)
+
     sig = {"R": "*fp32", "ORDER": "*i64", "SORTED_IDS": "*i64", "SEG_END": "*i64", "OUT": "*fp32",
            "r_max": "fp32", "num_virtual": "fp32", "eps": "fp32"}
     const = dict(UNBIASED=True, USE_STD=True, BLOCK=32)
