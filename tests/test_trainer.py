@@ -232,3 +232,14 @@ def test_offline_qwen_tokenizer_matches_qwen25_ids():
     ids = tok("Hello world, 12+34=46").input_ids
     assert ids[:2] == [9707, 1879] and tok.decode(ids) == "Hello world, 12+34=46"
     assert tok.eos_token_id == 151645 and tok.pad_token_id == 151643
+
+
+@pytest.mark.parametrize("name,kind", [("fsdp2.yaml", "FSDP"), ("zero3.yaml", "DEEPSPEED")])
+def test_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    import ngrpo_train
+
+    config = load_config_from_file(str(Path(ngrpo_train.__file__).parent / "accelerate" / name))
+    assert config.distributed_type.value == kind and config.num_processes == 8
+    assert config.mixed_precision == "bf16"
