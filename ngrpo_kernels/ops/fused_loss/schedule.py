@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ...variants import NUM_STATS
+from ..gemm import addmm_fp32, mm_fp32
 
 CPU_WORKSPACE_BYTES = 32 * 2**20
 GPU_WORKSPACE_BYTES = 2**30
@@ -33,30 +34,6 @@ def default_workspace_bytes(device: torch.device) -> int:
 def bytes_per_row(V: int, dtype: torch.dtype, need_grad: bool) -> int:
     separate_dz = need_grad and dtype != torch.float32
     return V * (4 + (torch.finfo(dtype).bits // 8 if separate_dz else 0))
-
-
-def _mm_fp32(a, b, out):
-    """out (float32) = a @ b for any input dtype; float32 accumulation."""
-    if a.dtype == torch.float32 or b.dtype == torch.float32:
-        return torch.matmul(a.to(b.dtype), b, out=out)
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32, out=out)
-        except (RuntimeError, TypeError):  # older torch: no out_dtype
-            pass
-    return out.copy_(a @ b)
-
-
-def _addmm_fp32(acc, a, b):
-    """acc (float32) += a @ b for any input dtype."""
-    if a.dtype == torch.float32:
-        return acc.addmm_(a, b)
-    if a.is_cuda:
-        try:
-            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        except (RuntimeError, TypeError):
-            pass
-    return acc.add_(a @ b)
 
 
 def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_op, row_options, workspace_bytes,
@@ -85,7 +62,7 @@ def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_op, row_op
         hi = min(N, lo + chunk)
         n = hi - lo
         xc, z = x[lo:hi], z_buf[:n]
-        _mm_fp32(xc, w_t, z)
+        mm_fp32(xc, w_t, z)
         d = dz_buf[:n] if need_grad else None
         per_token = (target[lo:hi], valid[lo:hi], w[lo:hi], adv[lo:hi], old[lo:hi],
                      None if ref is None else ref[lo:hi], None if isw is None else isw[lo:hi])
@@ -93,7 +70,7 @@ def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_op, row_op
         if need_dx:
             torch.matmul(d, weight, out=dx[lo:hi])
         if need_dw:
-            _addmm_fp32(dw, d.T, xc)
+            addmm_fp32(dw, d.T, xc)
         if need_db:
             db += d.sum(0, dtype=torch.float32)
     return stats, dx, dw, db

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ...backend import interpreter_enabled
+from ..gemm import addmm_fp32
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,7 @@ def backward(x, weight, bias, targets, lse, mean_z, g_lp, g_ent, *, inv_temp, ig
         if need_x:
             torch.matmul(dz[:n], weight, out=dx[lo:hi])
         if need_w:
-            dw += (dz[:n].T @ x[lo:hi]).float()
+            addmm_fp32(dw, dz[:n].T, x[lo:hi])
         if need_b:
             db += dz[:n].float().sum(0)
     return dx, dw, db
