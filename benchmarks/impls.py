@@ -114,8 +114,8 @@ def loss_torch_chunked(case):
 def loss_liger(case):
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-    except ImportError as err:
-        raise Unavailable(f"liger-kernel not installed ({err})") from None
+    except Exception as err:
+        raise Unavailable(f"liger-kernel not importable ({type(err).__name__}: {err})") from None
     fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=0.16, epsilon_high=0.24,
                                   loss_type="bnpo", compiled=True)
 
@@ -150,8 +150,8 @@ def loss_cce(case):
         raise Unavailable("Triton GPU kernel")
     try:
         from cut_cross_entropy import linear_cross_entropy
-    except ImportError as err:
-        raise Unavailable(f"cut-cross-entropy not installed ({err})") from None
+    except Exception as err:
+        raise Unavailable(f"cut-cross-entropy not importable ({type(err).__name__}: {err})") from None
 
     def loss(h, w, x):
         lp = -linear_cross_entropy(h, w, x["targets"], reduction="none")
@@ -162,8 +162,8 @@ def loss_cce(case):
 def _trl_logprobs(h, w, targets):
     try:
         from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-    except ImportError as err:
-        raise Unavailable(f"trl >= 1.15 not installed ({err})") from None
+    except Exception as err:  # trl missing, or present without its own dependencies (a bare GPU image)
+        raise Unavailable(f"trl >= 1.15 not importable ({type(err).__name__}: {err})") from None
     flat = h.reshape(-1, h.shape[-1])
     lp, *_ = ChunkedLogProbFunction.apply(flat, w, None, targets.reshape(-1), 1.0, 32768, None, 1.0, ())
     return lp.view(targets.shape)
@@ -172,8 +172,8 @@ def _trl_logprobs(h, w, targets):
 def loss_trl_fused(case):
     try:
         import trl.kernels.chunked_logprob  # noqa: F401
-    except ImportError as err:
-        raise Unavailable(f"trl >= 1.15 not installed ({err})") from None
+    except Exception as err:
+        raise Unavailable(f"trl >= 1.15 not importable ({type(err).__name__}: {err})") from None
     return _train_step(case, lambda h, w, x: _policy_loss(_trl_logprobs(h, w, x["targets"]), x))
 
 
@@ -260,16 +260,16 @@ def _cce_logprobs(case):
         raise Unavailable("Triton GPU kernel")
     try:
         from cut_cross_entropy import linear_cross_entropy
-    except ImportError as err:
-        raise Unavailable(f"cut-cross-entropy not installed ({err})") from None
+    except Exception as err:
+        raise Unavailable(f"cut-cross-entropy not importable ({type(err).__name__}: {err})") from None
     return _no_grad(case, lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none"))
 
 
 def _trl_nograd(case):
     try:
         import trl.kernels.chunked_logprob  # noqa: F401
-    except ImportError as err:
-        raise Unavailable(f"trl >= 1.15 not installed ({err})") from None
+    except Exception as err:
+        raise Unavailable(f"trl >= 1.15 not importable ({type(err).__name__}: {err})") from None
     return _no_grad(case, _trl_logprobs)
 
 
