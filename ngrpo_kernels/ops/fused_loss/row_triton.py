@@ -30,6 +30,15 @@ from ..policy_loss.triton_impl import stat_constexprs, token_loss
 
 
 @triton.jit
+def _scaled_logits(row, BIAS, cols, ok, inv_temp, HAS_BIAS: tl.constexpr):
+    """(z + b) / T for one BLOCK_V slice of a row, float32 (0 outside the row)."""
+    z = tl.load(row + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        z += tl.load(BIAS + cols, mask=ok, other=0.0).to(tl.float32)
+    return z * inv_temp
+
+
+@triton.jit
 def _loss_rows_kernel(
     Z, DZ, BIAS, TGT, VALID, W_TOK, ADV, OLD, REF, ISW, STATS,
     V, inv_temp, eps_neg, eps_pos, clip_c, beta, entropy_coef,
@@ -50,10 +59,7 @@ def _loss_rows_kernel(
     for v0 in range(0, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok = cols < V
-        z = tl.load(row + cols, mask=ok, other=0.0)
-        if HAS_BIAS:
-            z += tl.load(BIAS + cols, mask=ok, other=0.0).to(tl.float32)
-        z = tl.where(ok, z * inv_temp, float("-inf"))
+        z = tl.where(ok, _scaled_logits(row, BIAS, cols, ok, inv_temp, HAS_BIAS), float("-inf"))
         m_new = tl.maximum(m_i, z)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         scale = tl.exp(m_i - m_safe)  # 0 while a lane has seen nothing
@@ -105,10 +111,7 @@ def _loss_rows_kernel(
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             ok = cols < V
-            z = tl.load(row + cols, mask=ok, other=0.0)
-            if HAS_BIAS:
-                z += tl.load(BIAS + cols, mask=ok, other=0.0).to(tl.float32)
-            z = z * inv_temp
+            z = _scaled_logits(row, BIAS, cols, ok, inv_temp, HAS_BIAS)
             p = tl.exp(z - lse)
             d = g_lp * ((cols == tgt).to(tl.float32) - p) - g_H * p * (z - mean_z)
             tl.store(drow + cols, tl.where(valid, d * inv_temp, 0.0).to(DZ.dtype.element_ty), mask=ok)
