@@ -243,3 +243,17 @@ def test_accelerate_configs_load(name, kind):
     config = load_config_from_file(str(Path(ngrpo_train.__file__).parent / "accelerate" / name))
     assert config.distributed_type.value == kind and config.num_processes == 8
     assert config.mixed_precision == "bf16"
+
+
+def test_unscorable_completions_get_zero_advantage_and_leave_the_stats(tmp_path):
+    # 3 of 8 unscored (None): the other 5 form the group {1, 0, 0, 0, 0} + the virtual sample
+    pattern = [None, 1.0, None, 0.0, 0.0, None, 0.0, 0.0]
+    trainer, rows = _trainer(tmp_path, lambda prompts, completions, **_: pattern[:len(completions)])
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([rows[0]] * 8)
+    from ngrpo_kernels.ops.advantages.naive import ngrpo_advantages_naive
+
+    want = ngrpo_advantages_naive(torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64), torch.zeros(5, dtype=torch.long))
+    got = out["advantages"]
+    assert got[[0, 2, 5]].tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(got[[1, 3, 4, 6, 7]].double(), want, rtol=1e-6, atol=1e-6)

@@ -87,8 +87,17 @@ class NGRPOTrainer(GRPOTrainer):
         G = self.num_generations if mode == "train" else self.num_generations_eval
         group_ids = torch.arange(rewards.numel(), device=rewards.device) // G
         args = self.args
-        advantages = group_advantages(rewards.float(), group_ids, estimator=args.advantage_estimator, r_max=args.r_max,
-                                      num_virtual=args.num_virtual, w_lambda=args.w_lambda)
+        options = dict(estimator=args.advantage_estimator, r_max=args.r_max, num_virtual=args.num_virtual,
+                       w_lambda=args.w_lambda)
+        # Completions that no reward function could score (all None) carry no signal: as in TRL, they get
+        # advantage 0 and stay out of their group's statistics.
+        scorable = ~torch.isnan(rewards_per_func).all(dim=1)
+        if bool(scorable.all()):
+            advantages = group_advantages(rewards.float(), group_ids, **options)
+        else:
+            advantages = torch.zeros_like(rewards, dtype=torch.float32)
+            if bool(scorable.any()):
+                advantages[scorable] = group_advantages(rewards[scorable].float(), group_ids[scorable], **options)
         local = output["advantages"].shape[0]
         process_slice = slice(self.accelerator.process_index * local, (self.accelerator.process_index + 1) * local)
         output["advantages"] = advantages[process_slice]
