@@ -123,6 +123,7 @@ def test_presets_map_the_recipe_batch():
     assert (grpo["advantage_estimator"], grpo["epsilon_high"], grpo["beta"]) == ("grpo", 0.2, 0.001)
     dapo = trl_args(preset("tiny"), algo("dapo"), output_dir="x", seed=0)
     assert dapo["filter_all_wrong"] and dapo["filter_all_correct"] and dapo["epsilon_high"] == 0.28
+    assert algo("dapo").overlong_cache == 0.25 and algo("ngrpo").overlong_cache == 0.0
     with pytest.raises(ValueError, match="ppo"):
         algo("ppo")
 
@@ -257,3 +258,19 @@ def test_unscorable_completions_get_zero_advantage_and_leave_the_stats(tmp_path)
     got = out["advantages"]
     assert got[[0, 2, 5]].tolist() == [0.0, 0.0, 0.0]
     torch.testing.assert_close(got[[1, 3, 4, 6, 7]].double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_soft_overlong_penalty_by_hand():
+    penalty = tasks.soft_overlong_penalty(max_length=8, cache=4)
+    ids = [[0] * n for n in (3, 4, 5, 6, 8, 9)]
+    assert penalty(None, None, completion_ids=ids) == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    with pytest.raises(ValueError):
+        tasks.soft_overlong_penalty(4, 0)
+
+
+def test_dapo_run_with_length_penalty(tmp_path):
+    from ngrpo_train.train import run
+
+    p = dataclasses.replace(preset("tiny"), **dict(SMALL, max_steps=2, save_steps=10))
+    summary = run(p, algo("dapo"), "dapo", str(tmp_path / "d"), seed=0, quiet=True)
+    assert summary["steps"] == 2

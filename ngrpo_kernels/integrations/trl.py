@@ -7,7 +7,8 @@ What changes against GRPO (checked on TRL 1.16):
   ``ngrpo_kernels.group_advantages`` (NGRPO's virtual max-reward sample by default; group ids from
   TRL's layout, ``num_generations`` consecutive completions per prompt), then slice this process's
   part exactly as TRL does.
-- All-correct groups (``filter_all_correct``): the released recipe drops them and refills the batch
+- All-correct groups (``filter_all_correct``; correctness read from the first reward function, the
+  verifier): the released recipe drops them and refills the batch
   with new prompts. TRL cannot refill a generation batch, so the closest faithful equivalent is used:
   their completion tokens are masked out of the loss and out of the global token count (NGRPO gives
   them advantage 0 anyway, so only the normaliser changes). The effective batch is then smaller than
@@ -102,7 +103,9 @@ class NGRPOTrainer(GRPOTrainer):
         process_slice = slice(self.accelerator.process_index * local, (self.accelerator.process_index + 1) * local)
         output["advantages"] = advantages[process_slice]
 
-        grouped = rewards.view(-1, G)
+        # The filters judge correctness by the first reward function (the verifier), so shaping terms
+        # added after it (e.g. DAPO's length penalty) do not change which groups count as solved.
+        grouped = torch.nan_to_num(rewards_per_func[:, 0], nan=0.0).view(-1, G)
         all_correct = (grouped >= args.r_max).all(dim=1)
         all_wrong = (grouped <= 0).all(dim=1)
         self._metrics[mode]["frac_all_correct"].append(all_correct.float().mean().item())

@@ -27,6 +27,7 @@ class Algo:
     filter_all_correct: bool
     filter_all_wrong: bool
     entropy_coef: float = 0.001
+    overlong_cache: float = 0.0  # DAPO's soft overlong penalty: cache as a fraction of max_completion_length
 
 
 def algo(name: str) -> Algo:
@@ -34,8 +35,8 @@ def algo(name: str) -> Algo:
         return Algo("ngrpo", 0.16, 0.24, 0.0, filter_all_correct=True, filter_all_wrong=False)
     if name == "grpo":
         return Algo("grpo", 0.2, 0.2, 0.001, filter_all_correct=False, filter_all_wrong=False)
-    if name == "dapo":  # the soft overlong penalty of DAPO is not implemented
-        return Algo("grpo", 0.2, 0.28, 0.0, filter_all_correct=True, filter_all_wrong=True)
+    if name == "dapo":  # dynamic sampling -> filters (no refill), soft overlong penalty over the last 25 %
+        return Algo("grpo", 0.2, 0.28, 0.0, filter_all_correct=True, filter_all_wrong=True, overlong_cache=0.25)
     if name == "w_reinforce":
         return Algo("w_reinforce", 0.2, 0.2, 0.0, filter_all_correct=False, filter_all_wrong=False)
     raise ValueError(f"--algo {name!r} is not one of {', '.join(ALGOS)}")

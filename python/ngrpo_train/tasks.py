@@ -96,3 +96,24 @@ def math_verify_reward(prompts, completions, answer, **_):
             ok = False
         out.append(1.0 if ok else 0.0)
     return out
+
+
+def soft_overlong_penalty(max_length: int, cache: int):
+    """DAPO's soft overlong punishment as a reward function: 0 up to ``max_length - cache`` tokens, then
+    falling linearly to -1 at ``max_length`` (and -1 beyond)."""
+    if not 0 < cache <= max_length:
+        raise ValueError(f"need 0 < cache <= max_length, got cache={cache}, max_length={max_length}")
+
+    def overlong_penalty(prompts, completions, completion_ids, **_):
+        out = []
+        for ids in completion_ids:
+            n = len(ids)
+            if n <= max_length - cache:
+                out.append(0.0)
+            elif n <= max_length:
+                out.append((max_length - cache - n) / cache)
+            else:
+                out.append(-1.0)
+        return out
+
+    return overlong_penalty

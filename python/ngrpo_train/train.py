@@ -180,7 +180,11 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     metrics_path = out / "metrics.jsonl"
     if resume_from is None and metrics_path.exists():
         metrics_path.unlink()
-    trainer = NGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
+    rewards = [reward]
+    if a.overlong_cache > 0:  # DAPO: correctness first (the filters read it), then the length penalty
+        cache = max(1, int(a.overlong_cache * p.max_completion_length))
+        rewards.append(tasks.soft_overlong_penalty(p.max_completion_length, cache))
+    trainer = NGRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(rows),
                            processing_class=tokenizer, callbacks=[MetricsLog(metrics_path, p.max_steps, quiet)])
     from transformers.trainer_callback import PrinterCallback
 
