@@ -114,9 +114,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-new-tokens", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--seed", type=int, default=1234, help="problem generation and sampling seed")
     ap.add_argument("--output-dir", default=None, help="default: MODEL/../eval")
     args = ap.parse_args(argv)
+    import torch
+
+    torch.manual_seed(args.seed)  # sampling (HF generate) is reproducible run to run
     tokenizer = None
     if args.task == "arithmetic":
         from .tokenizer import char_tokenizer
