@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 
 import torch
 
@@ -20,6 +21,20 @@ from ngrpo_kernels.ops.policy_loss.naive import policy_loss_naive
 
 class Unavailable(Exception):
     """This implementation cannot run here (the reason says why)."""
+
+
+def _peer(module: str, name: str, package: str):
+    """``module.name`` from a peer library, or Unavailable (missing, or present without its own
+    dependencies, as on a bare GPU image)."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception as err:
+        raise Unavailable(f"{package} not importable ({type(err).__name__}: {err})") from None
+
+
+def _gpu_only(case):
+    if case.device != "cuda":
+        raise Unavailable("Triton GPU kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +127,7 @@ def loss_torch_chunked(case):
 
 
 def loss_liger(case):
-    try:
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-    except Exception as err:
-        raise Unavailable(f"liger-kernel not importable ({type(err).__name__}: {err})") from None
+    LigerFusedLinearGRPOLoss = _peer("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss", "liger-kernel")
     fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=0.16, epsilon_high=0.24,
                                   loss_type="bnpo", compiled=True)
 
@@ -127,12 +139,8 @@ def loss_liger(case):
 
 def loss_liger_triton(case):
     """Liger's Triton grpo_loss on materialised logits (GPU only)."""
-    if case.device != "cuda":
-        raise Unavailable("Triton GPU kernel")
-    try:
-        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
-    except ImportError as err:
-        raise Unavailable(f"liger-kernel triton grpo_loss not importable ({err})") from None
+    _gpu_only(case)
+    triton_grpo_loss = _peer("liger_kernel.transformers.grpo_loss", "triton_grpo_loss", "liger-kernel")
 
     def loss(h, w, x):
         logits = h @ w.T
@@ -146,12 +154,8 @@ def loss_liger_triton(case):
 
 
 def loss_cce(case):
-    if case.device != "cuda":
-        raise Unavailable("Triton GPU kernel")
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-    except Exception as err:
-        raise Unavailable(f"cut-cross-entropy not importable ({type(err).__name__}: {err})") from None
+    _gpu_only(case)
+    linear_cross_entropy = _peer("cut_cross_entropy", "linear_cross_entropy", "cut-cross-entropy")
 
     def loss(h, w, x):
         lp = -linear_cross_entropy(h, w, x["targets"], reduction="none")
@@ -160,20 +164,14 @@ def loss_cce(case):
 
 
 def _trl_logprobs(h, w, targets):
-    try:
-        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-    except Exception as err:  # trl missing, or present without its own dependencies (a bare GPU image)
-        raise Unavailable(f"trl >= 1.15 not importable ({type(err).__name__}: {err})") from None
+    ChunkedLogProbFunction = _peer("trl.kernels.chunked_logprob", "ChunkedLogProbFunction", "trl >= 1.15")
     flat = h.reshape(-1, h.shape[-1])
     lp, *_ = ChunkedLogProbFunction.apply(flat, w, None, targets.reshape(-1), 1.0, 32768, None, 1.0, ())
     return lp.view(targets.shape)
 
 
 def loss_trl_fused(case):
-    try:
-        import trl.kernels.chunked_logprob  # noqa: F401
-    except Exception as err:
-        raise Unavailable(f"trl >= 1.15 not importable ({type(err).__name__}: {err})") from None
+    _peer("trl.kernels.chunked_logprob", "ChunkedLogProbFunction", "trl >= 1.15")  # fail early, not mid-timing
     return _train_step(case, lambda h, w, x: _policy_loss(_trl_logprobs(h, w, x["targets"]), x))
 
 
@@ -256,20 +254,13 @@ def _ngrpo_logprobs(backend):
 
 
 def _cce_logprobs(case):
-    if case.device != "cuda":
-        raise Unavailable("Triton GPU kernel")
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-    except Exception as err:
-        raise Unavailable(f"cut-cross-entropy not importable ({type(err).__name__}: {err})") from None
+    _gpu_only(case)
+    linear_cross_entropy = _peer("cut_cross_entropy", "linear_cross_entropy", "cut-cross-entropy")
     return _no_grad(case, lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none"))
 
 
 def _trl_nograd(case):
-    try:
-        import trl.kernels.chunked_logprob  # noqa: F401
-    except Exception as err:
-        raise Unavailable(f"trl >= 1.15 not importable ({type(err).__name__}: {err})") from None
+    _peer("trl.kernels.chunked_logprob", "ChunkedLogProbFunction", "trl >= 1.15")  # fail early, not mid-timing
     return _no_grad(case, _trl_logprobs)
 
 
