@@ -45,10 +45,12 @@ class Case:
     dtype: torch.dtype
     device: str
     sequences: int = 8
+    padded: bool = False  # response lengths uniform in [T/4, T] (about 37 % padding), as in RL batches
 
     @property
     def label(self) -> str:
-        return f"N{self.N}-H{self.H}-V{self.V}-{str(self.dtype).replace('torch.', '')}"
+        pad = "-padded" if self.padded else ""
+        return f"N{self.N}-H{self.H}-V{self.V}-{str(self.dtype).replace('torch.', '')}{pad}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -59,6 +61,9 @@ def inputs(case: Case):
     weight = torch.randn(case.V, case.H, generator=g) * (4.0 / case.H) ** 0.5  # logits with std ~2
     targets = torch.randint(0, case.V, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.bool)
+    if case.padded:
+        lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
+        mask = torch.arange(T)[None, :] < lengths[:, None]
     old = -torch.rand(B, T, generator=g) * 4
     rewards = torch.randint(0, 2, (B,), generator=g).float()
     adv = nk.ngrpo_advantages(rewards, torch.arange(B) // 4)

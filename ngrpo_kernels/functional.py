@@ -339,6 +339,7 @@ def fused_linear_ngrpo_loss(
     num_virtual: int = 1,
     rollout_is_weights: torch.Tensor | None = None,
     workspace_bytes: int | None = None,
+    skip_zero_advantage: bool = False,
     validate: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The NGRPO loss straight from final hidden states: log-probs, entropy, asymmetric clipped loss and
@@ -358,15 +359,23 @@ def fused_linear_ngrpo_loss(
         eps_neg, eps_pos, clip_ratio_c, ref_logprobs, beta, rollout_is_weights, loss_agg_mode, normalizer,
             length_budget: as in ``ngrpo_policy_loss``.
         entropy_coef: the entropy bonus (loss -= entropy_coef * aggregated entropy; the recipe uses 0.001).
-        workspace_bytes: bound on the logits workspace (default: 32 MiB on CPU; min(1 GiB, memory / 16)
-            on a GPU). It must hold at least one row: V * 4 bytes (+ V * 2 for bf16/fp16 gradients).
+        workspace_bytes: bound on the logits workspace (default: 32 MiB on CPU; min(1.25 GiB, memory / 16)
+            on a GPU, where it holds ``chunk x V`` logits at 2 bytes each for half inputs, 4 for float32;
+            docs/kernels.md has the measured time and memory per setting). It must hold at least one
+            row: V * 4 bytes (+ V * 2 for bf16/fp16 gradients).
+        skip_zero_advantage: also leave out tokens whose advantage is exactly 0 (e.g. NGRPO's all-correct
+            groups): their loss and gradient are exactly 0 when ``entropy_coef == 0`` and ``beta == 0``
+            (required), so the loss and gradients are unchanged and the GPU spends no FLOPs on them. The
+            metrics then cover only the computed tokens; ``metrics["computed_frac"]`` says which share of
+            the valid tokens that is.
         validate: value checks (targets in range, finite inputs at valid positions, 0/1 mask, finite
             rewards) with one sync; ``False`` skips them.
 
     Returns:
         ``(loss, metrics)``: 0-dim loss; metrics (0-dim, means over valid tokens): ``clip_frac``,
         ``approx_kl``, ``entropy``, ``adv_mean``, ``logprob_mean`` (+ ``kl``, ``dual_clip_frac`` when used).
-        The gradients are computed in the forward pass (6*N*H*V FLOPs) and only rescaled in backward.
+        The gradients are computed in the forward pass (6*N*H*V FLOPs over the valid tokens only: masked
+        tokens cost nothing on a GPU) and only rescaled in backward.
     """
     loss_agg_mode = AggMode.parse(loss_agg_mode)
     check.tensor("hidden", hidden, ranks=(3,))
@@ -424,6 +433,9 @@ def fused_linear_ngrpo_loss(
     eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, length_budget, normalizer = _loss_options(
         loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, ref_logprobs is not None, entropy_coef, True,
         length_budget, normalizer, device)
+    if skip_zero_advantage and (entropy_coef != 0 or beta != 0):
+        raise ValueError(f"skip_zero_advantage=True needs entropy_coef == 0 and beta == 0 (a zero-advantage token "
+                         f"still has an entropy / KL gradient), got entropy_coef={entropy_coef!r}, beta={beta!r}")
     if workspace_bytes is not None:
         if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
             raise TypeError(f"workspace_bytes must be an int, got {workspace_bytes!r}")
@@ -447,5 +459,5 @@ def fused_linear_ngrpo_loss(
         temperature=temperature, eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c,
         ref_logprobs=ref_logprobs, beta=beta, entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode,
         normalizer=normalizer, length_budget=length_budget, rollout_is_weights=rollout_is_weights,
-        workspace_bytes=workspace_bytes,
+        workspace_bytes=workspace_bytes, skip_zero_advantage=bool(skip_zero_advantage),
     )

@@ -3,9 +3,12 @@
     python -m ngrpo_kernels.hopper_report
 
 Prints one row per (kernel, config): registers per thread, spill bytes (from ptxas), shared memory,
-and the count of Hopper warpgroup MMA instructions (HGMMA) versus the older HMMA in the SASS. Exits
-non-zero if a GEMM-class kernel has no HGMMA, spills, or needs more shared memory than an SM has.
-Must run with TRITON_INTERPRET unset (the interpreter replaces the compiler).
+whether the kernel is persistent (grid = number of SMs, by design), whether its machine code uses the
+tensor memory accelerator (TMA loads ``UTMALDG`` / stores ``UTMASTG`` found in the SASS), and the count
+of Hopper warpgroup MMA instructions (HGMMA) versus the older HMMA. The Ampere/Ada variant of the head
+GEMM (pointer loads) is compiled for sm_80 and must show HMMA instead. Exits non-zero if a GEMM-class
+kernel lacks its matrix instructions, spills, or needs more shared memory than an SM has, or if a
+Hopper GEMM that should use TMA does not. Must run with TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-H100_SHARED_BYTES = 227 * 1024  # per block, opt-in maximum on sm_90
+SHARED_BYTES = {90: 227 * 1024, 80: 163 * 1024}  # per block, opt-in maximum (H100, A100)
 
 
 @dataclass
@@ -31,15 +34,23 @@ class Row:
     shared_bytes: int
     hgmma: int
     hmma: int
+    arch: int = 90
+    persistent: bool = False
+    tma_expected: bool = False
+    tma_ops: int = 0
 
     def problems(self) -> list[str]:
         out = []
-        if self.gemm and self.hgmma == 0:
+        if self.gemm and self.arch >= 90 and self.hgmma == 0:
             out.append("no HGMMA (wgmma) instructions")
+        if self.gemm and self.arch < 90 and self.hmma == 0:
+            out.append("no HMMA instructions")
+        if self.tma_expected and self.tma_ops == 0:
+            out.append("no TMA instructions")
         if self.spill_bytes:
             out.append(f"spills {self.spill_bytes} bytes")
-        if self.shared_bytes > H100_SHARED_BYTES:
-            out.append(f"shared memory {self.shared_bytes} > {H100_SHARED_BYTES}")
+        if self.shared_bytes > SHARED_BYTES[self.arch]:
+            out.append(f"shared memory {self.shared_bytes} > {SHARED_BYTES[self.arch]}")
         return out
 
 
@@ -50,12 +61,12 @@ def _nvidia_bin(name: str) -> Path:
 
 
 # What the JIT would see at the Qwen2.5 / Llama head shapes: every pointer 16-byte aligned, and the
-# hidden and vocabulary sizes (H = 3584, V = 152064) multiples of 16. Without these hints the compiler
+# hidden and vocabulary sizes and leading dimensions multiples of 16. Without these hints the compiler
 # cannot vectorise loads and the report would describe code that never runs.
-_DIVISIBLE_INTS = {"H", "V"}
+_DIVISIBLE_INTS = {"H", "V", "M", "N", "K", "n", "lda", "ldb", "ldc", "ld_part", "ld_split", "ldz"}
 
 
-def _compile(fn, signature, constexprs, num_warps, num_stages):
+def _compile(fn, signature, constexprs, num_warps, num_stages, arch=90):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -63,11 +74,11 @@ def _compile(fn, signature, constexprs, num_warps, num_stages):
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()
              if ty.startswith("*") or name in _DIVISIBLE_INTS}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _inspect(kernel, config, gemm, compiled) -> Row:
+def _inspect(kernel, config, gemm, compiled, arch=90, persistent=False, tma_expected=False) -> Row:
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
         cubin = Path(tmp) / "k.cubin"
@@ -76,49 +87,118 @@ def _inspect(kernel, config, gemm, compiled) -> Row:
         ptxas = _nvidia_bin("ptxas-blackwell")
         if not ptxas.exists():
             ptxas = _nvidia_bin("ptxas")
-        info = subprocess.run([str(ptxas), "-v", "-arch=sm_90a", str(ptx), "-o", os.devnull],
+        target = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        info = subprocess.run([str(ptxas), "-v", f"-arch={target}", str(ptx), "-o", os.devnull],
                               capture_output=True, text=True, check=True).stderr
         sass = subprocess.run([str(_nvidia_bin("cuobjdump")), "-sass", str(cubin)],
                               capture_output=True, text=True, check=True).stdout
     regs = re.search(r"Used (\d+) registers", info)
     spill = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)]
     return Row(kernel, config, gemm, int(regs.group(1)) if regs else -1, sum(spill),
-               int(compiled.metadata.shared), len(re.findall(r"\bHGMMA\.", sass)), len(re.findall(r"\bHMMA\.", sass)))
+               int(compiled.metadata.shared), len(re.findall(r"\bHGMMA\.", sass)), len(re.findall(r"\bHMMA\.", sass)),
+               arch=arch, persistent=persistent, tma_expected=tma_expected,
+               tma_ops=len(re.findall(r"\bUTMA(?:LDG|STG)\b", sass)))
+
+
+GEMM_SIGNATURE = {"A": "*bf16", "B": "*bf16", "C": "*fp16", "BIAS": "*bf16", "SHIFT": "*fp32", "M_PART": "*fp32",
+                  "S_PART": "*fp32", "U_PART": "*fp32", "COUNT": "*i32", "M": "i32", "N": "i32", "K": "i32",
+                  "row0": "i32", "lda": "i32", "ldb": "i32", "ldc": "i32", "ld_part": "i32", "ld_split": "i32",
+                  "inv_temp": "fp32"}
+
+
+def gemm_variants(dtype: str):
+    """(label, pointer types, constexprs) of every persistent-GEMM launch the schedules make for one
+    half-precision input dtype: the head GEMM with statistics (+ stored logits), with the shift, the
+    split-K dX and the dW accumulation."""
+    from .ops.persistent_gemm.kernel import ACCUMULATE, LOGITS_SHIFTED, LOGITS_STATS
+
+    ptr = f"*{dtype}"
+    base = dict(A_T=False, B_T=True, LIMIT_M=True, LIMIT_K=False, INIT=False, STORE_Z=False, HAS_BIAS=False,
+                ENTROPY=False, SPLIT_K=1)
+    for bias in (False, True):
+        for entropy in (False, True):
+            for store in (False, True):
+                yield (f"logits stats bias={int(bias)} entropy={int(entropy)} store={int(store)}", "logits",
+                       dict(A=ptr, B=ptr, BIAS=ptr, C="*fp16"),
+                       dict(base, EPILOGUE=LOGITS_STATS, HAS_BIAS=bias, ENTROPY=entropy, STORE_Z=store))
+        yield (f"logits shifted bias={int(bias)}", "logits", dict(A=ptr, B=ptr, BIAS=ptr, C="*fp16"),
+               dict(base, EPILOGUE=LOGITS_SHIFTED, HAS_BIAS=bias))
+    for split in (1, 2):
+        yield (f"dX split-K {split}", "dx", dict(A=ptr, B=ptr, C="*fp32"),
+               dict(base, EPILOGUE=ACCUMULATE, B_T=False, INIT=True, SPLIT_K=split))
+    for init in (False, True):
+        yield (f"dW {'init' if init else 'accumulate'}", "dw", dict(A=ptr, B=ptr, C="*fp32"),
+               dict(base, EPILOGUE=ACCUMULATE, A_T=True, B_T=False, LIMIT_M=False, LIMIT_K=True, INIT=init))
+
+
+def _gemm_cases():
+    from .ops.persistent_gemm import configs
+    from .ops.persistent_gemm.kernel import persistent_gemm_kernel
+
+    for dtype in ("bf16", "fp16"):
+        for label, role, ptrs, const in gemm_variants(dtype):
+            cfg = {"logits": configs.HOPPER_LOGITS}.get(role, configs.HOPPER)
+            const = dict(const, USE_TMA=True, DOT_FP32=False, PRECISION="tf32", BLOCK_M=cfg.block_m,
+                         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=132,
+                         FLATTEN=cfg.flatten)
+            sig = dict(GEMM_SIGNATURE, **ptrs)
+            sig.update({k: "constexpr" for k in const})
+            yield ("persistent_gemm", f"{dtype} {label} {cfg.label()}", True, persistent_gemm_kernel, sig, const,
+                   cfg.num_warps, cfg.num_stages, 90, True, True)
+    # Ampere / Ada: pointer loads, compiled for sm_80 (A100).
+    cfg = configs.AMPERE
+    for label, role, ptrs, const in gemm_variants("bf16"):
+        if role != "logits":  # on Ampere/Ada dX and dW are cuBLAS (configs.DENSE_OTHER)
+            continue
+        const = dict(const, USE_TMA=False, DOT_FP32=False, PRECISION="tf32", BLOCK_M=cfg.block_m,
+                     BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=108, FLATTEN=cfg.flatten)
+        sig = dict(GEMM_SIGNATURE, **ptrs)
+        sig.update({k: "constexpr" for k in const})
+        yield ("persistent_gemm", f"bf16 {label} {cfg.label()} (sm_80)", True, persistent_gemm_kernel, sig, const,
+               cfg.num_warps, cfg.num_stages, 80, True, False)
 
 
 def _cases():
-    """(kernel name, config label, is GEMM-class, fn, signature, constexprs, warps, stages)."""
+    """(kernel, config label, GEMM-class, fn, signature, constexprs, warps, stages, arch, persistent, TMA)."""
     from .ops.advantages.triton_impl import _group_advantages_kernel
-    from .ops.linear_logprobs import triton_impl as ll
+    from .ops.fused_loss.triton_schedule import _token_kernel
+    from .ops.linear_logprobs import triton_rows as rows
     from .ops.policy_loss.triton_impl import _policy_loss_kernel, stat_constexprs
     from .variants import NUM_STATS
 
-    for dtype in ("bf16", "fp16"):
-        ptr = f"*{dtype}"
-        cfg = ll.FORWARD_CONFIG
-        for entropy in (False, True):
-            sig = {"X": ptr, "W": ptr, "BIAS": ptr, "TGT": "*i64", "M_OUT": "*fp32", "S_OUT": "*fp32",
-                   "U_OUT": "*fp32", "ZT_OUT": "*fp32", "N": "i32", "V": "i32", "H": "i32",
-                   "cols_per_split": "i32", "inv_temp": "fp32"}
-            # The worst case of each: entropy on with a bias (register pressure), entropy off without.
-            const = dict(HAS_BIAS=entropy, ENTROPY=entropy, DOT_FP32=False, PRECISION="tf32",
-                         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h)
-            sig.update({k: "constexpr" for k in const})
-            yield ("lse_forward", f"{dtype} entropy/bias={entropy} {cfg.block_n}x{cfg.block_v}x{cfg.block_h} "
-                   f"w{cfg.num_warps} s{cfg.num_stages}", True, ll._lse_forward_kernel, sig, const,
-                   cfg.num_warps, cfg.num_stages)
-        cfg = ll.BACKWARD_CONFIG
-        for atomic in (False, True):
-            sig = {"X": ptr, "W": ptr, "BIAS": ptr, "TGT": "*i64", "LSE": "*fp32", "MEAN_Z": "*fp32",
-                   "G_LP": "*fp32", "G_ENT": "*fp32", "DZ": ptr, "DX": "*fp32", "DW": "*fp32", "DB": "*fp32",
-                   "N": "i32", "V": "i32", "H": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
-            const = dict(HAS_BIAS=True, HAS_G_ENT=True, ATOMIC=atomic, NEED_DX=atomic, NEED_DW=atomic,
-                         NEED_DB=atomic, DOT_FP32=False, PRECISION="tf32", BLOCK_N=cfg.block_n,
-                         BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h)
-            sig.update({k: "constexpr" for k in const})
-            yield ("dlogits", f"{dtype} {'atomic' if atomic else 'deterministic'} {cfg.block_n}x{cfg.block_v}x"
-                   f"{cfg.block_h} w{cfg.num_warps} s{cfg.num_stages}", True, ll._dlogits_kernel, sig, const,
-                   cfg.num_warps, cfg.num_stages)
+    yield from _gemm_cases()
+
+    sig = {"XC": "*bf16", "W": "*bf16", "BIAS": "*bf16", "TGT_C": "*i64", "ORDER": "*i64", "COUNT": "*i32",
+           "M_PART": "*fp32", "S_PART": "*fp32", "U_PART": "*fp32", "LP": "*fp32", "ENT": "*fp32", "LSE": "*fp32",
+           "n": "i32", "H": "i32", "row0": "i32", "ld_part": "i32", "n_slices": "i32", "inv_temp": "fp32"}
+    const = dict(HAS_BIAS=True, ENTROPY=True, BLOCK_R=rows.BLOCK_ROWS, BLOCK_T=rows.BLOCK_SLICES,
+                 BLOCK_H=rows.BLOCK_H)
+    sig.update({k: "constexpr" for k in const})
+    yield ("logprobs_rows", "bias, entropy", False, rows._logprobs_kernel, sig, const, 4, 1, 90, False, False)
+
+    sig = {"Z": "*fp16", "DZ": "*bf16", "M_PART": "*fp32", "LSE": "*fp32", "H_ROW": "*fp32", "G_LP": "*fp32",
+           "G_H": "*fp32", "TGT": "*i64", "COUNT": "*i32", "n": "i32", "V": "i32", "ldz": "i32", "ld_part": "i32",
+           "row0": "i32", "inv_temp": "fp32"}
+    const = dict(SLICE_SHIFT=True, HAS_G_H=True, ZERO_TAIL=True, BLOCK_R=rows.BLOCK_ROWS, SLICE=128)
+    sig.update({k: "constexpr" for k in const})
+    yield ("dlogits", "slice-shifted, entropy, zero tail", False, rows._dlogits_kernel, sig, const, 4, 1, 90,
+           False, False)
+
+    sig = {"PART": "*fp32", "DX": "*bf16", "ORDER": "*i64", "COUNT": "*i32", "n": "i32", "H": "i32", "row0": "i32",
+           "ld_split": "i32"}
+    const = dict(SPLITS=2, BLOCK_R=16, BLOCK_C=256)
+    sig.update({k: "constexpr" for k in const})
+    yield ("dx_finish", "2 splits", False, rows._dx_finish_kernel, sig, const, 4, 1, 90, False, False)
+
+    sig = {"XC": "*bf16", "W": "*bf16", "BIAS": "*bf16", "COUNT": "*i32", "M_PART": "*fp32", "S_PART": "*fp32",
+           "U_PART": "*fp32", "TGT": "*i64", "W_TOK": "*fp32", "ADV": "*fp32", "OLD": "*fp32", "REF": "*fp32",
+           "ISW": "*fp32", "LSE_OUT": "*fp32", "H_OUT": "*fp32", "G_LP": "*fp32", "G_H": "*fp32", "STATS": "*fp32",
+           "n": "i32", "H": "i32", "row0": "i32", "ld_part": "i32", "n_slices": "i32", "inv_temp": "fp32",
+           "eps_neg": "fp32", "eps_pos": "fp32", "clip_c": "fp32", "beta": "fp32", "entropy_coef": "fp32"}
+    const = dict(HAS_BIAS=True, HAS_REF=True, HAS_ISW=True, DUAL_CLIP=True, ON_POLICY=False, NUM_STATS=NUM_STATS,
+                 BLOCK_R=rows.BLOCK_ROWS, BLOCK_T=rows.BLOCK_SLICES, BLOCK_H=rows.BLOCK_H, **stat_constexprs())
+    sig.update({k: "constexpr" for k in const})
+    yield ("loss_tokens", "all options", False, _token_kernel, sig, const, 4, 1, 90, False, False)
 
     sig = {"LP": "*fp32", "OLD": "*fp32", "ADV": "*fp32", "VALID": "*u8", "ROW_SCALE": "*fp32", "REF": "*fp32",
            "ENT": "*fp32", "ISW": "*fp32", "G_LP": "*fp32", "G_ENT": "*fp32", "STATS": "*fp32", "T": "i32",
@@ -126,45 +206,37 @@ def _cases():
     const = dict(ADV_PER_TOKEN=False, HAS_REF=True, HAS_ENT=True, HAS_ISW=True, DUAL_CLIP=True, GRAD_LP=True,
                  GRAD_ENT=True, NUM_STATS=NUM_STATS, BLOCK_T=1024, **stat_constexprs())
     sig.update({k: "constexpr" for k in const})
-    yield ("policy_loss", "all options, BLOCK_T=1024 w4", False, _policy_loss_kernel, sig, const, 4, 1)
-
-    from .ops.fused_loss.row_triton import _loss_rows_kernel
-
-    sig = {"Z": "*fp32", "DZ": "*bf16", "BIAS": "*bf16", "TGT": "*i64", "VALID": "*u8", "W_TOK": "*fp32",
-           "ADV": "*fp32", "OLD": "*fp32", "REF": "*fp32", "ISW": "*fp32", "STATS": "*fp32", "V": "i32",
-           "inv_temp": "fp32", "eps_neg": "fp32", "eps_pos": "fp32", "clip_c": "fp32", "beta": "fp32",
-           "entropy_coef": "fp32"}
-    const = dict(HAS_BIAS=True, HAS_REF=True, HAS_ISW=True, DUAL_CLIP=True, ON_POLICY=False, NEED_GRAD=True,
-                 NUM_STATS=NUM_STATS, BLOCK_V=4096, **stat_constexprs())
-    sig.update({k: "constexpr" for k in const})
-    yield ("loss_rows", "all options, bf16 dZ, BLOCK_V=4096 w8", False, _loss_rows_kernel, sig, const, 8, 1)
+    yield ("policy_loss", "all options, BLOCK_T=1024 w4", False, _policy_loss_kernel, sig, const, 4, 1, 90, False,
+           False)
 
     sig = {"R": "*fp32", "ORDER": "*i64", "SORTED_IDS": "*i64", "SEG_END": "*i64", "OUT": "*fp32",
            "r_max": "fp32", "num_virtual": "fp32", "eps": "fp32"}
     const = dict(UNBIASED=True, USE_STD=True, BLOCK=32)
     sig.update({k: "constexpr" for k in const})
-    yield ("group_advantages", "BLOCK=32 w1", False, _group_advantages_kernel, sig, const, 1, 1)
+    yield ("group_advantages", "BLOCK=32 w1", False, _group_advantages_kernel, sig, const, 1, 1, 90, False, False)
 
 
 def report() -> list[Row]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("hopper_report compiles real kernels: run it without TRITON_INTERPRET=1")
-    return [_inspect(name, label, gemm, _compile(fn, sig, const, w, s))
-            for name, label, gemm, fn, sig, const, w, s in _cases()]
+    return [_inspect(name, label, gemm, _compile(fn, sig, const, w, s, arch), arch, persistent, tma)
+            for name, label, gemm, fn, sig, const, w, s, arch, persistent, tma in _cases()]
 
 
 def main() -> int:
     rows = report()
-    head = f"{'kernel':<18} {'config':<46} {'regs':>5} {'spill B':>8} {'smem B':>8} {'HGMMA':>6} {'HMMA':>5}  verdict"
-    print("sm_90a (H100) code generation, compiled on this CPU")
+    head = (f"{'kernel':<16} {'config':<78} {'arch':>5} {'regs':>5} {'spill B':>8} {'smem B':>8} {'persist':>8} "
+            f"{'TMA ops':>8} {'HGMMA':>6} {'HMMA':>5}  verdict")
+    print("Code generation, compiled on this CPU (sm_90a = H100/H200; sm_80 = A100)")
     print(head)
     print("-" * len(head))
     failed = False
     for r in rows:
         problems = r.problems()
         failed |= bool(problems)
-        print(f"{r.kernel:<18} {r.config:<46} {r.registers:>5} {r.spill_bytes:>8} {r.shared_bytes:>8} "
-              f"{r.hgmma:>6} {r.hmma:>5}  {'; '.join(problems) or 'ok'}")
+        print(f"{r.kernel:<16} {r.config:<78} {r.arch:>5} {r.registers:>5} {r.spill_bytes:>8} {r.shared_bytes:>8} "
+              f"{'yes' if r.persistent else 'no':>8} {r.tma_ops:>8} {r.hgmma:>6} {r.hmma:>5}  "
+              f"{'; '.join(problems) or 'ok'}")
     return 1 if failed else 0
 
 

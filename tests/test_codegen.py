@@ -1,8 +1,10 @@
-"""Every constexpr combination the GPU path can launch compiles for sm_90a (H100) on this CPU.
+"""Every constexpr combination the GPU path can launch compiles on this CPU (sm_90a, H100/H200).
 
 The interpreter runs kernels as Python and accepts code the compiler rejects (types, shapes of scalar
-branches); this catches that class of error without a GPU. Compiled in a subprocess because the test
-session runs with TRITON_INTERPRET=1."""
+branches); this catches that class of error without a GPU. ``hopper_report`` (tested in
+test_linear_logprobs.py) covers the persistent GEMM's half-precision variants with their resource
+checks; here: every flag combination of the row kernels, and the float32 GEMM variants. Compiled in a
+subprocess because the test session runs with TRITON_INTERPRET=1."""
 
 import os
 import subprocess
@@ -12,32 +14,45 @@ import textwrap
 SCRIPT = textwrap.dedent('''
     import itertools
     from ngrpo_kernels import hopper_report as hr
-    from ngrpo_kernels.ops.advantages.triton_impl import _group_advantages_kernel
-    from ngrpo_kernels.ops.fused_loss.row_triton import _loss_rows_kernel
-    from ngrpo_kernels.ops.linear_logprobs import triton_impl as ll
-    from ngrpo_kernels.ops.policy_loss.triton_impl import _policy_loss_kernel, stat_constexprs
-    from ngrpo_kernels.variants import NUM_STATS
+    from ngrpo_kernels.ops.persistent_gemm import configs
+    from ngrpo_kernels.ops.persistent_gemm.kernel import persistent_gemm_kernel
 
-    def compile_with(name, fn, flags, warps, stages):
-        base = next(c for c in hr._cases() if c[0] == name)
+    cases = {c[0]: c for c in hr._cases()}
+
+    def compile_with(name, flags, types=None):
+        base = cases[name]
         const = dict(base[5]); const.update(flags)
-        sig = dict(base[4]); sig.update({k: "constexpr" for k in const})
-        hr._compile(fn, sig, const, warps, stages)
+        sig = dict(base[4]); sig.update(types or {}); sig.update({k: "constexpr" for k in const})
+        hr._compile(base[3], sig, const, base[6], base[7])
 
     n = 0
     for adv_tok, ref, ent, isw, dual in itertools.product([False, True], repeat=5):
-        compile_with("policy_loss", _policy_loss_kernel, dict(ADV_PER_TOKEN=adv_tok, HAS_REF=ref, HAS_ENT=ent,
-                     HAS_ISW=isw, DUAL_CLIP=dual, GRAD_LP=True, GRAD_ENT=ent), 4, 1); n += 1
-    for bias, ref, isw, dual, on_policy, grad in itertools.product([False, True], repeat=6):
-        compile_with("loss_rows", _loss_rows_kernel, dict(HAS_BIAS=bias, HAS_REF=ref, HAS_ISW=isw, DUAL_CLIP=dual,
-                     ON_POLICY=on_policy, NEED_GRAD=grad), 8, 1); n += 1
-    for bias, entropy in itertools.product([False, True], repeat=2):
-        compile_with("lse_forward", ll._lse_forward_kernel, dict(HAS_BIAS=bias, ENTROPY=entropy), 8, 3); n += 1
-    for bias, g_ent, atomic in itertools.product([False, True], repeat=3):
-        compile_with("dlogits", ll._dlogits_kernel, dict(HAS_BIAS=bias, HAS_G_ENT=g_ent, ATOMIC=atomic,
-                     NEED_DX=atomic, NEED_DW=atomic, NEED_DB=atomic and bias), 8, 3); n += 1
+        compile_with("policy_loss", dict(ADV_PER_TOKEN=adv_tok, HAS_REF=ref, HAS_ENT=ent, HAS_ISW=isw,
+                                         DUAL_CLIP=dual, GRAD_LP=True, GRAD_ENT=ent)); n += 1
+    for bias, ref, isw, dual, on_policy in itertools.product([False, True], repeat=5):
+        compile_with("loss_tokens", dict(HAS_BIAS=bias, HAS_REF=ref, HAS_ISW=isw, DUAL_CLIP=dual,
+                                         ON_POLICY=on_policy)); n += 1
+    for dt, (bias, entropy) in itertools.product(["bf16", "fp16", "fp32"], itertools.product([False, True], repeat=2)):
+        compile_with("logprobs_rows", dict(HAS_BIAS=bias, ENTROPY=entropy),
+                     dict(XC="*" + dt, W="*" + dt, BIAS="*" + dt)); n += 1
+    for (z, dz), (shift, g_h, tail) in itertools.product(
+            [("fp16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32")], itertools.product([False, True], repeat=3)):
+        compile_with("dlogits", dict(SLICE_SHIFT=shift, HAS_G_H=g_h, ZERO_TAIL=tail), dict(Z="*" + z, DZ="*" + dz))
+        n += 1
+    for dt, splits in itertools.product(["bf16", "fp16"], [1, 2]):
+        compile_with("dx_finish", dict(SPLITS=splits), dict(DX="*" + dt)); n += 1
     for unbiased, use_std in itertools.product([False, True], repeat=2):
-        compile_with("group_advantages", _group_advantages_kernel, dict(UNBIASED=unbiased, USE_STD=use_std), 1, 1)
+        compile_with("group_advantages", dict(UNBIASED=unbiased, USE_STD=use_std)); n += 1
+    # float32 inputs: the logits GEMM (exact fp32 products, pointer loads); dX / dW are cuBLAS.
+    cfg = configs.FLOAT32
+    for label, role, ptrs, const in hr.gemm_variants("fp32"):
+        if role != "logits":
+            continue
+        const = dict(const, USE_TMA=False, DOT_FP32=False, PRECISION="ieee", BLOCK_M=cfg.block_m,
+                     BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=132, FLATTEN=cfg.flatten)
+        sig = dict(hr.GEMM_SIGNATURE, **dict(ptrs, C="*fp32"))
+        sig.update({k: "constexpr" for k in const})
+        hr._inspect("g", label, True, hr._compile(persistent_gemm_kernel, sig, const, cfg.num_warps, cfg.num_stages))
         n += 1
     print("compiled", n)
 ''')
@@ -47,4 +62,4 @@ def test_every_gpu_kernel_variant_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "compiled 112" in proc.stdout  # 32 + 64 + 4 + 8 + 4 variants
+    assert "compiled 118" in proc.stdout  # 32 + 32 + 12 + 24 + 4 + 4 + 10 variants

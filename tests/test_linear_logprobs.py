@@ -156,10 +156,15 @@ def test_bad_input(bad, error, words):
 
 
 def test_hopper_code_generation_report():
-    """Every shipped kernel config compiles for sm_90a with wgmma, no spills, and fits shared memory."""
+    """Every shipped GEMM config compiles for sm_90a with wgmma and TMA (sm_80: mma.sync), no spills, and
+    fits shared memory."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "ngrpo_kernels.hopper_report"], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if line.startswith(("lse_forward", "dlogits"))]
-    assert len(rows) == 8 and all(line.rstrip().endswith("ok") for line in rows), proc.stdout
+    lines = proc.stdout.splitlines()
+    gemms = [line for line in lines if line.startswith("persistent_gemm")]
+    hopper = [line for line in gemms if "(sm_80)" not in line]
+    assert len(hopper) == 28 and len(gemms) == 28 + 10, proc.stdout
+    assert all(line.rstrip().endswith("ok") for line in lines if line.startswith(("persistent_gemm", "dlogits",
+                                                                                 "logprobs_rows", "loss_tokens"))), proc.stdout

@@ -1,5 +1,5 @@
-"""The row kernel of the fused linear -> NGRPO loss, vectorised PyTorch (the fallback when neither
-Triton nor the C++ extension runs). Contract in ``row_triton.py``."""
+"""The row kernel of the fused linear -> NGRPO loss, vectorised PyTorch (the fallback when the C++
+extension is not built). Contract in ``schedule.py``."""
 
 from __future__ import annotations
 

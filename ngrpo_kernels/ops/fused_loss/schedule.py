@@ -1,4 +1,5 @@
-"""The 6*N*H*V schedule of the fused linear -> NGRPO loss, with a bounded workspace.
+"""The 6*N*H*V schedule of the fused linear -> NGRPO loss on the CPU (C++ or PyTorch row kernel), with a
+bounded workspace. The GPU runs ``triton_schedule.py`` instead.
 
 The gradient of the loss with respect to a token's logits is known as soon as that token's logsumexp
 is, so every chunk of tokens is finished in one visit:
@@ -7,6 +8,16 @@ is, so every chunk of tokens is finished in one visit:
 2. the row kernel: logsumexp, log-prob, entropy, NGRPO loss terms and metric sums, dZ written over Z
    (or into a bf16/fp16 buffer beside it);
 3. ``dX_c = dZ W`` and ``dW += dZ^T X_c`` (float32 accumulator), ``db += sum dZ``.
+
+Row-kernel contract (``row_cpp.py`` / the C++ ``loss_rows``, ``row_torch.py``). Inputs for a chunk of
+``n`` tokens: ``z`` [n, V] float32 raw logits ``x W^T`` (bias and temperature are applied by the row
+kernel), per-token ``target`` (int64, 0 where not valid), ``valid`` (bool), ``w`` (aggregation weight, 0
+where not valid), ``adv``, ``old``, optional ``ref`` / ``isw`` (float32, [n]). For each valid row, with
+``zz = (z + b) / T``: ``lse = logsumexp(zz)``, ``logp = zz[y] - lse``, ``H = lse - E_p[zz]``, the NGRPO
+per-token loss minus ``entropy_coef * H``, and ``dZ = (g_lp (onehot(y) - p) - g_H p (zz - E_p[zz])) / T``
+with ``g_lp = w dl/dlogp``, ``g_H = -entropy_coef w``, written to ``dz`` (float32 in place over ``z``,
+or a separate half-precision buffer); rows that are not valid get dZ = 0. Returns the NUM_STATS sums
+(``variants.Stat``) over the chunk.
 
 GEMMs go through torch.matmul (cuBLAS on GPU, with float32 outputs for bf16 inputs where torch offers
 ``out_dtype``); the chunk order is fixed, so the result is deterministic. Without gradients (the
@@ -21,13 +32,13 @@ from ...variants import NUM_STATS
 from ..gemm import addmm_fp32, mm_fp32
 
 CPU_WORKSPACE_BYTES = 32 * 2**20
-GPU_WORKSPACE_BYTES = 2**30
 
 
 def default_workspace_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        return min(GPU_WORKSPACE_BYTES, total // 16)
+    if device.type == "cuda":  # a CPU backend forced onto GPU tensors: the GPU default
+        from ..head_schedule import default_workspace_bytes as gpu_default
+
+        return gpu_default(device)
     return CPU_WORKSPACE_BYTES
 
 
@@ -61,7 +72,8 @@ def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_op, row_op
     for lo in range(0, N, chunk):
         hi = min(N, lo + chunk)
         n = hi - lo
-        xc, z = x[lo:hi], z_buf[:n]
+        # Masked rows may hold anything (NaN included): zeroed, so that 0 * NaN never reaches dW.
+        xc, z = torch.where(valid[lo:hi, None], x[lo:hi], 0), z_buf[:n]
         mm_fp32(xc, w_t, z)
         d = dz_buf[:n] if need_grad else None
         per_token = (target[lo:hi], valid[lo:hi], w[lo:hi], adv[lo:hi], old[lo:hi],

@@ -24,9 +24,9 @@ class LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, targets, impl, inv_temp, ignore_index, entropy, options):
-        logprobs, ent, lse, mean_z = impl.forward(x, weight, bias, targets, inv_temp=inv_temp,
-                                                  ignore_index=ignore_index, entropy=entropy)
-        ctx.save_for_backward(x, weight, bias, targets, lse, mean_z)
+        logprobs, ent, lse = impl.forward(x, weight, bias, targets, inv_temp=inv_temp, ignore_index=ignore_index,
+                                          entropy=entropy, workspace_bytes=options["workspace_bytes"])
+        ctx.save_for_backward(x, weight, bias, targets, lse, ent)
         ctx.impl, ctx.inv_temp, ctx.ignore_index, ctx.options = impl, inv_temp, ignore_index, options
         if ent is None:
             return logprobs
@@ -35,12 +35,12 @@ class LinearLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_lp, g_ent=None):
-        x, weight, bias, targets, lse, mean_z = ctx.saved_tensors
+        x, weight, bias, targets, lse, ent = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
         dx, dw, db = ctx.impl.backward(
-            x, weight, bias, targets, lse, mean_z, g_lp, g_ent, inv_temp=ctx.inv_temp,
+            x, weight, bias, targets, lse, ent, g_lp, g_ent, inv_temp=ctx.inv_temp,
             ignore_index=ctx.ignore_index, need_x=need_x, need_w=need_w, need_b=need_b, **ctx.options,
         )
         dw = None if dw is None else dw.to(weight.dtype)
@@ -68,7 +68,7 @@ def compute(backend: Backend, hidden, weight, targets, *, bias, temperature, ign
         out = LinearLogprobs.apply(x, w, b, t, impl, 1.0 / temperature, ignore_index, return_entropy, options)
         lp, ent = out if return_entropy else (out, None)
     else:  # no-grad pass (old / reference policy): nothing is kept for a backward
-        lp, ent, _, _ = impl.forward(x, w, b, t, inv_temp=1.0 / temperature, ignore_index=ignore_index,
-                                     entropy=return_entropy)
+        lp, ent, _ = impl.forward(x, w, b, t, inv_temp=1.0 / temperature, ignore_index=ignore_index,
+                                  entropy=return_entropy, workspace_bytes=workspace_bytes)
     lp = lp.reshape(lead)
     return (lp, ent.reshape(lead)) if return_entropy else lp

@@ -49,11 +49,11 @@ def forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, worksp
             mean_z[lo:hi] = (log_p.exp_() * z).sum(-1)
     valid = targets != ignore_index
     logprobs = torch.where(valid, logprobs, 0.0)
-    ent = torch.where(valid, lse - mean_z, 0.0) if entropy else None
-    return logprobs, ent, lse, mean_z
+    ent = torch.where(valid, (lse - mean_z).clamp_min(0.0), 0.0) if entropy else None
+    return logprobs, ent, torch.where(valid, lse, 0.0)
 
 
-def backward(x, weight, bias, targets, lse, mean_z, g_lp, g_ent, *, inv_temp, ignore_index,
+def backward(x, weight, bias, targets, lse, entropy, g_lp, g_ent, *, inv_temp, ignore_index,
              need_x, need_w, need_b, workspace_bytes=None, deterministic=True):
     N, V = x.shape[0], weight.shape[0]
     dx = torch.empty_like(x) if need_x else None
@@ -62,12 +62,15 @@ def backward(x, weight, bias, targets, lse, mean_z, g_lp, g_ent, *, inv_temp, ig
     valid = targets != ignore_index
     g_lp = torch.where(valid, g_lp, 0.0)
     g_ent = None if g_ent is None else torch.where(valid, g_ent, 0.0)
+    mean_z = None if g_ent is None else lse - entropy  # z - E[z] = (z - lse) + H
     step = _chunk_rows(V, workspace_bytes)
     w32 = _gemm_weight(weight)
     for lo in range(0, N, step):
         hi = min(N, lo + step)
-        z = _logits(x[lo:hi], w32, bias, inv_temp)
-        p = torch.exp(z - lse[lo:hi, None])
+        ok = valid[lo:hi, None]
+        xc = torch.where(ok, x[lo:hi], 0)  # ignored rows may hold anything, NaN included
+        z = _logits(xc, w32, bias, inv_temp)
+        p = torch.where(ok, torch.exp(z - lse[lo:hi, None]), 0.0)
         dz = -g_lp[lo:hi, None] * p
         t = targets[lo:hi]
         dz.scatter_add_(1, torch.where(t == ignore_index, 0, t)[:, None], g_lp[lo:hi, None])
@@ -77,7 +80,7 @@ def backward(x, weight, bias, targets, lse, mean_z, g_lp, g_ent, *, inv_temp, ig
         if need_x:
             dx[lo:hi] = dz @ w32
         if need_w:
-            dw += dz.T @ x[lo:hi].float()
+            dw += dz.T @ xc.float()
         if need_b:
             db += dz.sum(0)
     return dx, dw, db

@@ -1,0 +1,481 @@
+"""The head ops on a GPU, against cuBLAS in the same process: the first table of ``gpu_suite.sh``.
+
+    python benchmarks/gpu_head.py --out DIR [--baseline DIR] [--check] [--sweep] [--profile]
+
+Shape: the Qwen2.5-7B head (H = 3584, V = 152064), bf16. Each figure is the median of ``--reps``
+(default 10) timed calls after two warm-up calls, with CUDA events; peak memory is
+``max_memory_allocated`` above what was allocated before the call (inputs excluded, returned gradients
+included). Floors, timed in the same process on the same inputs:
+
+- no-grad log-probs: one cuBLAS GEMM ``x @ W.T`` (2*N*H*V FLOPs);
+- log-probs with gradients: four GEMMs (logits twice, dX, dW: 8*N*H*V, the logits being recomputed);
+- fused loss: three GEMMs (logits, dX, dW: 6*N*H*V).
+
+``--baseline DIR`` also times the package found in DIR (a copy of an earlier ngrpo_kernels, renamed
+``ngrpo_base``) for before/after tables. ``--check`` compares against float64 on the GPU first;
+``--sweep`` times alternative GEMM configurations; ``--profile`` writes per-kernel tables
+(torch.profiler). Writes ``head.json`` and ``head.md`` under ``--out`` and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+import ngrpo_kernels as nk
+from ngrpo_kernels.ops.persistent_gemm import configs
+
+H, V = 3584, 152064
+DT = torch.bfloat16
+DEV = "cuda"  # --smoke runs the whole script on the CPU (Triton interpreter) at tiny shapes
+GIB = 2**30
+
+
+def timed(fn, reps: int) -> float:
+    for _ in range(2):
+        fn()
+    if DEV != "cuda":
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def compare(fns: dict, reps: int) -> dict:
+    """Median ms of each callable, timed round-robin (one call of each per round) so that clock and
+    temperature drift hits every contender alike."""
+    for fn in fns.values():
+        fn()
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if DEV != "cuda":
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+                continue
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_gib(fn) -> float:
+    if DEV != "cuda":
+        fn()
+        return 0.0
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / GIB
+
+
+def make_inputs(N: int, *, padded: bool = False, seed: int = 0, sequences: int = 16):
+    """[B, T] batch; ``padded``: response lengths uniform in [T/4, T] (about 37 % padding), with NaN in
+    the padded hidden states and out-of-range ids in the padded targets (they must never be read)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    B, T = sequences, N // sequences
+    hidden = torch.randn(B, T, H, device=DEV, generator=g).to(DT)
+    weight = (torch.randn(V, H, device=DEV, generator=g) * (4.0 / H) ** 0.5).to(DT)
+    targets = torch.randint(0, V, (B, T), device=DEV, generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool, device=DEV)
+    if padded:
+        lengths = torch.randint(T // 4, T + 1, (B,), device=DEV, generator=g)
+        mask = torch.arange(T, device=DEV)[None, :] < lengths[:, None]
+        hidden[~mask] = float("nan")
+        targets[~mask] = V + 7
+    old = -torch.rand(B, T, device=DEV, generator=g) * 4
+    adv = torch.randn(B, device=DEV, generator=g)
+    return dict(hidden=hidden, weight=weight, targets=targets, mask=mask, old=old, adv=adv)
+
+
+# ------------------------------------------------------------------------------------------ the ops
+
+def gemm_floor(x, n_gemms):
+    h = x["hidden"].reshape(-1, H)
+    w = x["weight"]
+    dz = torch.randn(h.shape[0], V, device=DEV, dtype=DT) if n_gemms > 1 else None
+
+    def run():
+        h @ w.T
+        if n_gemms == 4:
+            h @ w.T
+        if n_gemms > 1:
+            dz @ w
+            dz.T @ h
+    return run
+
+
+def logprobs_no_grad(pkg, x):
+    def run():
+        with torch.no_grad():
+            pkg.fused_linear_logprobs(x["hidden"], x["weight"], x["targets"], validate=False)
+    return run
+
+
+def logprobs_grad(pkg, x):
+    g1 = torch.randn(x["targets"].shape, device=DEV)
+    g2 = torch.randn(x["targets"].shape, device=DEV)
+
+    def run():
+        h = x["hidden"].detach().requires_grad_()
+        w = x["weight"].detach().requires_grad_()
+        lp, ent = pkg.fused_linear_logprobs(h, w, x["targets"], return_entropy=True, validate=False)
+        ((lp * g1).sum() + (ent * g2).sum()).backward()
+    return run
+
+
+def fused_loss(pkg, x, **options):
+    def run():
+        h = x["hidden"].detach().requires_grad_()
+        w = x["weight"].detach().requires_grad_()
+        loss, _ = pkg.fused_linear_ngrpo_loss(h, w, x["targets"], x["mask"], x["old"], advantages=x["adv"],
+                                              validate=False, **options)
+        loss.backward()
+    return run
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(out: list[str]) -> dict:
+    """Float64 truth on the GPU at N = 2048 (and a padded batch with NaN in the padding)."""
+    from ngrpo_kernels.ops.fused_loss.naive import fused_linear_ngrpo_loss_naive
+    from ngrpo_kernels.ops.linear_logprobs.naive import linear_logprobs_naive
+
+    res = {}
+    for padded in (False, True):
+        x = make_inputs(2048 if DEV == "cuda" else 64, padded=padded, seed=1)
+        h, w, t, mask = x["hidden"], x["weight"], x["targets"], x["mask"]
+        clean_h = torch.where(mask[..., None], h, 0).to(DT)
+        clean_t = torch.where(mask, t, 0)
+        truth = {}
+        hd = clean_h.double().requires_grad_()
+        wd = w.double().requires_grad_()
+        loss_d, _ = fused_linear_ngrpo_loss_naive(hd, wd, clean_t, mask, x["old"].double(), advantages=x["adv"].double())
+        loss_d.backward()
+        truth = dict(loss=loss_d.detach(), dx=hd.grad, dw=wd.grad)
+        hb = clean_h.detach().requires_grad_()
+        wb = w.detach().requires_grad_()
+        loss_b, _ = fused_linear_ngrpo_loss_naive(hb, wb, clean_t, mask, x["old"], advantages=x["adv"])
+        loss_b.backward()
+        hs = h.detach().requires_grad_()
+        ws = w.detach().requires_grad_()
+        loss, _ = nk.fused_linear_ngrpo_loss(hs, ws, t, mask, x["old"], advantages=x["adv"], validate=False)
+        loss.backward()
+        tag = "padded (NaN in padding)" if padded else "all valid"
+        r = dict(loss_rel=abs(loss.item() - loss_d.item()) / abs(loss_d.item()),
+                 dx_rel=_rel(torch.where(mask[..., None], hs.grad, 0), truth["dx"]), dw_rel=_rel(ws.grad, truth["dw"]),
+                 naive_bf16_dx_rel=_rel(hb.grad, truth["dx"]), naive_bf16_dw_rel=_rel(wb.grad, truth["dw"]),
+                 finite=bool(torch.isfinite(hs.grad).all() and torch.isfinite(ws.grad).all()),
+                 masked_dx_zero=bool((hs.grad[~mask] == 0).all()))
+        res[f"fused_loss {tag}"] = r
+        out.append(f"- fused loss, {tag}: loss rel {r['loss_rel']:.2e}; dX rel {r['dx_rel']:.2e} (naive bf16 "
+                   f"{r['naive_bf16_dx_rel']:.2e}); dW rel {r['dw_rel']:.2e} (naive bf16 {r['naive_bf16_dw_rel']:.2e}); "
+                   f"finite {r['finite']}; masked dX zero {r['masked_dx_zero']}")
+        del hd, wd, truth
+        t_ign = torch.where(mask, t, -100)
+        g1 = torch.randn(t.shape, device=DEV, dtype=torch.float64)
+        g2 = torch.randn(t.shape, device=DEV, dtype=torch.float64)
+        hs = h.detach().requires_grad_()
+        ws = w.detach().requires_grad_()
+        lp, ent = nk.fused_linear_logprobs(hs, ws, t_ign, return_entropy=True, validate=False)
+        ((lp.double() * g1).sum() + (ent.double() * g2).sum()).backward()
+        hd = clean_h.double().requires_grad_()
+        wd = w.double().requires_grad_()
+        lp_d, ent_d = linear_logprobs_naive(hd, wd, torch.where(mask, t, -100))
+        ((lp_d * g1).sum() + (ent_d * g2).sum()).backward()
+        r = dict(lp_max_abs=(lp.double() - lp_d)[mask].abs().max().item(),
+                 ent_max_abs=(ent.double() - ent_d)[mask].abs().max().item(),
+                 ignored_zero=bool((lp[~mask] == 0).all() and (ent[~mask] == 0).all()),
+                 dx_rel=_rel(torch.where(mask[..., None], hs.grad, 0), hd.grad), dw_rel=_rel(ws.grad, wd.grad),
+                 finite=bool(torch.isfinite(hs.grad).all() and torch.isfinite(ws.grad).all()))
+        res[f"logprobs {tag}"] = r
+        out.append(f"- log-probs + entropy, {tag}: max abs err {r['lp_max_abs']:.2e}, entropy {r['ent_max_abs']:.2e}, "
+                   f"ignored positions 0: {r['ignored_zero']}; gradients: dX rel {r['dx_rel']:.2e}, "
+                   f"dW rel {r['dw_rel']:.2e}, finite {r['finite']}")
+        del hd, wd
+        empty_cache()
+    return res
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+def empty_cache():
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def row(name, ms, floor_ms, peak=None):
+    cells = [name, f"{ms:.2f}", f"{ms / floor_ms:.3f}"]
+    if peak is not None:
+        cells.append(f"{peak:.2f}")
+    return cells
+
+
+def table(title, head, rows):
+    lines = [f"\n### {title}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def load_baseline(path):
+    if path is None:
+        return None
+    sys.path.insert(0, str(Path(path).resolve()))
+    return importlib.import_module("ngrpo_base")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--baseline")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--gemms", action="store_true", help="each GEMM of one 4k-token chunk, ours vs cuBLAS")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--sizes", default="4096,16384")
+    ap.add_argument("--loss-sizes", default="4096,16384,32768")
+    ap.add_argument("--smoke", action="store_true", help="CPU, interpreter, tiny shapes: checks the script")
+    args = ap.parse_args()
+    if args.smoke:
+        global H, V, DEV, DT
+        H, V, DEV, DT = 32, 1000, "cpu", torch.float32
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    base = load_baseline(args.baseline)
+    info = dict(device=torch.cuda.get_device_name() if DEV == "cuda" else "CPU (smoke run, interpreter)", torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%d"), reps=args.reps, H=H, V=V, dtype="bf16")
+    md = [f"Device: {info['device']}; torch {info['torch']}; triton {info['triton']}; {info['date']}; "
+          f"median of {args.reps} calls; H={H}, V={V}, bf16."]
+    results: dict = dict(info=info, rows=[])
+
+    def record(op, impl, N, ms, floor_ms, peak=None, **extra):
+        results["rows"].append(dict(op=op, impl=impl, N=N, ms=ms, floor_ms=floor_ms, ratio=ms / floor_ms,
+                                    peak_gib=peak, **extra))
+        (out_dir / "head.json").write_text(json.dumps(results, indent=1))  # a cut-off run keeps its rows
+        print(f"[{time.time() - t_start:6.1f}s] {op} {impl} N={N}: {ms:.2f} ms = {ms / floor_ms:.3f}x floor"
+              + ("" if peak is None else f", peak {peak:.2f} GiB"), flush=True)
+
+    if args.check:
+        md.append("\n### Correctness against float64 on this GPU (N = 2048)\n")
+        results["check"] = check(md)
+        print("\n".join(md[-4:]), flush=True)
+
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    pkgs = [("ngrpo (this tree)", nk)] + ([("ngrpo baseline", base)] if base is not None else [])
+
+    sections = [
+        ("logprobs_no_grad", "No-grad log-probs (old / reference policy pass)", "x one GEMM", sizes, 1,
+         "cuBLAS x @ W.T", logprobs_no_grad),
+        ("logprobs_grad", "Log-probs + entropy, forward and backward", "x 8NHV floor", sizes, 4,
+         "4 cuBLAS GEMMs (8NHV)", logprobs_grad),
+        ("fused_loss", "Fused NGRPO loss, forward + backward", "x 3-GEMM floor",
+         [int(s) for s in args.loss_sizes.split(",") if s], 3, "3 cuBLAS GEMMs (6NHV)", fused_loss),
+    ]
+    for op, title, unit, op_sizes, n_gemms, floor_name, factory in sections:
+        rows = []
+        for N in op_sizes:
+            x = make_inputs(N)
+            fns = {floor_name: gemm_floor(x, n_gemms)}
+            fns.update({name: factory(pkg, x) for name, pkg in pkgs})
+            padded = op == "fused_loss" and N == op_sizes[len(op_sizes) // 2]
+            if padded:
+                xp = make_inputs(N, padded=True)
+                frac = 1 - xp["mask"].float().mean().item()
+                fns.update({f"{name}, {frac:.0%} padding": factory(pkg, xp) for name, pkg in pkgs})
+                xz = dict(xp, adv=xp["adv"].clone())
+                xz["adv"][::2] = 0.0  # half the sequences from all-correct groups (NGRPO advantage 0)
+                fns[f"{pkgs[0][0]}, {frac:.0%} padding, half the sequences A=0, skip_zero_advantage"] = \
+                    fused_loss(nk, xz, skip_zero_advantage=True)
+            ms = compare(fns, args.reps)
+            floor = ms[floor_name]
+            for name, fn in fns.items():
+                pk = None if name == floor_name else peak_gib(fn)
+                record(op, name, N, ms[name], floor, pk)
+                rows.append(row(f"{name}, N={N}", ms[name], floor, pk))
+            del x, fns
+            empty_cache()
+        md += table(title, ["impl", "ms", unit, "peak GiB"], rows)
+        print("\n".join(md[-len(rows) - 3:]), flush=True)
+
+    if args.gemms:
+        md += gemms(args.reps, record)
+        print("\n".join(md[-20:]), flush=True)
+
+    if args.sweep:
+        md += sweep(args.reps, record)
+        print("\n".join(md[-22:]), flush=True)
+
+    if args.profile:
+        md += profile(out_dir)
+
+    (out_dir / "head.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "head.md").write_text("\n".join(md) + "\n")
+    print(f"\n[gpu_head done in {time.time() - t_start:.0f} s]")
+    return 0
+
+
+def with_config(role, cfg, fn):
+    def run():
+        with configs.override(**{role: cfg}):
+            fn()
+    return run
+
+
+def gemms(reps, record) -> list[str]:
+    """Each GEMM of one chunk of n tokens in isolation: ours (several configs) against cuBLAS."""
+    from ngrpo_kernels.ops import persistent_gemm as pg
+    from ngrpo_kernels.ops.gemm import addmm_fp32
+
+    rows = []
+    for n in ((4096, 8192) if DEV == "cuda" else (64,)):
+        g = torch.Generator(device=DEV).manual_seed(3)
+        x = torch.randn(n, H, device=DEV, generator=g).to(DT)
+        w = (torch.randn(V, H, device=DEV, generator=g) * (4.0 / H) ** 0.5).to(DT)
+        dz = (torch.randn(n, V, device=DEV, generator=g) * 1e-3).to(DT)
+        count = torch.tensor([n], dtype=torch.int32, device=DEV)
+        slices = pg.num_vocab_tiles(V, DT, x.device)
+        parts = torch.empty(3, 2 * slices, n, device=DEV)
+        z = torch.empty(n, V, dtype=torch.float16, device=DEV)
+        acc = torch.zeros(V, H, device=DEV)
+        part = torch.empty(2, n, H, device=DEV)
+        dx = torch.empty(n, H, dtype=DT, device=DEV)
+        C = configs.GemmConfig
+        logit_cfgs = {
+            "g8 s3": configs.HOPPER, "g32 s3": C(128, 256, 64, 32, 8, 3, True), "g32 s4": C(128, 256, 64, 32, 8, 4, True),
+            "g8 s3 unflattened": C(128, 256, 64, 8, 8, 3, True, flatten=False),
+            "g16 k128 s2": C(128, 256, 128, 16, 8, 2, True),
+        }
+
+        def logits(cfg, store):
+            def run():
+                with configs.override(logits=cfg):
+                    pg.logits(x, w, bias=None, inv_temp=1.0, count=count, partials=[p[:slices] for p in parts],
+                              out=z if store else None, entropy=True)
+            return run
+
+        def dx_gemm(cfg, split):
+            def run():
+                with configs.override(dx=cfg):
+                    pg.matmul(dz, w, part[:split], count=count)
+            return run
+
+        fns = {"cuBLAS x @ W.T": lambda: x @ w.T}
+        fns.update({f"logits {k} stats+store": logits(c, True) for k, c in logit_cfgs.items()})
+        fns["logits g8 s3 stats only"] = logits(configs.HOPPER, False)
+        fns["cuBLAS dZ @ W"] = lambda: dz @ w
+        fns["ours dX 128x256x64 split 2"] = dx_gemm(configs.HOPPER, 2)
+        fns["ours dX 128x256x128 s2 split 2"] = dx_gemm(C(128, 256, 128, 8, 8, 2, True), 2)
+        fns["ours dX 128x256x64 split 2 unflattened"] = dx_gemm(C(128, 256, 64, 8, 8, 3, True, flatten=False), 2)
+        fns["cuBLAS dW += dZ^T X (fp32)"] = lambda: addmm_fp32(acc, dz.T, x)
+        dw_cfgs = {"128x256x64 g8": configs.HOPPER, "256x128x64 g8": C(256, 128, 64, 8, 8, 3, True),
+                   "128x256x128 s2 g8": C(128, 256, 128, 8, 8, 2, True),
+                   "128x256x64 g8 unflattened": C(128, 256, 64, 8, 8, 3, True, flatten=False)}
+        for k, cfg in dw_cfgs.items():
+            fns[f"ours dW += dZ^T X {k}"] = with_config(
+                "dw", cfg, lambda: pg.accumulate_t(acc, dz, x, init=False, count=count))
+        ms = compare(fns, reps)
+        base = {"log": ms["cuBLAS x @ W.T"], "dX": ms["cuBLAS dZ @ W"], "dW": ms["cuBLAS dW += dZ^T X (fp32)"]}
+        for name, t in ms.items():
+            ref = base["dX"] if "dX" in name or "dZ @ W" in name else base["dW"] if "dW" in name else base["log"]
+            record("gemm_chunk", name, n, t, ref)
+            rows.append(row(f"{name}, n={n}", t, ref))
+        del x, w, dz, z, acc, part, parts
+        empty_cache()
+    return table("Each GEMM of one chunk (vs the cuBLAS GEMM of the same shape)", ["GEMM", "ms", "x cuBLAS"], rows)
+
+
+def sweep(reps, record) -> list[str]:
+    """Alternative configurations, timed round-robin against the floor at N = 16384."""
+    N = 16384 if DEV == "cuda" else 64
+    x = make_inputs(N)
+    xp = make_inputs(N, padded=True)
+    rows = []
+    fns = {"cuBLAS x @ W.T": gemm_floor(x, 1)}
+    for gm in (8, 16, 32):
+        for st in (3, 4):
+            cfg = configs.GemmConfig(128, 256, 64, gm, 8, st, tma=True)
+            fns[f"no-grad log-probs, logits {cfg.label()}"] = with_config("logits", cfg, logprobs_no_grad(nk, x))
+    fns["no-grad log-probs, pointer loads"] = with_config(
+        "logits", configs.GemmConfig(128, 256, 64, 8, 8, 3, tma=False), logprobs_no_grad(nk, x))
+    ms = compare(fns, reps)
+    for name, t in ms.items():
+        record("sweep_logits", name, N, t, ms["cuBLAS x @ W.T"])
+        rows.append(row(name, t, ms["cuBLAS x @ W.T"]))
+    fns = {"3 cuBLAS GEMMs": gemm_floor(x, 3)}
+    for dense in ("triton", "torch"):
+        for label, batch in (("all valid", x), ("padded", xp)):
+            fns[f"fused loss, dX/dW by {dense}, {label}"] = with_config("dense", dense, fused_loss(nk, batch))
+    ms = compare(fns, reps)
+    for name, t in ms.items():
+        record("sweep_dense", name, N, t, ms["3 cuBLAS GEMMs"])
+        rows.append(row(name, t, ms["3 cuBLAS GEMMs"]))
+    for ws in ((2**30, 5 * 2**28, 2**31, 5 * 2**29) if DEV == "cuda" else (8 * V * 4, 2**20)):
+        def run(ws=ws):
+            h = x["hidden"].detach().requires_grad_()
+            w = x["weight"].detach().requires_grad_()
+            loss, _ = nk.fused_linear_ngrpo_loss(h, w, x["targets"], x["mask"], x["old"], advantages=x["adv"],
+                                                 validate=False, workspace_bytes=ws)
+            loss.backward()
+        ms = compare({"3 cuBLAS GEMMs": gemm_floor(x, 3), "ours": run}, reps)
+        pk = peak_gib(run)
+        record("sweep_workspace", f"workspace {ws / GIB:.2f} GiB", N, ms["ours"], ms["3 cuBLAS GEMMs"], pk)
+        rows.append(row(f"fused loss, workspace {ws / GIB:.2f} GiB", ms["ours"], ms["3 cuBLAS GEMMs"], pk))
+    return table(f"Sweep (N = {N})", ["variant", "ms", "x floor", "peak GiB"], rows)
+
+
+def profile(out_dir: Path) -> list[str]:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    lines = []
+    x = make_inputs(16384 if DEV == "cuda" else 64)
+    for name, fn in (("fused loss fwd+bwd", fused_loss(nk, x)), ("no-grad log-probs", logprobs_no_grad(nk, x)),
+                     ("log-probs fwd+bwd", logprobs_grad(nk, x))):
+        fn()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+        lines += [f"\n### Per-kernel profile: {name}, N = 16384 (torch.profiler)\n", "```", text, "```"]
+        print(lines[-3], flush=True)
+    return lines
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

@@ -1,0 +1,130 @@
+"""The fused linear -> NGRPO loss on Triton: 6*N*H*V FLOPs over the tokens that count, bounded memory.
+
+Per chunk of compacted tokens (``ops/head_schedule.py``; masked tokens are never read nor computed):
+
+1. the persistent head GEMM stores the logits shifted by each [row, 128-column slice]'s max, in fp16,
+   into the workspace, and writes the slices' max / sum-exp / exp-weighted sums from the fp32
+   accumulator (``ops/persistent_gemm``): the log-probs and entropy come from exact fp32 statistics,
+   not from the rounded logits;
+2. ``_token_kernel``: per token, logsumexp and E_p[z] from the partials, the target logit (fp32 dot
+   product), log-prob, entropy, the NGRPO loss terms (``policy_loss.triton_impl.token_loss``, shared
+   with the standalone policy loss), dl/dlogp and the metric sums;
+3. ``linear_logprobs.triton_rows._dlogits_kernel`` overwrites the stored logits with dZ (bf16/fp16),
+   one read and one write of 2 bytes per logit;
+4. dX = dZ W, dW += dZ^T X, db (``HeadSchedule.backprop``).
+
+Without gradients, steps 1 (statistics only, nothing stored) and 2 run: 2*N*H*V.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...variants import NUM_STATS
+from .. import persistent_gemm as pg
+from ..head_schedule import HeadSchedule
+from ..linear_logprobs.triton_rows import (
+    BLOCK_H, BLOCK_SLICES, block_rows, combine_partials, dlogits_, row_limit, target_logit,
+)
+from ..policy_loss.triton_impl import stat_constexprs, token_loss
+
+
+@triton.jit
+def _token_kernel(
+    XC, W, BIAS, COUNT, M_PART, S_PART, U_PART, TGT, W_TOK, ADV, OLD, REF, ISW,
+    LSE_OUT, H_OUT, G_LP, G_H, STATS,
+    n, H, row0, ld_part, n_slices, inv_temp, eps_neg, eps_pos, clip_c, beta, entropy_coef,
+    HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_ISW: tl.constexpr, DUAL_CLIP: tl.constexpr,
+    ON_POLICY: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    S_LOSS: tl.constexpr, S_CLIPPED: tl.constexpr, S_LOG_RATIO: tl.constexpr, S_ADV: tl.constexpr,
+    S_ENTROPY: tl.constexpr, S_KL_REF: tl.constexpr, S_DUAL: tl.constexpr, S_LOGPROB: tl.constexpr,
+):
+    """Per-token inputs (TGT .. ISW) are compacted [N] arrays read at row0 + rows; outputs chunk-local [n]."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < row_limit(COUNT, row0, n)
+    tok = row0 + rows
+    lse, mean_z = combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, True, BLOCK_R, BLOCK_T)
+    tgt = tl.load(TGT + tok, mask=row_ok, other=0)
+    zt = target_logit(XC, W, BIAS, tgt, rows, row_ok, H, inv_temp, HAS_BIAS, BLOCK_R, BLOCK_H)
+    lp = tl.where(row_ok, zt - lse, 0.0)
+    ent = tl.where(row_ok, tl.maximum(lse - mean_z, 0.0), 0.0)
+    A = tl.load(ADV + tok, mask=row_ok, other=0.0)
+    w = tl.load(W_TOK + tok, mask=row_ok, other=0.0)
+    if ON_POLICY:
+        old = lp
+    else:
+        old = tl.load(OLD + tok, mask=row_ok, other=0.0)
+    ref = lp
+    if HAS_REF:
+        ref = tl.load(REF + tok, mask=row_ok, other=0.0)
+    isw = lp
+    if HAS_ISW:
+        isw = tl.load(ISW + tok, mask=row_ok, other=0.0)
+    loss, dloss, clipped, dual, k3 = token_loss(lp, old, A, row_ok, ref, ent, isw, eps_neg, eps_pos, clip_c, beta,
+                                                entropy_coef, HAS_REF, True, HAS_ISW, DUAL_CLIP)
+    in_chunk = rows < n
+    tl.store(LSE_OUT + rows, lse, mask=in_chunk)
+    tl.store(H_OUT + rows, ent, mask=in_chunk)
+    tl.store(G_LP + rows, w * dloss, mask=in_chunk)
+    tl.store(G_H + rows, -entropy_coef * w, mask=in_chunk)
+
+    out = STATS + pid.to(tl.int64) * NUM_STATS
+    tl.store(out + S_LOSS, tl.sum(tl.where(row_ok, w * loss, 0.0), axis=0))
+    tl.store(out + S_CLIPPED, tl.sum(clipped.to(tl.float32), axis=0))
+    tl.store(out + S_LOG_RATIO, tl.sum(old - lp, axis=0))
+    tl.store(out + S_ADV, tl.sum(A, axis=0))
+    tl.store(out + S_ENTROPY, tl.sum(ent, axis=0))
+    tl.store(out + S_KL_REF, tl.sum(k3, axis=0))
+    tl.store(out + S_DUAL, tl.sum(dual.to(tl.float32), axis=0))
+    tl.store(out + S_LOGPROB, tl.sum(lp, axis=0))
+
+
+def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_options, workspace_bytes, need_dx, need_dw,
+        need_db):
+    """Same contract as ``schedule.run``: (stats [NUM_STATS], dX or None, dW float32 or None, db or None),
+    gradients of the unnormalised loss sum."""
+    need_grad = need_dx or need_dw or need_db
+    sch = HeadSchedule(x, weight, bias, valid, workspace_bytes=workspace_bytes, need_logits=need_grad,
+                       need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+    order = sch.order
+    on_policy = row_options["on_policy"]
+    per_token = [t.index_select(0, order) if t is not None else None for t in (target, w, adv, old, ref, isw)]
+    tgt_c, w_c, adv_c, old_c, ref_c, isw_c = per_token
+    dev = x.device
+    slices = pg.num_vocab_tiles(sch.V, x.dtype, dev)
+    parts = torch.empty(3, slices, sch.chunk, dtype=torch.float32, device=dev)
+    rows_out = torch.empty(4, sch.chunk, dtype=torch.float32, device=dev)  # lse, H, g_lp, g_H
+    br = block_rows(dev)
+    n_prog = triton.cdiv(sch.chunk, br)
+    stats = torch.zeros(NUM_STATS, dtype=torch.float32, device=dev)
+    chunk_stats = torch.empty(n_prog, NUM_STATS, dtype=torch.float32, device=dev)
+    inv_temp = row_options["inv_temp"]
+    clip_c = row_options["clip_c"]
+    for row0, n, xc in sch.chunks():
+        p = [t[:, :n] for t in parts]
+        z = sch.logits[:n] if need_grad else None
+        pg.logits(xc, weight, bias=bias, inv_temp=inv_temp, count=sch.count, row0=row0, partials=p, out=z,
+                  entropy=True)
+        lse, h, g_lp, g_h = (t[:n] for t in rows_out)
+        grid = triton.cdiv(n, br)
+        _token_kernel[(grid,)](
+            xc, weight, xc if bias is None else bias, sch.count, *p, tgt_c, w_c, adv_c,
+            w_c if on_policy else old_c, w_c if ref_c is None else ref_c, w_c if isw_c is None else isw_c,
+            lse, h, g_lp, g_h, chunk_stats,
+            n, x.shape[1], row0, p[0].stride(0), slices, inv_temp, row_options["eps_neg"], row_options["eps_pos"],
+            float(clip_c or 0.0), row_options["beta"], row_options["entropy_coef"],
+            HAS_BIAS=bias is not None, HAS_REF=ref_c is not None, HAS_ISW=isw_c is not None,
+            DUAL_CLIP=clip_c is not None, ON_POLICY=on_policy, NUM_STATS=NUM_STATS, BLOCK_R=br,
+            BLOCK_T=BLOCK_SLICES, BLOCK_H=BLOCK_H, num_warps=4 if x.is_cuda else 1, **stat_constexprs(),
+        )
+        stats += chunk_stats[:grid].sum(0)
+        if need_grad:
+            dz = dlogits_(z, count=sch.count, row0=row0, inv_temp=inv_temp, lse=lse, g_lp=g_lp, targets=tgt_c[row0:row0 + n],
+                          h=h, g_h=g_h if row_options["entropy_coef"] != 0 else None, m_part=p[0],
+                          zero_tail=sch.zero_tail, out_dtype=x.dtype)
+            sch.backprop(dz, row0, xc)
+    return stats, sch.dx, sch.dw, sch.db

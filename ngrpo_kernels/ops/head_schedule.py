@@ -1,0 +1,121 @@
+"""The chunked schedule shared by the Triton log-prob backward and the Triton fused loss.
+
+Tokens are compacted (``compaction.py``: the ones that count first, the device-side ``count`` after
+them) and visited in chunks of ``chunk`` rows. For each chunk the hidden rows are gathered into a
+[chunk, H] buffer; the caller runs the logits GEMM and its row kernels into the logits workspace
+[chunk, V] (2 bytes a logit for half inputs, 4 for float32) and hands back dZ; ``backprop`` then forms
+
+    dX[rows] = dZ W          (bf16/fp16/fp32, scattered back to the tokens' positions)
+    dW      += dZ^T X_chunk  (float32 accumulator; the first chunk writes instead of adding)
+    db      += sum_rows dZ
+
+with the persistent Triton GEMM (stops at the count) or cuBLAS (whole chunks), per
+``persistent_gemm.configs.dense_backend``. Chunks run in a fixed order: deterministic.
+
+Memory: the workspace (``workspace_bytes``), two [chunk, H] buffers, the dW accumulator [V, H]
+float32 and dX. Chunk count is balanced (``N = 16384`` in a 1.25 GiB workspace at V = 152064 gives
+4 chunks of 4096, not 3 of 4413 and a ragged fourth).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import persistent_gemm as pg
+from .compaction import compact
+from .gemm import addmm_fp32, mm_fp32
+from .linear_logprobs.triton_rows import dx_finish
+
+GPU_WORKSPACE_BYTES = 5 * 2**28  # 1.25 GiB: chunks of ~4k tokens at V = 152k (docs/kernels.md)
+CPU_WORKSPACE_BYTES = 32 * 2**20
+ROW_ALIGN = 128  # chunk sizes are multiples of the GEMM's row tile where possible
+
+
+def default_workspace_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return min(GPU_WORKSPACE_BYTES, torch.cuda.get_device_properties(device).total_memory // 16)
+    return CPU_WORKSPACE_BYTES
+
+
+def logit_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage of the logits workspace: fp16 (shifted logits, 11 significant bits) for half inputs."""
+    return torch.float32 if dtype == torch.float32 else torch.float16
+
+
+def chunk_rows(N: int, V: int, dtype: torch.dtype, workspace_bytes: int) -> int:
+    per_row = V * logit_dtype(dtype).itemsize
+    cap = max(1, workspace_bytes // per_row)
+    chunks = triton.cdiv(N, cap)
+    rows = triton.cdiv(N, chunks)
+    aligned = triton.cdiv(rows, ROW_ALIGN) * ROW_ALIGN
+    return min(N, aligned if aligned <= cap else rows)
+
+
+class HeadSchedule:
+    """Buffers and per-chunk gradient GEMMs for x [N, H], weight [V, H] over the tokens ``valid`` [N]."""
+
+    def __init__(self, x, weight, bias, valid, *, workspace_bytes, need_logits, need_dx=False, need_dw=False,
+                 need_db=False):
+        self.x, self.weight, self.bias = x, weight, bias
+        N, H = x.shape
+        V = weight.shape[0]
+        self.N, self.V = N, V
+        self.order, self.count = compact(valid)
+        if workspace_bytes is None:
+            workspace_bytes = default_workspace_bytes(x.device)
+        self.chunk = chunk_rows(N, V, x.dtype, workspace_bytes)
+        dev = x.device
+        self.x_buf = torch.empty(self.chunk, H, dtype=x.dtype, device=dev)
+        self.logits = torch.empty(self.chunk, V, dtype=logit_dtype(x.dtype), device=dev) if need_logits else None
+        self.need_dx, self.need_dw, self.need_db = need_dx, need_dw, need_db
+        self.dense = pg.configs.dense_backend(x.dtype, dev)
+        self.dx = torch.empty_like(x) if need_dx else None
+        self.dx_buf = None
+        if need_dx and self.dense == "triton":  # split-K partials of dZ W, summed by dx_finish
+            splits = pg.configs.dx_splits(self.chunk, H, x.dtype, dev)
+            self.dx_buf = torch.empty(splits, self.chunk, H, dtype=torch.float32, device=dev)
+        elif need_dx:
+            self.dx_buf = torch.empty(self.chunk, H, dtype=x.dtype, device=dev)
+        self.dw = torch.empty(V, H, dtype=torch.float32, device=dev) if need_dw else None
+        self.db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
+
+    @property
+    def zero_tail(self) -> bool:
+        """Must dZ rows past the count be zeros? (consumers that read whole chunks)"""
+        return self.need_db or self.dense == "torch"
+
+    def chunks(self):
+        """Yields (row0, n, x_chunk): x_chunk [n, H] holds the compacted tokens row0 .. row0 + n - 1."""
+        rows = torch.arange(self.chunk, device=self.x.device, dtype=torch.int32)
+        for row0 in range(0, self.N, self.chunk):
+            n = min(self.chunk, self.N - row0)
+            xc = self.x_buf[:n]
+            torch.index_select(self.x, 0, self.order[row0:row0 + n], out=xc)
+            if self.dense == "torch" and self.need_dw:
+                # cuBLAS reads the whole chunk: rows past the count (padding, maybe NaN) must be zeros,
+                # or 0 * NaN poisons dW. A device-side mask: no host synchronisation.
+                xc.masked_fill_((rows[:n] + row0 >= self.count)[:, None], 0)
+            yield row0, n, xc
+
+    def backprop(self, dz, row0, xc):
+        """dX, dW, db contributions of one chunk's dZ [n, V] (in x's dtype)."""
+        n = dz.shape[0]
+        triton_gemms = self.dense == "triton"
+        if self.need_dx and triton_gemms:
+            part = self.dx_buf[:, :n]
+            pg.matmul(dz, self.weight, part, count=self.count, row0=row0)
+            dx_finish(part, self.dx, self.order, self.count, row0=row0)
+        elif self.need_dx:
+            out = self.dx_buf[:n]
+            torch.matmul(dz, self.weight, out=out)
+            self.dx.index_copy_(0, self.order[row0:row0 + n], out)
+        if self.need_dw:
+            if triton_gemms:
+                pg.accumulate_t(self.dw, dz, xc, init=row0 == 0, count=self.count, row0=row0)
+            elif row0 == 0:
+                mm_fp32(dz.T, xc, self.dw)
+            else:
+                addmm_fp32(self.dw, dz.T, xc)
+        if self.need_db:
+            self.db += dz.sum(0, dtype=torch.float32)

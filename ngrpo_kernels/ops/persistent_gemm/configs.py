@@ -1,0 +1,143 @@
+"""Tile configurations of the persistent GEMM, chosen once per (device, dtype, role).
+
+Roles: ``logits`` (X W^T with a statistics or shift epilogue, K = H), ``dx`` (dZ W, K = V),
+``dw`` (dZ^T X accumulated in fp32, K = chunk of tokens).
+
+- Hopper and newer (compute capability >= 9), bf16/fp16: TMA operands, 128x256x64 tiles, 8 warps
+  (two consumer warpgroups, a 64x256 fp32 accumulator each), 3 stages (3 x 48 KB of operands plus a
+  64 KB tile for the TMA store stays under the 227 KB an SM offers), GROUP_M = 8. The H200 probe behind
+  issue #10 measured exactly this shape at 1.04x cuBLAS with the statistics epilogue, and 1.16x with
+  128x128 tiles; docs/kernels.md and benchmarks/RESULTS_gpu.md hold this project's own measurements.
+- Ampere / Ada (no TMA), bf16/fp16: pointer loads, 128x128x32, 8 warps, 4 stages (64 KB of shared
+  memory, under the 99 KB of an RTX 4090 and the 163 KB of an A100). Not measured here.
+- float32 inputs: exact fp32 products (``input_precision="ieee"``, no tensor cores), 64x64x32: a
+  correctness path, never the fast one.
+- The Triton interpreter (CPU tests): tiny tiles, so that tests at small shapes cross many tiles,
+  ragged edges and persistent-loop iterations; TMA there when the shapes allow it (the interpreter
+  emulates device-side descriptors), unless a test forces the pointer variant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ...backend import interpreter_enabled
+
+ROLES = ("logits", "dx", "dw", "dense")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+    tma: bool
+    flatten: bool = True  # tile loop flattened into the K loop (next tile's loads under this epilogue)
+
+    def label(self) -> str:
+        return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} "
+                f"s{self.num_stages} {'tma' if self.tma else 'ptr'}{'' if self.flatten else ' unflattened'}")
+
+
+HOPPER = GemmConfig(128, 256, 64, 8, 8, 3, tma=True)
+# The logits GEMM walks 32 row tiles (4096 tokens) per weight tile: each [256, H] slice of the weight
+# is read from DRAM once per 4096 tokens instead of once per 1024 (measured 1-5 % faster than
+# GROUP_M = 8 on an H200 at 8192-token chunks, docs/kernels.md).
+HOPPER_LOGITS = GemmConfig(128, 256, 64, 32, 8, 3, tma=True)
+AMPERE = GemmConfig(128, 128, 32, 8, 8, 4, tma=False)
+FLOAT32 = GemmConfig(64, 64, 32, 8, 4, 2, tma=False)
+INTERPRETER = GemmConfig(16, 32, 16, 2, 1, 1, tma=True)
+INTERPRETER_SMS = 3  # programs of a persistent launch under the interpreter: several tiles each
+
+# Which GEMMs form dX = dZ W and dW += dZ^T X: "triton" (the persistent kernel, which stops at the
+# device-side token count, so padding costs nothing) or "torch" (cuBLAS over whole chunks; padded rows
+# are zeros). Hopper: see docs/kernels.md for the measurement behind the choice. Elsewhere cuBLAS,
+# which no pointer-load Triton GEMM of ours has been measured to match; float32 always cuBLAS.
+DENSE_HOPPER = "triton"
+DENSE_OTHER = "torch"
+# dX = dZ W is split in two along V (K) when it has fewer than DX_SPLIT_BELOW_WAVES waves of output
+# tiles: a 4k-token chunk has only 32 x 14 tiles of 128 x 256, 3.4 waves of 132 SMs; two splits give
+# 6.8 (measured on an H200: 0.93-0.96x cuBLAS split, 1.07x unsplit; at 8k tokens unsplit is better).
+DX_SPLIT_K = 2
+DX_SPLIT_BELOW_WAVES = 4
+
+# Tests and benchmarks may pin a config (e.g. the pointer variant under the interpreter, or a sweep
+# on a GPU); None means "the table above".
+_override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ngrpo_gemm_config", default=None)
+
+
+@contextlib.contextmanager
+def override(**configs):
+    """``with override(logits=cfg, dx=..., dw=..., dense="torch")``: use these configs (and this dense
+    GEMM backend) for the roles named."""
+    unknown = set(configs) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown GEMM roles {sorted(unknown)}; roles are {ROLES}")
+    token = _override.set({**(_override.get() or {}), **configs})
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def config_for(role: str, dtype: torch.dtype, device: torch.device) -> GemmConfig:
+    forced = (_override.get() or {}).get(role)
+    if forced is not None:
+        return forced
+    if interpreter_enabled() or device.type != "cuda":
+        return INTERPRETER
+    if dtype == torch.float32:
+        return FLOAT32
+    major, _ = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    if major >= 9:
+        return HOPPER_LOGITS if role == "logits" else HOPPER
+    return AMPERE
+
+
+def tma_ok(cfg: GemmConfig, *tensors: torch.Tensor) -> bool:
+    """TMA needs 16-bit elements here, 16-byte aligned base addresses and leading strides."""
+    if not cfg.tma:
+        return False
+    for t in tensors:
+        if t.element_size() != 2 or t.data_ptr() % 16 or (t.dim() > 1 and (t.stride(0) * 2) % 16) \
+                or t.stride(-1) != 1:
+            return False
+    return True
+
+
+def dense_backend(dtype: torch.dtype, device: torch.device) -> str:
+    forced = (_override.get() or {}).get("dense")
+    if forced is not None:
+        return forced
+    if interpreter_enabled() or device.type != "cuda":
+        return "triton"
+    if dtype == torch.float32:
+        return "torch"
+    major, _ = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return DENSE_HOPPER if major >= 9 else DENSE_OTHER
+
+
+def dx_splits(rows: int, H: int, dtype: torch.dtype, device: torch.device) -> int:
+    cfg = config_for("dx", dtype, device)
+    tiles = -(-rows // cfg.block_m) * -(-H // cfg.block_n)
+    return DX_SPLIT_K if tiles < DX_SPLIT_BELOW_WAVES * num_sms(device) else 1

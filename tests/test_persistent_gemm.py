@@ -1,0 +1,124 @@
+"""The persistent head GEMM and its epilogues against plain float64 matmuls, at odd shapes, with the
+device-side token count cutting rows (or K) anywhere, TMA and pointer loads, split-K. Outputs are
+poisoned with NaN first: rows past the count must stay untouched, everything else must be written."""
+
+import pytest
+import torch
+
+from ngrpo_kernels.backend import interpreter_enabled
+from ngrpo_kernels.ops import persistent_gemm as pg
+from ngrpo_kernels.ops.compaction import compact
+from ngrpo_kernels.ops.persistent_gemm import configs
+
+pytestmark = pytest.mark.skipif(not (interpreter_enabled() or torch.cuda.is_available()),
+                                reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _configs(tma):
+    if DEV == "cuda":
+        return {}  # the shipped configs (TMA where the shapes allow it)
+    cfg = configs.GemmConfig(16, 32, 16, 2, 1, 1, tma=tma)
+    return dict(logits=cfg, dx=cfg, dw=cfg)
+
+
+def _inputs(n, H, V, dtype, gen):
+    x = torch.randn(n, H, generator=gen).to(dtype)
+    w = (torch.randn(V, H, generator=gen) * H ** -0.5 * 3).to(dtype)
+    b = (torch.randn(V, generator=gen) * 0.5).to(dtype)
+    return x.to(DEV), w.to(DEV), b.to(DEV)
+
+
+def _count(c):
+    return torch.tensor([c], dtype=torch.int32, device=DEV)
+
+
+# Ragged everywhere; aligned (TMA-eligible); tiny; one token (Triton compiles K = 1 as a constant: the
+# dW GEMM of a one-token chunk once came out all zeros on an H200 that way).
+SHAPES = [(37, 40, 203), (20, 48, 64), (5, 16, 97), (1, 16, 10)]
+
+
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("n,H,V", SHAPES)
+@pytest.mark.parametrize("count,row0", [(None, 0), (30, 0), (30, 11), (0, 0), (3, 5)])
+def test_logits_statistics_and_stored_logits(tma, n, H, V, count, row0, gen):
+    x, w, b = _inputs(n, H, V, torch.bfloat16, gen)
+    inv_temp = 1 / 0.7
+    lim = n if count is None else max(0, min(count - row0, n))
+    with configs.override(**_configs(tma)):
+        slices = pg.num_vocab_tiles(V, x.dtype, x.device)
+        width = pg.stats_width(x.dtype, x.device)
+        parts = torch.full((3, slices, n), float("nan"), device=DEV)
+        out = torch.full((n, V), float("nan"), dtype=torch.float16, device=DEV)
+        pg.logits(x, w, bias=b, inv_temp=inv_temp, count=None if count is None else _count(count), row0=row0,
+                  partials=list(parts.unbind(0)), out=out, entropy=True)
+    z = ((x.double() @ w.double().T) + b.double()) * inv_temp
+    z = z[:lim].cpu()
+    parts, out = parts.cpu(), out.cpu()
+    assert out[lim:].isnan().all() and parts[:, :, lim:].isnan().all(), "rows past the count were written"
+    if lim == 0:
+        return
+    pad = torch.full((lim, slices * width - V), float("-inf"), dtype=z.dtype)
+    zs = torch.cat([z, pad], 1).view(lim, slices, width)
+    m = zs.max(-1).values.T
+    torch.testing.assert_close(parts[0, :, :lim].double(), m, rtol=0, atol=1e-5)
+    p = torch.exp(zs - m.T[..., None])
+    torch.testing.assert_close(parts[1, :, :lim].double(), p.sum(-1).T, rtol=1e-5, atol=1e-5)
+    u = torch.where(p > 0, p * zs, 0.0).sum(-1).T
+    torch.testing.assert_close(parts[2, :, :lim].double(), u, rtol=1e-4, atol=1e-4)
+    shifted = (zs - m.T[..., None]).reshape(lim, -1)[:, :V]
+    torch.testing.assert_close(out[:lim].double(), shifted, rtol=2e-3, atol=4e-3)  # fp16 storage
+
+
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("n,H,V", SHAPES)
+def test_shifted_logits(tma, n, H, V, gen):
+    x, w, b = _inputs(n, H, V, torch.float16, gen)
+    shift = torch.randn(n, generator=gen).to(DEV)
+    out = torch.full((n, V), float("nan"), dtype=torch.float16, device=DEV)
+    lim = max(n - 2, 1)
+    with configs.override(**_configs(tma)):
+        pg.logits(x, w, bias=b, inv_temp=2.0, count=_count(lim), shift=shift, out=out)
+    want = ((x.double() @ w.double().T) + b.double()) * 2.0 - shift.double()[:, None]
+    torch.testing.assert_close(out[:lim].double(), want[:lim], rtol=2e-3, atol=4e-3)
+    assert out[lim:].isnan().all()
+
+
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("splits", [1, 2, 3])
+@pytest.mark.parametrize("n,H,V", SHAPES)
+def test_split_k_dx(tma, splits, n, H, V, gen):
+    _, w, _ = _inputs(n, H, V, torch.bfloat16, gen)
+    dz = torch.randn(n, V, generator=gen).to(torch.bfloat16).to(DEV)
+    out = torch.full((splits, n, H), float("nan"), device=DEV)
+    lim = max(n - 3, 1)
+    with configs.override(**_configs(tma)):
+        pg.matmul(dz, w, out, count=_count(lim))
+    torch.testing.assert_close(out[:, :lim].sum(0).double(), dz[:lim].double() @ w.double(), rtol=1e-5, atol=1e-4)
+    assert out[:, lim:].isnan().all()
+
+
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("n,H,V", SHAPES)
+@pytest.mark.parametrize("count", [None, 0, 1, 9])
+def test_dw_accumulation_over_chunks(tma, n, H, V, count, gen):
+    """Two chunks of one batch: the first initialises the fp32 accumulator, the second adds; K stops at
+    the count (a chunk past it adds nothing, a first chunk past it writes zeros)."""
+    x, _, _ = _inputs(2 * n, H, V, torch.bfloat16, gen)
+    dz = torch.randn(2 * n, V, generator=gen).to(torch.bfloat16).to(DEV)
+    acc = torch.full((V, H), float("nan"), device=DEV)
+    c = None if count is None else _count(count)
+    with configs.override(**_configs(tma)):
+        pg.accumulate_t(acc, dz[:n], x[:n], init=True, count=c, row0=0)
+        pg.accumulate_t(acc, dz[n:], x[n:], init=False, count=c, row0=n)
+    k = 2 * n if count is None else count
+    want = dz[:k].double().T @ x[:k].double()
+    torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_compaction_orders_valid_tokens_first_stably():
+    valid = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1], dtype=torch.bool)
+    order, count = compact(valid)
+    assert order.tolist() == [1, 2, 4, 7, 0, 3, 5, 6] and count.tolist() == [4] and count.dtype == torch.int32
+    order, count = compact(torch.zeros(5, dtype=torch.bool))
+    assert order.tolist() == [0, 1, 2, 3, 4] and count.item() == 0
