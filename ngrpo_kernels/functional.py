@@ -257,10 +257,11 @@ def fused_linear_logprobs(
             positions that get log-prob 0, entropy 0 and no gradient.
         temperature: logits are divided by it (> 0).
         return_entropy: also return ``logsumexp(z) - sum softmax(z) * z`` per position.
-        deterministic: backward without atomics, in a fixed reduction order (dZ chunks in a bounded
-            workspace, then GEMMs). The default. ``False`` uses one fused kernel with fp32 atomics
-            (no workspace; results differ run to run in the last bits). CPU paths are always deterministic.
-        workspace_bytes: bound on the backward's dZ workspace (default 512 MiB on GPU, 64 MiB on CPU).
+        deterministic: accepted for compatibility; every backend's backward reduces in a fixed order
+            without atomics (chunks of logits in a bounded workspace, then GEMMs), at no extra cost.
+        workspace_bytes: bound on the logits workspace (default min(1.25 GiB, memory / 16) on a GPU,
+            where it holds chunks of logits at 2 bytes each for half inputs; 64 MiB on CPU). Ignored
+            positions cost no GEMM FLOPs on a GPU and are never read.
         validate: check that targets lie in [0, V) or equal ``ignore_index`` (one sync).
 
     Returns:
