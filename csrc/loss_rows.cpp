@@ -106,7 +106,7 @@ void one_row(const float* z, OutT* dz, const float* bias, int64_t V, int64_t tar
   row_softmax_stats(z, bias, V, it, msu);
   const float lse = msu[0] + std::log(msu[1]);
   const float mean_z = msu[2] / msu[1];
-  const float H = lse - mean_z;
+  const float H = std::max(lse - mean_z, 0.0f);  // rounding can leave a hair below 0: entropy is >= 0
   const float zt = (z[target] + (bias ? bias[target] : 0.f)) * it;
   const float lp = zt - lse;
   const float old = o.on_policy ? lp : old_lp;

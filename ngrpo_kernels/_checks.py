@@ -9,6 +9,7 @@ entirely with ``validate=False``.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable
 
 import torch
@@ -68,8 +69,13 @@ def nonempty(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} is empty ({describe(x)}): an empty batch has no loss or advantages")
 
 
+def _is_bool(v) -> bool:
+    return isinstance(v, bool) or type(v).__name__ == "bool_"  # numpy's bool is not a bool subclass
+
+
 def finite_number(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    """A Python or NumPy real number (np.float32(0.2) included), returned as a float."""
+    if _is_bool(v) or not isinstance(v, numbers.Real) or not math.isfinite(v):
         raise ValueError(f"{name} must be a finite number, got {v!r}")
     return float(v)
 
@@ -89,9 +95,9 @@ def positive(name: str, v) -> float:
 
 
 def nonnegative_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    if _is_bool(v) or not isinstance(v, numbers.Integral) or v < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
-    return v
+    return int(v)
 
 
 class ValueChecks:
@@ -111,7 +117,8 @@ class ValueChecks:
     def run(self) -> None:
         if not self._checks:
             return
-        if bool(torch.stack([ok for ok, _ in self._checks]).all()):  # the one synchronisation
+        device = self._checks[0][0].device  # a CPU normaliser's check may sit beside device ones
+        if bool(torch.stack([ok.to(device) for ok, _ in self._checks]).all()):  # the one synchronisation
             return
         for ok, message in self._checks:
             if not bool(ok):

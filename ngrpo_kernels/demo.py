@@ -1,6 +1,6 @@
 """`make demo` until the trainer lands: the library on a small example.
 
-1. SPEC §2's advantage table (G = 8, binary rewards) computed by ``ngrpo_advantages`` beside GRPO.
+1. docs/algorithm.md §2's advantage table (G = 8, binary rewards) computed by ``ngrpo_advantages`` beside GRPO.
 2. One fused policy-loss call on a random batch, with its metrics and the gradient it produces.
 3. The fused hidden-state -> NGRPO loss with its gradients for the hidden states and the lm_head.
 """

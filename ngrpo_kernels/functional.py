@@ -34,7 +34,7 @@ def group_advantages(
     correct_threshold: float = 0.5,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Per-response advantages from scalar rewards and group ids (SPEC §2).
+    """Per-response advantages from scalar rewards and group ids (docs/algorithm.md §2).
 
     Args:
         rewards: [B] float rewards, one per response.
@@ -85,7 +85,7 @@ def ngrpo_advantages(
     unbiased: bool = True,
     validate: bool = True,
 ) -> torch.Tensor:
-    """NGRPO advantage calibration (SPEC §2): GRPO statistics with ``num_virtual`` virtual samples of
+    """NGRPO advantage calibration (docs/algorithm.md §2): GRPO statistics with ``num_virtual`` virtual samples of
     reward ``r_max`` added to each group of two or more; all-wrong groups get a negative advantage.
     See ``group_advantages`` for the arguments. Returns [B] float32."""
     return group_advantages(
@@ -113,7 +113,7 @@ def ngrpo_policy_loss(
     rollout_is_weights: torch.Tensor | None = None,
     validate: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The NGRPO policy loss with asymmetric clipping (SPEC §3-§4), fused forward and backward.
+    """The NGRPO policy loss with asymmetric clipping (docs/algorithm.md §3-§4), fused forward and backward.
 
     Per valid token: ``rho = exp(logprobs - old_logprobs)``;
     ``l = -min(rho A, clip(rho, 1 - eps_neg, 1 + eps_pos) A)``, bounded by ``-clip_ratio_c A`` for
@@ -213,7 +213,8 @@ def _loss_options(loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, has_ref, 
         check.tensor("normalizer", normalizer, ranks=(0,))
         if normalizer.dtype.is_complex or normalizer.dtype == torch.bool:
             raise TypeError(f"normalizer must be a real number tensor, got {check.describe(normalizer)}")
-        normalizer = normalizer.to(device=device)
+        if normalizer.device.type != "cpu":  # a 0-dim CPU tensor acts as a number: no copy, no sync
+            normalizer = normalizer.to(device=device)
     elif normalizer is not None:
         normalizer = check.positive("normalizer", normalizer)
     return eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, length_budget, normalizer
@@ -248,7 +249,7 @@ def fused_linear_logprobs(
     validate: bool = True,
 ):
     """Log-probs of ``targets`` (and the entropy) under ``softmax((hidden @ weight.T + bias) / temperature)``
-    without materialising the [tokens, vocab] logits (SPEC §5).
+    without materialising the [tokens, vocab] logits (docs/algorithm.md §5).
 
     Args:
         hidden: [..., H] final hidden states (after the final norm), bf16 / fp16 / fp32.
@@ -262,7 +263,8 @@ def fused_linear_logprobs(
         workspace_bytes: bound on the logits workspace (default min(1.25 GiB, memory / 16) on a GPU,
             where it holds chunks of logits at 2 bytes each for half inputs; 64 MiB on CPU). Ignored
             positions cost no GEMM FLOPs on a GPU and are never read.
-        validate: check that targets lie in [0, V) or equal ``ignore_index`` (one sync).
+        validate: check that targets lie in [0, V) or equal ``ignore_index`` and that hidden states are
+            finite where they are not ignored (one sync).
 
     Returns:
         ``logprobs`` float32 with the leading shape, or ``(logprobs, entropy)``. Gradients flow to
@@ -307,6 +309,7 @@ def fused_linear_logprobs(
         V = weight.shape[0]
         values.add((targets == ignore_index) | ((targets >= 0) & (targets < V)),
                    f"targets must lie in [0, {V}) or equal ignore_index={ignore_index} ({check.describe(targets)})")
+        values.finite("hidden", hidden, (targets != ignore_index)[..., None])
         values.run()
     return _linear_logprobs.compute(
         selected_backend(device), hidden, weight, targets, bias=bias, temperature=temperature,
@@ -345,7 +348,7 @@ def fused_linear_ngrpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The NGRPO loss straight from final hidden states: log-probs, entropy, asymmetric clipped loss and
     the gradients for ``hidden``, ``weight`` (and ``bias``) in one pass, never holding more than
-    ``workspace_bytes`` of logits (SPEC §2-§5).
+    ``workspace_bytes`` of logits (docs/algorithm.md §2-§5).
 
     Args:
         hidden: [B, T, H] final hidden states at the positions that predict ``targets`` (already shifted
@@ -369,8 +372,8 @@ def fused_linear_ngrpo_loss(
             (required), so the loss and gradients are unchanged and the GPU spends no FLOPs on them. The
             metrics then cover only the computed tokens; ``metrics["computed_frac"]`` says which share of
             the valid tokens that is.
-        validate: value checks (targets in range, finite inputs at valid positions, 0/1 mask, finite
-            rewards) with one sync; ``False`` skips them.
+        validate: value checks (targets in range, finite hidden states and other inputs at valid
+            positions, 0/1 mask, finite rewards) with one sync; ``False`` skips them.
 
     Returns:
         ``(loss, metrics)``: 0-dim loss; metrics (0-dim, means over valid tokens): ``clip_frac``,
@@ -453,6 +456,7 @@ def fused_linear_ngrpo_loss(
         values = _loss_value_checks(mask, advantages, normalizer, optional)
         values.add((mask == 0) | ((targets >= 0) & (targets < V)),
                    f"targets must lie in [0, {V}) at valid (mask != 0) positions ({check.describe(targets)})")
+        values.finite("hidden", hidden, (mask != 0)[..., None])
         values.run()
 
     return _fused_loss.compute(

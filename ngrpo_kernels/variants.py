@@ -19,7 +19,7 @@ def _parse(cls, value, argument: str):
 
 
 class AggMode(str, enum.Enum):
-    """How per-token losses become one scalar (SPEC §4).
+    """How per-token losses become one scalar (docs/algorithm.md §4).
 
     With ``m`` the validity mask, ``n_b`` the valid tokens of sequence ``b``, ``S`` the sequences
     that have at least one valid token and ``L`` the length budget:
@@ -46,7 +46,7 @@ class AggMode(str, enum.Enum):
 
 
 class Estimator(str, enum.Enum):
-    """Group advantage estimators sharing the segmented-statistics machinery (SPEC §2)."""
+    """Group advantage estimators sharing the segmented-statistics machinery (docs/algorithm.md §2)."""
 
     NGRPO = "ngrpo"              # (r - mu') / (sigma' + eps), virtual r_max sample(s) in the stats
     GRPO = "grpo"                # (r - mean) / (std + eps)
@@ -61,8 +61,10 @@ class Estimator(str, enum.Enum):
 class Stat(enum.IntEnum):
     """Columns of the per-program partial sums that every policy-loss backend writes.
 
-    All sums run over valid tokens only. ``LOSS`` is already scaled by the per-row factor of the
-    aggregation mode; the global denominator is applied once, on the device, by the entry point.
+    All sums run over valid tokens only. ``LOSS`` is weighted by the per-token factor of the aggregation
+    mode; the global denominator is applied once on the device by the policy-loss entry point, and
+    folded into the per-token weights by the fused loss (whose kernels then form the loss's own
+    gradient: an unnormalised one can overflow fp16).
     """
 
     LOSS = 0        # sum of row_scale * l_t

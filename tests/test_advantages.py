@@ -1,4 +1,4 @@
-"""Group advantages: every backend against the float64 reference and SPEC §2's numbers."""
+"""Group advantages: every backend against the float64 reference and docs/algorithm.md §2's numbers."""
 
 import math
 
@@ -8,10 +8,10 @@ import torch
 import ngrpo_kernels as nk
 from ngrpo_kernels.ops.advantages.naive import group_advantages_naive
 
-# SPEC §2, G = 8, binary rewards, eps = 1e-6: k correct -> (A correct, A wrong), NGRPO then GRPO.
-SPEC_NGRPO = {0: (None, -0.333332), 1: (1.763830, -0.503951), 2: (1.333331, -0.666665),
+# docs/algorithm.md §2, G = 8, binary rewards, eps = 1e-6: k correct -> (A correct, A wrong), NGRPO then GRPO.
+TABLE_NGRPO = {0: (None, -0.333332), 1: (1.763830, -0.503951), 2: (1.333331, -0.666665),
               4: (0.843272, -1.054091), 7: (0.333332, -2.666658), 8: (0.0, None)}
-SPEC_GRPO = {1: (2.474867, -0.353552), 2: (1.620182, -0.540061), 4: (0.935413, -0.935413),
+TABLE_GRPO = {1: (2.474867, -0.353552), 2: (1.620182, -0.540061), 4: (0.935413, -0.935413),
              7: (0.353552, -2.474867)}
 
 
@@ -25,23 +25,23 @@ def _run(backend, fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-@pytest.mark.parametrize("k", sorted(SPEC_NGRPO))
+@pytest.mark.parametrize("k", sorted(TABLE_NGRPO))
 def test_spec_table_ngrpo(k, device, backend):
     rewards, ids = _group_of_8(k, device)
     for out in (_run(backend, nk.ngrpo_advantages, rewards, ids),
                 group_advantages_naive(rewards.double(), ids)):
-        correct, wrong = SPEC_NGRPO[k]
+        correct, wrong = TABLE_NGRPO[k]
         if correct is not None:
             assert out[:k].cpu().double() == pytest.approx([correct] * k, abs=1e-6)
         if wrong is not None:
             assert out[k:].cpu().double() == pytest.approx([wrong] * (8 - k), abs=1e-6)
 
 
-@pytest.mark.parametrize("k", sorted(SPEC_GRPO))
+@pytest.mark.parametrize("k", sorted(TABLE_GRPO))
 def test_spec_table_grpo(k, device, backend):
     rewards, ids = _group_of_8(k, device)
     out = _run(backend, nk.group_advantages, rewards, ids, estimator="grpo").cpu().double()
-    correct, wrong = SPEC_GRPO[k]
+    correct, wrong = TABLE_GRPO[k]
     assert out[:k] == pytest.approx([correct] * k, abs=1e-6)
     assert out[k:] == pytest.approx([wrong] * (8 - k), abs=1e-6)
 

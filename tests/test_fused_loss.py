@@ -110,26 +110,31 @@ def test_against_float64_composition(mode, option_set, B, T, H, V, workspace_row
         torch.testing.assert_close(g.cpu().double(), want, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def test_bf16_error_no_worse_than_plain_pytorch(device, loss_backend, gen):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_error_no_worse_than_plain_pytorch(dtype, device, loss_backend, gen):
+    """bf16 and fp16 training (fp16 on the default CPU backend failed once): error against float64 no
+    worse than plain PyTorch in the same dtype."""
     batch = _batch(4, 6, 32, 257, gen)
-    for k in ("x", "w", "b"):  # the truth is computed from the very inputs the bf16 paths see
-        batch[k] = batch[k].bfloat16().float()
+    for k in ("x", "w", "b"):  # the truth is computed from the very inputs the half paths see
+        batch[k] = batch[k].to(dtype).float()
     options = OPTIONS["everything"]
-    args, kw = _args(batch, options, torch.bfloat16, device)
+    args, kw = _args(batch, options, dtype, device)
     kw["workspace_bytes"] = 5 * 257 * 6
     got = _run(nk.fused_linear_ngrpo_loss, args, kw, loss_backend)
     rargs, rkw = _args(batch, options, torch.float64, device, reference=True)
     truth = _run(fused_linear_ngrpo_loss_naive, rargs, rkw)
-    pargs, pkw = _args(batch, options, torch.bfloat16, "cpu")  # the same math in plain PyTorch bf16
-    pkw = {k: (v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+    pargs, pkw = _args(batch, options, dtype, "cpu")  # the same math in plain PyTorch, same dtype
+    pkw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
            for k, v in pkw.items()}
     plain = _run(fused_linear_ngrpo_loss_naive, pargs, pkw)
 
     def err(a, b):
-        return (a.cpu().double() - b).abs().max().item()
+        e = (a.cpu().double() - b).abs().max().item()
+        return e if e == e else 0.0  # plain fp16 PyTorch overflows to NaN here: bound by the margin alone
+
     assert err(got[0], truth[0]) <= 1.5 * err(plain[0], truth[0]) + 1e-3
     for g, p, t in zip(got[2], plain[2], truth[2]):
-        assert g.dtype == torch.bfloat16
+        assert g.dtype == dtype and torch.isfinite(g).all()
         assert err(g, t) <= 1.5 * err(p, t) + 2e-3 * t.abs().max().item()
 
 

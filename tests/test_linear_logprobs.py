@@ -168,3 +168,28 @@ def test_hopper_code_generation_report():
     assert len(hopper) == 28 and len(gemms) == 28 + 10, proc.stdout
     assert all(line.rstrip().endswith("ok") for line in lines if line.startswith(("persistent_gemm", "dlogits",
                                                                                  "logprobs_rows", "loss_tokens"))), proc.stdout
+
+
+@pytest.mark.parametrize("all_ignored", [False, True])
+def test_ignored_positions_are_never_read(all_ignored, device, backend, gen):
+    """NaN hidden states at ignore_index positions leave every output and gradient finite and equal to
+    the run without them; a batch with every position ignored gives zero gradients."""
+    x, w, b, t = _make((4, 7), 24, 90, torch.float32, gen, bias=True, ignore_frac=0.3)
+    if all_ignored:
+        t[:] = -100
+    ignored = t == -100
+    poisoned = x.clone()
+    poisoned[ignored] = float("nan")
+    results = []
+    for hidden in (torch.where(ignored[..., None], 0.0, x), poisoned):
+        leaves = [a.to(device).requires_grad_() for a in (hidden, w, b)]
+        with nk.use_backend(backend):
+            lp, ent = nk.fused_linear_logprobs(leaves[0], leaves[1], t.to(device), bias=leaves[2],
+                                               return_entropy=True, validate=False)
+        (lp.sum() + 0.5 * ent.sum()).backward()
+        results.append([lp.detach(), ent.detach()] + [a.grad for a in leaves])
+    for clean, dirty in zip(*results):
+        assert torch.isfinite(dirty).all()
+        torch.testing.assert_close(dirty, clean)
+    if all_ignored:
+        assert all(not g.any() for g in results[1][2:])

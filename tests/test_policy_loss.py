@@ -233,15 +233,61 @@ def test_no_grad_and_frozen_inputs(device, backend, gen):
     assert float(loss) == pytest.approx(float(want), rel=1e-5)
 
 
-def test_no_host_sync_without_validation(device, backend, gen, monkeypatch):
-    """validate=False: nothing in the forward or backward reads a tensor value back to the host."""
+def _every_op(device, backend, gen):
+    """Each public op and adapter, forward and backward, as the hot loop of a trainer calls it."""
+    import ngrpo_kernels.integrations.liger as liger_adapter
+
     x = _inputs(4, 6, gen, garbage_padding=False)
     logp = x["logp"].float().to(device).requires_grad_()
-    args = [t.to(device) for t in (x["old"].float(), x["adv"].float(), x["mask"])]
-    rewards, ids = torch.tensor([1.0, 0.0, 0.0, 1.0], device=device), torch.tensor([0, 0, 1, 1], device=device)
-    with nk.use_backend(backend):  # compile / warm up first: the interpreter itself may read values
-        nk.ngrpo_policy_loss(logp, *args, validate=False)[0].backward()
+    old, adv, mask = (t.to(device) for t in (x["old"].float(), x["adv"].float(), x["mask"]))
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0], device=device)
+    ids = torch.tensor([0, 0, 1, 1], device=device)
+    hidden = torch.randn(4, 6, 16, generator=gen).to(device).requires_grad_()
+    weight = (torch.randn(40, 16, generator=gen) * 0.3).to(device).requires_grad_()
+    targets = torch.randint(0, 40, (4, 6), generator=gen).to(device)
+    normalizers = [None, 7, torch.tensor(7.0), torch.tensor(7.0, device=device)]  # made before the checks
+    adapter = liger_adapter.LigerFusedLinearNGRPOLoss(loss_type="dapo")
+    module = nk.NGRPOLoss(entropy_coef=0.01, validate=False)
+
+    def policy_losses():
+        for mode in MODES:
+            for normalizer in normalizers:
+                nk.ngrpo_policy_loss(logp, old, adv, mask, loss_agg_mode=mode, normalizer=normalizer,
+                                     validate=False)[0].backward()
+
+    def fused_losses():
+        for normalizer in normalizers:
+            nk.fused_linear_ngrpo_loss(hidden, weight, targets, mask, old, advantages=adv, normalizer=normalizer,
+                                       entropy_coef=0.01, validate=False)[0].backward()
+        nk.fused_linear_ngrpo_loss(hidden, weight, targets, mask, None, rewards=rewards, group_ids=ids,
+                                   validate=False)[0].backward()
+        module(hidden, weight, targets, mask, old, advantages=adv)[0].backward()
+        for items in (37, torch.tensor(37, device=device)):
+            adapter(hidden.reshape(-1, 16), weight, targets, mask.long(), adv, old_per_token_logps=old,
+                    num_items_in_batch=items)[0].backward()
+
+    def logprobs():
+        lp, ent = nk.fused_linear_logprobs(hidden, weight, targets, return_entropy=True, validate=False)
+        (lp.sum() + ent.sum()).backward()
+        with torch.no_grad():
+            nk.fused_linear_logprobs(hidden, weight, targets, validate=False)
+
+    def advantages():
         nk.ngrpo_advantages(rewards, ids, validate=False)
+
+    return {"policy_loss": policy_losses, "fused_loss": fused_losses, "logprobs": logprobs,
+            "advantages": advantages}
+
+
+def test_no_host_sync_without_validation(device, backend, gen, monkeypatch):
+    """validate=False: no public op or adapter reads a tensor value back to the host, whatever form the
+    normaliser takes. CUDA: torch's sync debug mode raises on any synchronising call. CPU: every way
+    a tensor value reaches Python is patched to raise (the Triton interpreter itself reads its launch
+    arguments on the host, so it is checked for the pure-PyTorch ops only)."""
+    with nk.use_backend(backend):
+        ops = _every_op(device, backend, gen)
+        for op in ops.values():  # compile / warm up first
+            op()
 
     def forbidden(*_a, **_k):
         raise AssertionError("host synchronisation in the loss path")
@@ -249,16 +295,16 @@ def test_no_host_sync_without_validation(device, backend, gen, monkeypatch):
     if device.type == "cuda":
         torch.cuda.set_sync_debug_mode("error")
     else:
-        for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__"):
+        for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__", "numpy"):
             monkeypatch.setattr(torch.Tensor, name, forbidden)
+    backends = [backend] + (["cpp"] if backend == "torch" and nk.cpp_available() else [])
     try:
-        with nk.use_backend(backend):
-            for mode in MODES:
-                loss, metrics = nk.ngrpo_policy_loss(logp, *args, loss_agg_mode=mode, validate=False,
-                                                     normalizer=torch.tensor(7.0, device=device))
-                loss.backward()
-            if backend == "torch":  # the interpreter reads launch arguments on the host; CUDA checks the kernel
-                nk.ngrpo_advantages(rewards, ids, validate=False)
+        for b in backends:  # cpp: the CPU default of the fused loss
+            with nk.use_backend(b):
+                for name, op in ops.items():
+                    if device.type == "cpu" and b == "triton" and name != "policy_loss":
+                        continue
+                    op()
     finally:
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode(0)

@@ -42,7 +42,7 @@ def test_all_wrong_group_of_8_gets_minus_one_third(tmp_path):
     trainer.model.train()
     out = trainer._generate_and_score_completions([rows[0]] * 8)
     assert out["advantages"].shape == (8,)
-    # mu' = 1/9, sigma' = 1/3: A = -(1/9) / (1/3 + eps) = -1/3 up to eps (SPEC: -0.333332)
+    # mu' = 1/9, sigma' = 1/3: A = -(1/9) / (1/3 + eps) = -1/3 up to eps (docs/algorithm.md §2: -0.333332)
     assert out["advantages"].tolist() == pytest.approx([-(1 / 9) / (1 / 3 + 1e-6)] * 8, abs=1e-7)
     assert trainer._metrics["train"]["frac_all_wrong"][-1] == 1.0
 
@@ -171,7 +171,7 @@ def test_pass_at_k_by_hand():
 def test_pass_at_k_auc_by_hand():
     # K = 4: 100 * [p1 + 2 p2 + p4] / (2 * 2)
     assert passk.pass_at_k_auc({1: 0.2, 2: 0.4, 4: 0.6}) == pytest.approx(100 * (0.2 + 0.8 + 0.6) / 4)
-    # K = 256 with every p = 1 -> 100; the SPEC's formula divides by 16
+    # K = 256 with every p = 1 -> 100; the formula of docs/algorithm.md §7 divides by 16
     assert passk.pass_at_k_auc({k: 1.0 for k in passk.powers_of_two(256)}) == pytest.approx(100.0)
     curve = {k: k / 256 for k in passk.powers_of_two(256)}
     inner = sum(curve[k] for k in (2, 4, 8, 16, 32, 64, 128))

@@ -136,3 +136,43 @@ def test_backend_selection():
     with pytest.raises(ValueError, match="backend='cuda'"):
         with nk.use_backend("cuda"):
             pass
+
+
+def test_nan_hidden_at_a_valid_position_is_caught():
+    hidden = torch.randn(2, 3, 8)
+    weight = torch.randn(10, 8)
+    targets = torch.zeros(2, 3, dtype=torch.long)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 2] = False
+    hidden[1, 2, 4] = float("nan")  # masked: allowed
+    nk.fused_linear_ngrpo_loss(hidden, weight, targets, mask, None, advantages=torch.randn(2))
+    nk.fused_linear_logprobs(hidden, weight, targets.masked_fill(~mask, -100))
+    hidden[0, 1, 3] = float("inf")  # valid: refused, naming the argument
+    with pytest.raises(ValueError, match="hidden has NaN or inf"):
+        nk.fused_linear_ngrpo_loss(hidden, weight, targets, mask, None, advantages=torch.randn(2))
+    with pytest.raises(ValueError, match="hidden has NaN or inf"):
+        nk.fused_linear_logprobs(hidden, weight, targets.masked_fill(~mask, -100))
+
+
+def test_numpy_scalars_are_numbers():
+    np = pytest.importorskip("numpy")
+    args = _loss_args()
+    pos = (args["logprobs"], args["old_logprobs"], args["advantages"], args["mask"])
+    loss, _ = nk.ngrpo_policy_loss(*pos, eps_neg=np.float32(0.2), eps_pos=np.float64(0.28), normalizer=np.int64(5),
+                                   beta=np.float32(0.0))
+    want, _ = nk.ngrpo_policy_loss(*pos, eps_neg=0.2, eps_pos=0.28, normalizer=5)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-7)
+    adv = nk.ngrpo_advantages(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0, 0, 0]), num_virtual=np.int64(1),
+                              r_max=np.float32(1.0))
+    assert torch.isfinite(adv).all()
+    with pytest.raises(ValueError, match="eps_neg"):
+        _loss(eps_neg=np.bool_(True))
+
+
+def test_liger_adapter_refuses_kl_without_reference_logprobs():
+    from ngrpo_kernels.integrations.liger import LigerFusedLinearNGRPOLoss
+
+    fn = LigerFusedLinearNGRPOLoss(beta=0.04, loss_type="bnpo")
+    with pytest.raises(ValueError, match="ref_per_token_logps"):
+        fn(torch.randn(6, 8), torch.randn(10, 8), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3),
+           torch.randn(2), old_per_token_logps=-torch.rand(2, 3))

@@ -7,7 +7,9 @@ Mapping of Liger's ``loss_type`` to our aggregation (checked against liger-kerne
 token count); ``grpo`` -> per-sequence token mean summed over sequences / B; ``dr_grpo`` ->
 token sum / (B * max_completion_length). The returned metrics follow Liger's layout:
 ``(loss, (mean_kl if beta != 0, clip_ratio))``; ours add nothing there (call
-``fused_linear_ngrpo_loss`` directly for the full metric dict).
+``fused_linear_ngrpo_loss`` directly for the full metric dict). As Liger, it reads no tensor value
+back to the host (``validate=False`` by default; ``validate=True`` adds the value checks and their
+one synchronisation), and ``beta > 0`` without reference log-probs is an error, not a silent KL of 0.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class LigerFusedLinearNGRPOLoss(nn.Module):
                  epsilon_low: float = 0.16, epsilon_high: float = 0.24, loss_type: str = "dapo",
                  max_completion_length: int | None = None, importance_sampling_level: str = "token",
                  temperature: float = 1.0, entropy_coef: float = 0.0, clip_ratio_c: float | None = None,
-                 workspace_bytes: int | None = None):
+                 workspace_bytes: int | None = None, validate: bool = False):
         super().__init__()
         if loss_type not in ("bnpo", "dapo", "grpo", "dr_grpo"):
             raise ValueError(f"loss_type={loss_type!r} is not supported here (bnpo, dapo, grpo, dr_grpo)")
@@ -33,6 +35,7 @@ class LigerFusedLinearNGRPOLoss(nn.Module):
             raise ValueError("only importance_sampling_level='token' is supported (NGRPO clips per token)")
         del compiled, use_ref_model, chunk_size  # Liger's tuning knobs; the fused schedule needs none
         self.beta, self.loss_type, self.max_completion_length = beta, loss_type, max_completion_length
+        self.validate = validate  # Liger does not read tensor values back: neither does the drop-in by default
         self.options = dict(eps_neg=epsilon_low, eps_pos=epsilon_high, temperature=temperature,
                             entropy_coef=entropy_coef, clip_ratio_c=clip_ratio_c, workspace_bytes=workspace_bytes)
 
@@ -42,6 +45,8 @@ class LigerFusedLinearNGRPOLoss(nn.Module):
         if ref_input is not None or ref_weight is not None or ref_bias is not None:
             raise NotImplementedError("pass ref_per_token_logps (computed with fused_linear_logprobs under "
                                       "torch.no_grad) instead of ref_input / ref_weight")
+        if self.beta != 0.0 and ref_per_token_logps is None:
+            raise ValueError(f"beta={self.beta!r} needs ref_per_token_logps (the KL penalty would silently be off)")
         B, T = selected_token_ids.shape
         hidden = _input.reshape(B, T, _input.shape[-1])
         if vllm_is_ratio is not None and vllm_is_ratio.shape != (B, T):
@@ -50,7 +55,10 @@ class LigerFusedLinearNGRPOLoss(nn.Module):
         if self.loss_type == "dapo" and num_items_in_batch is not None:
             world = torch.distributed.get_world_size() if (
                 torch.distributed.is_available() and torch.distributed.is_initialized()) else 1
-            normalizer = torch.as_tensor(num_items_in_batch, dtype=torch.float32).clamp_min(1.0) / world
+            if isinstance(num_items_in_batch, torch.Tensor):
+                normalizer = num_items_in_batch.to(torch.float32).clamp_min(1.0) / world
+            else:
+                normalizer = max(float(num_items_in_batch), 1.0) / world
         elif self.loss_type == "grpo":
             agg, normalizer = "seq-mean-token-mean", B
         elif self.loss_type == "dr_grpo":
@@ -58,8 +66,8 @@ class LigerFusedLinearNGRPOLoss(nn.Module):
         loss, metrics = fused_linear_ngrpo_loss(
             hidden, lin_weight, selected_token_ids, attention_mask, old_per_token_logps,
             advantages=advantages.to(torch.float32), bias=bias, ref_logprobs=ref_per_token_logps,
-            beta=self.beta if ref_per_token_logps is not None else 0.0, rollout_is_weights=vllm_is_ratio,
-            loss_agg_mode=agg, normalizer=normalizer, length_budget=budget, **self.options,
+            beta=self.beta, rollout_is_weights=vllm_is_ratio, loss_agg_mode=agg, normalizer=normalizer,
+            length_budget=budget, validate=self.validate, **self.options,
         )
         out = ([metrics["kl"]] if self.beta != 0.0 and "kl" in metrics else []) + [metrics["clip_frac"]]
         return loss, tuple(out)

@@ -4,7 +4,7 @@
     ngrpo-train --preset tiny --algo grpo --max-steps 100 --seed 1
     ngrpo-train --output-dir outputs/run --resume auto   # continue from the last checkpoint
     accelerate launch --config_file python/ngrpo_train/accelerate/fsdp2.yaml -m ngrpo_train \\
-        --preset qwen2.5-math-7b --train-path ../shared/data/math_train.parquet --output-dir outputs/7b
+        --preset qwen2.5-math-7b --train-path data/math_train.parquet --output-dir outputs/7b
 """
 
 from __future__ import annotations

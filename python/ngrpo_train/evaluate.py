@@ -1,8 +1,8 @@
 """``ngrpo-eval``: sample n completions per problem, grade them, report pass@k (k = 1, 2, 4, ..., n) and
-the pass@k AUC of SPEC §7, as a table (eval.md), JSON (eval.json) and a plot (passk.png).
+the pass@k AUC of docs/algorithm.md §7, as a table (eval.md), JSON (eval.json) and a plot (passk.png).
 
     ngrpo-eval --model outputs/tiny-ngrpo/final --task arithmetic --n 16
-    ngrpo-eval --model outputs/7b/final --task math --data ../shared/data/aime2025.parquet --n 256 \\
+    ngrpo-eval --model outputs/7b/final --task math --data data/aime2025.parquet --n 256 \\
         --temperature 0.6 --top-p 0.95 --max-new-tokens 4096          # vLLM when installed (GPU)
 
 Generation uses vLLM when it is installed and a GPU is present, else HF ``generate`` (CPU works for

@@ -1,4 +1,4 @@
-"""pass@k and its AUC (SPEC §7)."""
+"""pass@k and its AUC (docs/algorithm.md §7)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""Presets (what to train, on what, how) and algorithms (SPEC §8), each a plain dataclass.
+"""Presets (what to train, on what, how) and algorithms (docs/algorithm.md §8), each a plain dataclass.
 
 - ``tiny`` (the default, CPU): a 4-layer Qwen2-architecture model built from a config, a character
   tokenizer, synthetic arithmetic ``a+b=`` (answers checked exactly), a short supervised warm start
   (a random model never earns reward), then RL. Minutes on 2 cores.
-- ``qwen2.5-math-7b``: SPEC §6 as released, for one node of 8 x 80 GB GPUs with vLLM in colocate mode.
+- ``qwen2.5-math-7b``: docs/algorithm.md §6 as released, for one node of 8 x 80 GB GPUs with vLLM in colocate mode.
   1024 prompts x 8 samples per generation, PPO mini-batch 256 prompts -> steps_per_generation = 4
   optimizer steps per generation (so the ratio moves away from 1 and the clip acts).
 """
@@ -18,7 +18,7 @@ ALGOS = ("ngrpo", "grpo", "dapo", "w_reinforce")
 
 @dataclasses.dataclass
 class Algo:
-    """Estimator, clip bounds, KL and filtering of one algorithm (SPEC §8; entropy bonus 0.001 for all)."""
+    """Estimator, clip bounds, KL and filtering of one algorithm (docs/algorithm.md §8; entropy bonus 0.001 for all)."""
 
     estimator: str
     epsilon: float

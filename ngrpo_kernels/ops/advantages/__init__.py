@@ -1,4 +1,4 @@
-"""Group advantages (SPEC §2): ``naive.py`` is the spec, ``torch_impl.py`` and ``triton_impl.py`` the
+"""Group advantages (docs/algorithm.md §2): ``naive.py`` is the spec, ``torch_impl.py`` and ``triton_impl.py`` the
 fast paths. ``compute`` dispatches among them; inputs arrive validated from ``ngrpo_kernels.functional``.
 """
 

@@ -1,4 +1,4 @@
-"""Group advantages in plain PyTorch: the readable specification (SPEC §2).
+"""Group advantages in plain PyTorch: the readable specification (docs/algorithm.md §2).
 
 A Python loop over groups, in the dtype of the rewards (pass float64 for the ground truth). The fast
 paths in this folder are tested against it; it is not used on the hot path.

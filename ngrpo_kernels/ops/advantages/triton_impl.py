@@ -4,7 +4,9 @@ Launch: grid ``(B,)``. Program ``p`` looks at sorted position ``p``; only the fi
 segment (a group) does work, the others run zero-trip loops. The segment owner makes three passes over
 its members, ``BLOCK`` at a time: the sum, the sum of squared deviations about the calibrated mean
 (two-pass, so no catastrophic cancellation), then the per-sample output written back to the original
-positions. The virtual samples enter the statistics analytically (``M * r_max`` in the sum,
+positions. The statistics are float64, as in the PyTorch path: a group of two close rewards has a tiny
+std, and float32 rounding of ``r - mu`` divided by it gave errors of 5e-6 on an H200 (the output is
+rounded to float32 once, at the end). The virtual samples enter the statistics analytically (``M * r_max`` in the sum,
 ``M * (r_max - mu)^2`` in the deviations); they have no storage.
 
 Traffic: each reward read three times and each output written once (12 B + 4 B per sample plus the
@@ -36,24 +38,24 @@ def _group_advantages_kernel(
     end = tl.where(is_start, tl.load(SEG_END + p), p)  # non-owners loop zero times
 
     offs = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     for lo in range(p, end, BLOCK):
         idx = lo + offs
         live = idx < end
         src = tl.load(ORDER + idx, mask=live, other=0)
-        acc += tl.load(R + src, mask=live, other=0.0).to(tl.float32)
-    count = (end - p).to(tl.float32)
+        acc += tl.load(R + src, mask=live, other=0.0).to(tl.float64)
+    count = (end - p).to(tl.float64)
     grouped = count >= 2.0
-    M = tl.where(grouped, num_virtual, 0.0)
+    M = tl.where(grouped, num_virtual, 0.0).to(tl.float64)
     N = count + M
     mu = tl.where(grouped, (tl.sum(acc, axis=0) + M * r_max) / tl.maximum(N, 1.0), 0.0)
 
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     for lo in range(p, end, BLOCK):
         idx = lo + offs
         live = idx < end
         src = tl.load(ORDER + idx, mask=live, other=0)
-        d = tl.load(R + src, mask=live, other=0.0).to(tl.float32) - mu
+        d = tl.load(R + src, mask=live, other=0.0).to(tl.float64) - mu
         acc += tl.where(live, d * d, 0.0)
     squared_dev = tl.sum(acc, axis=0) + M * (r_max - mu) * (r_max - mu)
     if UNBIASED:
@@ -66,10 +68,10 @@ def _group_advantages_kernel(
         idx = lo + offs
         live = idx < end
         src = tl.load(ORDER + idx, mask=live, other=0)
-        a = tl.load(R + src, mask=live, other=0.0).to(tl.float32) - mu
+        a = tl.load(R + src, mask=live, other=0.0).to(tl.float64) - mu
         if USE_STD:
             a = a / (sigma + eps)
-        tl.store(OUT + src, a, mask=live)
+        tl.store(OUT + src, a.to(tl.float32), mask=live)
 
 
 def group_stats_advantages_triton(

@@ -1,4 +1,4 @@
-"""Fused linear -> NGRPO loss (SPEC §2-§5): hidden states in, loss and both gradients out, in bounded
+"""Fused linear -> NGRPO loss (docs/algorithm.md §2-§5): hidden states in, loss and both gradients out, in bounded
 memory. ``naive.py`` is the spec (composition of the reference ops); ``triton_schedule.py`` the GPU
 schedule (persistent head GEMM with a statistics epilogue, over the compacted valid tokens);
 ``schedule.py`` the chunked CPU schedule with its row kernel per backend (``row_cpp.py``, ``row_torch.py``).
@@ -11,6 +11,7 @@ import functools
 
 import torch
 
+from ..._autograd import first_order
 from ...backend import Backend
 from ...variants import Stat
 from ..policy_loss import _row_scale_and_denominator, _safe_inverse, metrics_from_stats
@@ -32,19 +33,19 @@ class FusedLinearNGRPOLoss(torch.autograd.Function):
     """Forward runs the whole schedule, gradients included; backward only rescales them."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, inv_denominator, run):
+    def forward(ctx, x, weight, bias, run):
         stats, dx, dw, db = run(need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
                                 need_db=ctx.needs_input_grad[2])
-        ctx.save_for_backward(dx, dw, db, inv_denominator)
+        ctx.save_for_backward(dx, dw, db)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(stats)
-        return stats[Stat.LOSS] * inv_denominator, stats
+        return stats[Stat.LOSS], stats
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, grad_loss, _grad_stats):
-        dx, dw, db, inv_denominator = ctx.saved_tensors
-        scale = grad_loss * inv_denominator
+        dx, dw, db = ctx.saved_tensors
+        scale = grad_loss
         grads = [None if g is None else _scaled_cast(g, scale, dtype) for g, dtype in zip((dx, dw, db), ctx.dtypes)]
         return (*grads, None, None)
 
@@ -88,7 +89,10 @@ def compute(backend: Backend, hidden, weight, targets, mask, old_logprobs, advan
     per_token = dict(
         target=torch.where(valid, targets, 0).reshape(-1).to(torch.int64).contiguous(),
         valid=flat_valid,
-        w=_per_token(row_scale, valid),
+        # The aggregation's denominator is folded into the per-token weights: the kernels then form the
+        # gradient of the loss itself, not of its unnormalised sum (which overflows fp16 dZ at a few
+        # thousand tokens).
+        w=_per_token(row_scale * _safe_inverse(denominator), valid),
         adv=_per_token(advantages, valid),
         old=flat_valid.new_zeros(flat_valid.shape, dtype=torch.float32) if on_policy else _per_token(old_logprobs, valid),
         ref=None if ref_logprobs is None else _per_token(ref_logprobs, valid),
@@ -109,13 +113,12 @@ def compute(backend: Backend, hidden, weight, targets, mask, old_logprobs, advan
             workspace_bytes = schedule.default_workspace_bytes(x.device)
         run = functools.partial(schedule.run, x, w_, b_, **per_token, row_op=_row_op(backend),
                                 row_options=row_options, workspace_bytes=workspace_bytes)
-    inv_denominator = _safe_inverse(denominator)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
-        loss, stats = FusedLinearNGRPOLoss.apply(x, w_, b_, inv_denominator, run)
+        loss, stats = FusedLinearNGRPOLoss.apply(x, w_, b_, run)
     else:
         stats, _, _, _ = run(need_dx=False, need_dw=False, need_db=False)
-        loss = stats[Stat.LOSS] * inv_denominator
+        loss = stats[Stat.LOSS]
 
     metrics = metrics_from_stats(stats, n_tokens, entropy=True, logprob=True, kl=ref_logprobs is not None,
                                  dual_clip=clip_ratio_c is not None)

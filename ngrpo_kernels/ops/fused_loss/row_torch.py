@@ -21,7 +21,7 @@ def loss_rows_torch(z, dz, bias, target, valid, w, adv, old, ref, isw, *, inv_te
         return None if x is None else torch.where(valid, x, zero)
 
     lp = keep(zz.gather(1, target[:, None])[:, 0] - lse)
-    H = keep(lse - mean_z)
+    H = keep((lse - mean_z).clamp_min(0.0))  # rounding can leave a hair below 0: entropy is >= 0
     old = lp if on_policy else keep(old)
     stats, g_lp, g_H = token_terms(lp, old, keep(adv), valid, w, keep(ref), H, keep(isw), eps_neg=eps_neg,
                                    eps_pos=eps_pos, clip_ratio_c=clip_c, beta=beta, entropy_coef=entropy_coef,

@@ -50,8 +50,9 @@ def bytes_per_row(V: int, dtype: torch.dtype, need_grad: bool) -> int:
 def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_op, row_options, workspace_bytes,
         need_dx, need_dw, need_db):
     """x [N, H], weight [V, H]; per-token target/valid/w/adv/old/ref/isw [N]. Returns
-    (stats [NUM_STATS] float32, dX [N, H] in x's dtype or None, dW [V, H] float32 or None, db [V] or None),
-    the gradients being those of the *unnormalised* loss sum (the caller scales them)."""
+    (stats [NUM_STATS] float32, dX [N, H] in x's dtype or None, dW [V, H] float32 or None, db [V] or None).
+    The per-token weights ``w`` carry the aggregation and its denominator, so ``stats[LOSS]`` is the loss
+    and the gradients are the loss's (the autograd backward only multiplies them by the upstream grad)."""
     N, H = x.shape
     V = weight.shape[0]
     need_grad = need_dx or need_dw or need_db

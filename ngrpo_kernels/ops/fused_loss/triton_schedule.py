@@ -85,8 +85,8 @@ def _token_kernel(
 
 def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_options, workspace_bytes, need_dx, need_dw,
         need_db):
-    """Same contract as ``schedule.run``: (stats [NUM_STATS], dX or None, dW float32 or None, db or None),
-    gradients of the unnormalised loss sum."""
+    """Same contract as ``schedule.run``: (stats [NUM_STATS], dX or None, dW float32 or None, db or None);
+    the per-token weights carry the aggregation and its denominator."""
     need_grad = need_dx or need_dw or need_db
     sch = HeadSchedule(x, weight, bias, valid, workspace_bytes=workspace_bytes, need_logits=need_grad,
                        need_dx=need_dx, need_dw=need_dw, need_db=need_db)

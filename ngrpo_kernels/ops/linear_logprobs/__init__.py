@@ -1,4 +1,4 @@
-"""Fused linear -> log-prob (+ entropy) (SPEC §5): ``naive.py`` is the spec (full logits);
+"""Fused linear -> log-prob (+ entropy) (docs/algorithm.md §5): ``naive.py`` is the spec (full logits);
 ``triton_impl.py`` (GPU, or CPU under the interpreter) and ``torch_impl.py`` (chunked CPU fallback)
 never hold more than a bounded chunk of logits. ``compute`` dispatches; inputs arrive validated.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..._autograd import first_order
 from ...backend import Backend
 from .naive import linear_logprobs_naive
 
@@ -33,7 +34,7 @@ class LinearLogprobs(torch.autograd.Function):
         return logprobs, ent
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, g_lp, g_ent=None):
         x, weight, bias, targets, lse, ent = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]

@@ -1,5 +1,5 @@
 """Log-probs (and entropy) of sampled tokens from hidden states and the lm_head: the readable spec
-(SPEC §5). Materialises the full [N, V] logits, so it is only for tests and small inputs.
+(docs/algorithm.md §5). Materialises the full [N, V] logits, so it is only for tests and small inputs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The NGRPO policy loss (SPEC §3-§4): ``naive.py`` is the spec; ``torch_impl.py`` and
+"""The NGRPO policy loss (docs/algorithm.md §3-§4): ``naive.py`` is the spec; ``torch_impl.py`` and
 ``triton_impl.py`` are one fused pass that computes the loss and its gradient together.
 
 ``compute`` turns the aggregation mode into a per-row scale and a global denominator (device tensors,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..._autograd import first_order
 from ...backend import Backend
 from ...variants import AggMode, Stat
 from .naive import policy_loss_naive
@@ -31,7 +32,7 @@ class FusedPolicyLoss(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, grad_loss, _grad_stats):
         g_lp, g_ent, inv_denominator = ctx.saved_tensors
         scale = grad_loss * inv_denominator
@@ -57,8 +58,12 @@ def _row_scale_and_denominator(valid, mode: AggMode, normalizer, length_budget):
     else:  # SEQ_MEAN_TOKEN_SUM_NORM
         budget = valid.shape[-1] if length_budget is None else length_budget
         row_scale, denominator = ones / budget, ones.new_ones(())
-    if normalizer is not None:
-        denominator = torch.as_tensor(normalizer, dtype=torch.float32, device=valid.device)
+    if isinstance(normalizer, torch.Tensor):
+        denominator = normalizer.to(torch.float32)
+    elif normalizer is not None:
+        # A number stays a CPU scalar: multiplying device tensors by it copies nothing to the device
+        # (torch.as_tensor(..., device="cuda") would, on every call: a host synchronisation).
+        denominator = torch.tensor(float(normalizer), dtype=torch.float32)
     return row_scale, denominator, n_b.sum()
 
 

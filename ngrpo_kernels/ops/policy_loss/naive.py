@@ -1,4 +1,4 @@
-"""The NGRPO policy loss in plain PyTorch: the readable specification (SPEC §3, §4).
+"""The NGRPO policy loss in plain PyTorch: the readable specification (docs/algorithm.md §3, §4).
 
 Gradients come from autograd through ``max``/``clamp``/``min``, independently of the closed-form
 gradients the fused paths compute. Runs in the dtype of ``logprobs`` (pass float64 for the ground
@@ -13,7 +13,7 @@ from ...variants import AggMode
 
 
 def aggregate_naive(per_token, valid, mode: AggMode, normalizer=None, length_budget=None):
-    """SPEC §4 / ``AggMode``: one scalar from per-token losses [B, T] and a bool mask [B, T]."""
+    """docs/algorithm.md §4 / ``AggMode``: one scalar from per-token losses [B, T] and a bool mask [B, T]."""
     m = valid.to(per_token.dtype)
     n_b = m.sum(-1)
     token_sums = (per_token * m).sum(-1)

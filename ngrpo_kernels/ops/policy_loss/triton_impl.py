@@ -31,7 +31,7 @@ from ...variants import NUM_STATS, Stat
 @triton.jit
 def token_loss(lp, old, A, valid, ref, H, isw, eps_neg, eps_pos, clip_c, beta, entropy_coef,
                HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, DUAL_CLIP: tl.constexpr):
-    """Per-token NGRPO loss and d loss / d logp (SPEC §3), on tensors or scalars already zeroed where
+    """Per-token NGRPO loss and d loss / d logp (docs/algorithm.md §3), on tensors or scalars already zeroed where
     not valid. Returns (loss, dloss, clipped, dual_clipped, k3). Shared by the policy-loss kernel and
     the fused linear -> loss row kernel, so the two cannot drift apart."""
     ratio = tl.exp(lp - old)

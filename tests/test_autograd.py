@@ -1,0 +1,68 @@
+"""The fused ops are differentiable once: any first-order use is exact (the loss squared, a product with
+other terms), a second-order request (create_graph=True) raises instead of returning a graph-less
+gradient."""
+
+import pytest
+import torch
+
+import ngrpo_kernels as nk
+from ngrpo_kernels.ops.fused_loss.naive import fused_linear_ngrpo_loss_naive
+from ngrpo_kernels.ops.linear_logprobs.naive import linear_logprobs_naive
+from ngrpo_kernels.ops.policy_loss.naive import policy_loss_naive
+
+
+def _batch(gen, dtype=torch.float32):
+    B, T, H, V = 3, 4, 16, 30
+    return dict(x=torch.randn(B, T, H, generator=gen, dtype=dtype), w=torch.randn(V, H, generator=gen, dtype=dtype) * 0.3,
+                t=torch.randint(0, V, (B, T), generator=gen), mask=torch.rand(B, T, generator=gen) < 0.8,
+                old=-torch.rand(B, T, generator=gen, dtype=dtype) * 3, adv=torch.randn(B, generator=gen, dtype=dtype))
+
+
+def _ops(b):
+    """(ours, reference): scalar functions of (hidden, weight)."""
+    def fused(fn):
+        return lambda x, w: fn(x, w, b["t"], b["mask"], b["old"], advantages=b["adv"])[0]
+
+    def logprobs(x, w):
+        lp, ent = nk.fused_linear_logprobs(x, w, b["t"], return_entropy=True)
+        return (lp * 0.3).sum() + ent.sum()
+
+    def logprobs_ref(x, w):
+        lp, ent = linear_logprobs_naive(x, w, b["t"])
+        return (lp * 0.3).sum() + ent.sum()
+
+    def policy(fn):
+        def run(x, w):
+            lp, _ = linear_logprobs_naive(x, w, b["t"].masked_fill(~b["mask"], -100))
+            return fn(lp, b["old"], b["adv"], b["mask"])[0]
+        return run
+
+    return {"fused_loss": (fused(nk.fused_linear_ngrpo_loss), fused(fused_linear_ngrpo_loss_naive)),
+            "logprobs": (logprobs, logprobs_ref),
+            "policy_loss": (policy(nk.ngrpo_policy_loss), policy(policy_loss_naive))}
+
+
+@pytest.mark.parametrize("op", ["fused_loss", "logprobs", "policy_loss"])
+def test_nonlinear_use_is_exact_to_first_order(op, gen):
+    b = _batch(gen, torch.float64)
+    ours, ref = _ops({k: v.float() if v.is_floating_point() else v for k, v in b.items()})[op]
+    _, ref = _ops(b)[op]
+    grads = []
+    for fn, dtype in ((ours, torch.float32), (ref, torch.float64)):
+        x = b["x"].to(dtype).requires_grad_()
+        w = b["w"].to(dtype).requires_grad_()
+        y = fn(x, w)
+        (y ** 2 + 3 * y).backward()
+        grads.append((x.grad.double(), w.grad.double()))
+    for g, want in zip(*grads):
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["fused_loss", "logprobs", "policy_loss"])
+def test_second_order_is_refused(op, gen):
+    b = _batch(gen)
+    ours, _ = _ops(b)[op]
+    x = b["x"].clone().requires_grad_()
+    w = b["w"].clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(ours(x, w), (x, w), create_graph=True)
