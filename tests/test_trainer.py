@@ -17,7 +17,7 @@ from ngrpo_train.presets import algo, preset, trl_args  # noqa: E402
 SMALL = dict(model_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False),
              warm_start_steps=20, warm_start_batch=16, prompts_per_generation=2, num_generations=4, max_steps=4,
-             save_steps=2, num_train=64)
+             save_steps=2, num_train=64, optimizer_steps_per_generation=1)
 
 
 def _trainer(tmp_path, reward, estimator="ngrpo", num_generations=8):
@@ -32,7 +32,7 @@ def _trainer(tmp_path, reward, estimator="ngrpo", num_generations=8):
     args = NGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=num_generations,
                        num_generations=num_generations, max_completion_length=3, max_steps=1, report_to=[],
                        advantage_estimator=estimator, save_strategy="no", disable_tqdm=True, bf16=False)
-    rows = tasks.arithmetic_problems(8, max_operand=10, seed=0)
+    rows = tasks.arithmetic_problems(8, max_operand=10, seed=0, split="train")
     return NGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
                         processing_class=tok), rows
 
@@ -112,10 +112,24 @@ def test_end_to_end_and_resume(tmp_path):
     assert (tmp_path / "eval" / "eval.md").exists() and (tmp_path / "eval" / "passk.png").exists()
 
 
-def test_presets_map_the_recipe_batch():
+@pytest.mark.parametrize("processes,micro_steps", [(8, 32), (4, 64), (16, 16)])
+def test_presets_map_the_recipe_batch(processes, micro_steps):
+    """The recipe counted in TRL's units (micro-steps): 1,024 prompts x 8 per generation, 4 optimizer
+    steps of 256 prompts on it, 8 completions per micro-step and GPU on any process count."""
+    args = trl_args(preset("qwen2.5-math-7b"), algo("ngrpo"), output_dir="x", seed=0, num_processes=processes)
+    per_device, accumulation, steps = (args[k] for k in ("per_device_train_batch_size",
+                                                          "gradient_accumulation_steps", "steps_per_generation"))
+    assert (per_device, accumulation) == (8, micro_steps)
+    generation_batch = per_device * processes * steps  # trl/trainer/grpo_config.py
+    assert generation_batch == 1024 * 8
+    assert steps // accumulation == 4 and steps % accumulation == 0  # optimizer steps per generation
+    assert per_device * processes * accumulation == 256 * 8  # completions per optimizer step
+    with pytest.raises(ValueError, match="do not split"):
+        trl_args(preset("qwen2.5-math-7b"), algo("ngrpo"), output_dir="x", seed=0, num_processes=3)
+
+
+def test_preset_options_and_trl_config():
     args = trl_args(preset("qwen2.5-math-7b"), algo("ngrpo"), output_dir="x", seed=0, num_processes=8)
-    assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"], args["steps_per_generation"]) \
-        == (8, 32, 4)  # 8 GPUs x 8 x 32 = 2048 completions = 256 prompts x 8 per step; 4 steps per generation
     assert (args["epsilon"], args["epsilon_high"], args["beta"], args["entropy_coef"], args["learning_rate"]) \
         == (0.16, 0.24, 0.0, 0.001, 1e-6)
     assert args["use_vllm"] and args["vllm_mode"] == "colocate"
@@ -126,6 +140,15 @@ def test_presets_map_the_recipe_batch():
     assert algo("dapo").overlong_cache == 0.25 and algo("ngrpo").overlong_cache == 0.0
     with pytest.raises(ValueError, match="ppo"):
         algo("ppo")
+    # TRL's own config on this (one-process) machine: the tiny preset's generation is 16 prompts x 8,
+    # taken in 2 optimizer steps of one micro-step each.
+    from ngrpo_kernels.integrations.trl import NGRPOConfig
+
+    tiny = trl_args(preset("tiny"), algo("ngrpo"), output_dir="x", seed=0)
+    config = NGRPOConfig(**{**tiny, "bf16": False, "use_cpu": True})
+    assert config.generation_batch_size == 16 * 8
+    assert config.steps_per_generation // config.gradient_accumulation_steps == 2
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 64
 
 
 def test_cli_parses_overrides():
@@ -209,17 +232,49 @@ def test_fused_lm_head_calls_are_served_by_our_kernel(tmp_path):
 
 
 def test_off_policy_steps_and_kl_reference(tmp_path):
-    """steps_per_generation = 2: the second step's ratio differs from 1 (old log-probs computed by our
-    no-grad pass); GRPO's beta > 0 builds the reference model from the warm-started weights."""
+    """2 optimizer steps per generation: the second step's ratio differs from 1 (old log-probs computed by
+    our no-grad pass); GRPO's beta > 0 builds the reference model from the warm-started weights."""
     from ngrpo_train.train import run
 
-    p = dataclasses.replace(preset("tiny"), **dict(SMALL, steps_per_generation=2, max_steps=2, save_steps=10))
+    p = dataclasses.replace(preset("tiny"), **dict(SMALL, optimizer_steps_per_generation=2, max_steps=2,
+                                                    save_steps=10))
     run(p, algo("grpo"), "grpo", str(tmp_path / "g"), seed=1, quiet=True)
     rows = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
     # step 1: old and new log-probs agree up to the two kernels' rounding; step 2: the policy has moved
     assert abs(rows[0]["approx_kl"]) < 1e-5 and abs(rows[1]["approx_kl"]) > 10 * abs(rows[0]["approx_kl"])
     assert rows[1]["reward_mean"] == rows[0]["reward_mean"]  # the same generation
+
+
+def test_clip_acts_with_several_optimizer_steps_per_generation(tmp_path):
+    """The recipe's shape at a tiny scale (NGRPO, 4 optimizer steps per generation): after the first step
+    of a generation the ratio leaves 1 and the asymmetric clip acts on some tokens."""
+    from ngrpo_train.train import run
+
+    p = dataclasses.replace(preset("tiny"), **dict(SMALL, prompts_per_generation=4, optimizer_steps_per_generation=4,
+                                                    max_steps=8, learning_rate=3e-3, save_steps=100))
+    run(p, algo("ngrpo"), "ngrpo", str(tmp_path / "n"), seed=0, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    first = [r for i, r in enumerate(rows) if i % 4 == 0]  # the first step of each generation: on-policy
+    later = [r for i, r in enumerate(rows) if i % 4 != 0]
+    assert all(r["clip_frac"] == 0 and abs(r["approx_kl"]) < 1e-5 for r in first)
+    assert any(r["clip_frac"] > 0 for r in later) and any(abs(r["approx_kl"]) > 1e-4 for r in later)
+
+
+def test_synthetic_splits_are_disjoint():
+    sets = {}
+    for split in tasks.SPLITS:
+        pairs = {(a, b) for a in range(50) for b in range(50) if tasks.split_of(a, b) == split}
+        sets[split] = pairs
+    assert sum(len(v) for v in sets.values()) == 2500
+    assert not (sets["heldout"] & sets["train"]) and not (sets["heldout"] & sets["warm"])
+    assert not (sets["warm"] & sets["train"])
+    drawn = {split: {r["prompt"] for r in tasks.arithmetic_problems(500, max_operand=50, seed=3, split=split)}
+             for split in ("train", "warm")}
+    held = {r["prompt"] for r in tasks.heldout_problems(max_operand=50)}
+    assert len(held) == len(sets["heldout"]) and not (held & drawn["train"]) and not (held & drawn["warm"])
+    assert not (drawn["train"] & drawn["warm"])
 
 
 def test_offline_qwen_tokenizer_matches_qwen25_ids():
@@ -274,3 +329,68 @@ def test_dapo_run_with_length_penalty(tmp_path):
     p = dataclasses.replace(preset("tiny"), **dict(SMALL, max_steps=2, save_steps=10))
     summary = run(p, algo("dapo"), "dapo", str(tmp_path / "d"), seed=0, quiet=True)
     assert summary["steps"] == 2
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--limit", "-3"], "--limit must be >= 1"), (["--limit", "0"], "--limit must be >= 1"),
+    (["--n", "0"], "--n must be >= 1"),
+])
+def test_eval_refuses_bad_counts(argv, words, tmp_path, capsys):
+    from ngrpo_train.evaluate import main as eval_main
+
+    with pytest.raises(SystemExit):
+        eval_main(["--model", str(tmp_path), *argv])
+    assert words in capsys.readouterr().err
+
+
+def test_eval_reports_a_missing_model_directory(tmp_path, capsys):
+    from ngrpo_train.evaluate import main as eval_main
+
+    with pytest.raises(SystemExit):
+        eval_main(["--model", str(tmp_path / "outputs" / "run" / "final")])
+    assert "no such directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,value", [
+    ("delta", 2.0), ("top_entropy_quantile", 0.2), ("importance_sampling_level", "sequence"),
+    ("off_policy_mask_threshold", 0.5), ("use_adaptive_entropy", True), ("scale_rewards", "batch"),
+    ("multi_objective_aggregation", "normalize_then_sum"),
+])
+def test_unimplemented_trl_options_are_refused(option, value, tmp_path):
+    from ngrpo_kernels.integrations.trl import NGRPOConfig
+
+    with pytest.raises(ValueError, match=option):
+        NGRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **{option: value})
+
+
+def test_kl_needs_the_unweighted_k3(tmp_path):
+    from ngrpo_kernels.integrations.trl import NGRPOConfig
+
+    with pytest.raises(ValueError, match="use_bias_correction_kl"):
+        NGRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, beta=0.04)
+    NGRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, beta=0.04, use_bias_correction_kl=False)
+
+
+def test_logit_scaling_folds_into_the_temperature_and_softcapping_is_refused():
+    from types import SimpleNamespace
+
+    from ngrpo_kernels.integrations.trl import _logit_scale
+
+    assert _logit_scale(SimpleNamespace()) == 1.0
+    assert _logit_scale(SimpleNamespace(logit_scale=0.25)) == 0.25  # Cohere multiplies
+    assert _logit_scale(SimpleNamespace(logits_scaling=8.0)) == 0.125  # Granite divides
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        _logit_scale(SimpleNamespace(final_logit_softcapping=30.0))
+
+
+def test_sequence_level_weights_broadcast_and_tool_tokens_are_not_counted():
+    from ngrpo_kernels.integrations.trl import _loss_tokens, _per_token
+
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    w = torch.tensor([[0.5], [1.0], [2.0]])
+    assert torch.equal(_per_token(w, ids), w.expand(3, 5)) and _per_token(None, ids) is None
+    mask = torch.ones(3, 5)
+    tool = torch.ones(3, 5)
+    tool[0, 1:3] = 0
+    assert _loss_tokens({"completion_mask": mask, "tool_mask": tool}).sum() == 13
+    assert _loss_tokens({"completion_mask": mask}).sum() == 15

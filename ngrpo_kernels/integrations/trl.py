@@ -22,8 +22,9 @@ What changes against GRPO (checked on TRL 1.16):
   ``fused_linear_logprobs``; they are None when the update is on-policy, which our loss treats as
   ratio exactly 1.
 
-With TRL's defaults the ratio is always 1 and clipping never acts: the recipe's 1024-prompt generation
-batch with 256-prompt mini-batches maps to ``steps_per_generation = 4`` (see ``python/ngrpo_train``).
+With TRL's defaults (one optimizer step per generation) the ratio is always 1 and clipping never acts.
+TRL counts ``steps_per_generation`` in micro-steps: the recipe's 4 optimizer steps on each 1024-prompt
+generation are ``steps_per_generation = 4 * gradient_accumulation_steps`` (``ngrpo_train.presets.trl_args``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,26 @@ class NGRPOConfig(GRPOConfig):
         Estimator.parse(self.advantage_estimator)
         if self.loss_type != "dapo":
             raise ValueError("NGRPOTrainer aggregates as token-mean over the global token count (loss_type='dapo')")
+        refused = [(name, why) for name, default, why in _UNSUPPORTED if getattr(self, name, default) != default]
+        if self.beta != 0.0 and self.use_bias_correction_kl:
+            refused.append(("use_bias_correction_kl", "the fused loss's k3 KL term is not multiplied by the ratio; "
+                                                      "set use_bias_correction_kl=False with beta > 0"))
+        if refused:
+            raise ValueError("NGRPOTrainer does not implement " + "; ".join(f"{n} ({w})" for n, w in refused)
+                             + ": unset it rather than train something else")
+
+
+# GRPOConfig options NGRPOTrainer's loss or advantages do not implement, with their neutral values: a
+# non-neutral value is refused at construction instead of being silently ignored.
+_UNSUPPORTED = [
+    ("delta", None, "two-sided clipping of the ratio"),
+    ("top_entropy_quantile", 1.0, "training only on high-entropy tokens"),
+    ("importance_sampling_level", "token", "sequence-level importance sampling; NGRPO clips per token"),
+    ("off_policy_mask_threshold", None, "off-policy sequence masks"),
+    ("use_adaptive_entropy", False, "the adaptive entropy coefficient; use a constant entropy_coef"),
+    ("scale_rewards", "group", "TRL's reward scaling; the advantages are NGRPO's (advantage_estimator)"),
+    ("multi_objective_aggregation", "sum_then_normalize", "reward aggregation other than the weighted sum"),
+]
 
 
 class NGRPOTrainer(GRPOTrainer):
@@ -70,9 +91,10 @@ class NGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        _add_ngrpo_head(model, self.temperature)
+        temperature = self.temperature / _logit_scale(model.config)
+        _add_ngrpo_head(model, temperature)
         if self.ref_model is not None:
-            _add_ngrpo_head(self.ref_model, self.temperature)
+            _add_ngrpo_head(self.ref_model, self.temperature / _logit_scale(self.ref_model.config))
 
     # ------------------------------------------------------------------ advantages
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -118,11 +140,11 @@ class NGRPOTrainer(GRPOTrainer):
         if drop.any():
             keep = (~drop).repeat_interleave(G)[process_slice].to(output["completion_mask"].dtype)
             output["completion_mask"] = output["completion_mask"] * keep[:, None]
-            output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
+            output["num_items_in_batch"] = self.accelerator.gather(_loss_tokens(output).sum()).sum()
         return output
 
     # ------------------------------------------------------------------ loss
-    def _compute_loss(self, model, inputs):
+    def _compute_loss(self, model, inputs):  # noqa: C901 - mirrors TRL's own
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
@@ -134,8 +156,8 @@ class NGRPOTrainer(GRPOTrainer):
             targets=completion_ids, mask=mask, old_logprobs=inputs.get("old_per_token_logps"),
             advantages=inputs["advantages"], temperature=self.temperature, eps_neg=self.epsilon_low,
             eps_pos=self.epsilon_high, beta=self.beta, ref_logprobs=inputs.get("ref_per_token_logps"),
-            entropy_coef=self.args.entropy_coef, normalizer=normalizer.float(),
-            rollout_is_weights=inputs.get("importance_sampling_ratio"),
+            entropy_coef=self.entropy_coef, normalizer=normalizer.float(),
+            rollout_is_weights=_per_token(inputs.get("importance_sampling_ratio"), completion_ids),
         )
         out = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
                     attention_mask=torch.cat([prompt_mask, completion_mask], dim=1), ngrpo_loss=request)
@@ -146,6 +168,21 @@ class NGRPOTrainer(GRPOTrainer):
             if key in metrics:
                 self._metrics[mode][name].append(gather(metrics[key].detach()).nanmean().item())
         return out.loss
+
+
+def _logit_scale(config) -> float:
+    """The factor a model's head applies to its logits (Cohere's ``logit_scale`` multiplies them, Granite's
+    ``logits_scaling`` divides them), folded into the temperature the kernels divide by. A soft cap
+    (Gemma's ``final_logit_softcapping``) is not a scale: refused."""
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        raise ValueError(f"the model's final_logit_softcapping={config.final_logit_softcapping} is not implemented "
+                         "by the fused head (it would train on uncapped logits)")
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None:
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:
+        scale /= float(config.logits_scaling)
+    return scale
 
 
 def _add_ngrpo_head(model, temperature: float) -> None:
@@ -206,3 +243,16 @@ def _token_logprobs(model, temperature, *args, labels, fused_lm_head=True, num_i
     mask = targets != -100
     loss = -log_probs.sum() / mask.sum().clamp(min=1)
     return types.SimpleNamespace(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask)
+
+
+def _per_token(weights, completion_ids):
+    """TRL's importance weights are [B, T], or [B, 1] for sequence-level vLLM correction: broadcast."""
+    if weights is None or weights.shape == completion_ids.shape:
+        return weights
+    return weights.expand(completion_ids.shape)
+
+
+def _loss_tokens(output):
+    """The tokens the loss counts, as TRL counts them: completion tokens, minus tool results."""
+    mask = output["completion_mask"]
+    return mask if "tool_mask" not in output else mask * output["tool_mask"]

@@ -26,10 +26,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", default=None, help="a checkpoint directory, or 'auto' for the last one in --output-dir")
     ap.add_argument("--quiet", action="store_true")
     knobs = ap.add_argument_group("overrides of the preset")
-    for field in ("max_steps", "learning_rate", "num_generations", "prompts_per_generation", "steps_per_generation",
-                  "max_completion_length", "temperature", "warm_start_steps", "save_steps", "num_train",
-                  "gradient_accumulation_steps",
-                  "train_path", "model"):
+    for field in ("max_steps", "learning_rate", "num_generations", "prompts_per_generation",
+                  "optimizer_steps_per_generation", "max_completion_length", "temperature", "warm_start_steps",
+                  "save_steps", "num_train", "per_device_train_batch_size", "train_path", "model"):
         f = next(x for x in dataclasses.fields(PRESETS["tiny"]) if x.name == field)
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         knobs.add_argument("--" + field.replace("_", "-"), type=kind, default=None)

@@ -55,7 +55,8 @@ def _generate_vllm(model_dir, prompts, *, n, temperature, top_p, max_new_tokens)
 
 
 def evaluate(model_dir: str, rows: list[dict], task: str, *, n: int, temperature: float, top_p: float,
-             max_new_tokens: int, out_dir: str | None = None, tokenizer=None) -> dict:
+             max_new_tokens: int, out_dir: str | None = None, tokenizer=None, problem_set: str = "given") -> dict:
+    """``problem_set`` names where ``rows`` come from ("held-out split", a file...): it is reported."""
     prompts = [r["prompt"] for r in rows]
     use_vllm = False
     try:
@@ -73,7 +74,8 @@ def evaluate(model_dir: str, rows: list[dict], task: str, *, n: int, temperature
     grade = tasks.exact_answer_reward if task == "arithmetic" else tasks.math_verify_reward
     correct = [int(sum(grade(None, s, answer=[r["answer"]] * len(s)))) for s, r in zip(samples, rows)]
     curve = passk.mean_pass_at_k(correct, n)
-    result = {"model": model_dir, "task": task, "problems": len(rows), "n": n, "temperature": temperature,
+    result = {"model": model_dir, "task": task, "problems": len(rows), "problem_set": problem_set, "n": n,
+              "temperature": temperature,
               "top_p": top_p, "generator": "vllm" if use_vllm else "hf", "pass_at_k": curve,
               "auc": passk.pass_at_k_auc(curve) if len(curve) > 1 else None}
     if out_dir:
@@ -82,7 +84,7 @@ def evaluate(model_dir: str, rows: list[dict], task: str, *, n: int, temperature
         (out / "eval.json").write_text(json.dumps(result, indent=2))
         lines = ["| k | pass@k |", "|---:|---:|"] + [f"| {k} | {v:.4f} |" for k, v in curve.items()]
         auc = "n/a" if result["auc"] is None else f"{result['auc']:.2f}"
-        (out / "eval.md").write_text(f"# {model_dir} on {task} ({len(rows)} problems, n = {n})\n\n"
+        (out / "eval.md").write_text(f"# {model_dir} on {task} ({len(rows)} problems: {problem_set}; n = {n})\n\n"
                                      + "\n".join(lines) + f"\n\npass@k AUC: {auc}\n")
         _plot(curve, out / "passk.png", title=f"{Path(model_dir).name}: AUC {auc}")
     return result
@@ -117,22 +119,36 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=1234, help="problem generation and sampling seed")
     ap.add_argument("--output-dir", default=None, help="default: MODEL/../eval")
     args = ap.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        ap.error(f"--limit must be >= 1, got {args.limit}")
+    if args.n < 1:
+        ap.error(f"--n must be >= 1, got {args.n}")
+    model = Path(args.model)
+    looks_local = (model.is_absolute() or args.model.startswith((".", "~")) or args.model.count("/") != 1
+                   or Path(args.model.split("/")[0]).exists())
+    if looks_local and not model.exists():  # not a hub id: say so now, not after a hub lookup
+        ap.error(f"--model {args.model}: no such directory")
     import torch
 
     torch.manual_seed(args.seed)  # sampling (HF generate) is reproducible run to run
     tokenizer = None
     if args.task == "arithmetic":
-        from .tokenizer import char_tokenizer
+        # the held-out split: problems that no training run of the tiny presets has seen
+        rows = tasks.heldout_problems(max_operand=50, limit=args.limit or 64, seed=args.seed)
+        if not (model / "tokenizer_config.json").exists():  # else the model's own (char or Qwen vocabulary)
+            from .tokenizer import char_tokenizer
 
-        rows = tasks.arithmetic_problems(args.limit or 64, max_operand=50, seed=args.seed)
-        tokenizer = char_tokenizer(tasks.ALPHABET)
+            tokenizer = char_tokenizer(tasks.ALPHABET)
+        problem_set = "held-out split of a+b= (never in a warm-start or RL set)"
     else:
         if not args.data:
             ap.error("--task math needs --data PARQUET")
         rows = tasks.load_math_parquet(args.data, limit=args.limit)
+        problem_set = args.data
     out_dir = args.output_dir or str(Path(args.model).parent / "eval")
     result = evaluate(args.model, rows, args.task, n=args.n, temperature=args.temperature, top_p=args.top_p,
-                      max_new_tokens=args.max_new_tokens, out_dir=out_dir, tokenizer=tokenizer)
+                      max_new_tokens=args.max_new_tokens, out_dir=out_dir, tokenizer=tokenizer,
+                      problem_set=problem_set)
     print(json.dumps(result, indent=2))
     return result
 

@@ -23,12 +23,16 @@ from .train import build_tokenizer, greedy_accuracy, run
 
 
 def problem_sets(seed: int, easy_max: int, hard_min: int, max_operand: int):
-    warm = tasks.arithmetic_problems(4096, max_operand=max_operand, max_sum=easy_max, seed=seed)
-    easy = tasks.arithmetic_problems(2048, max_operand=max_operand, max_sum=easy_max, seed=seed + 1000)
-    hard = tasks.arithmetic_problems(2048, max_operand=max_operand, min_sum=hard_min, seed=seed + 2000)
+    """Warm-start rows, RL prompts and the two held-out sets, from disjoint parts of the problem space
+    (``tasks.split_of``): no held-out problem is ever trained on."""
+    warm = tasks.arithmetic_problems(4096, max_operand=max_operand, max_sum=easy_max, seed=seed, split="warm")
+    easy = tasks.arithmetic_problems(2048, max_operand=max_operand, max_sum=easy_max, seed=seed + 1000,
+                                     split="train")
+    hard = tasks.arithmetic_problems(2048, max_operand=max_operand, min_sum=hard_min, seed=seed + 2000,
+                                     split="train")
     train = [row for pair in zip(easy, hard) for row in pair]  # half easy, half hard, interleaved
-    held_easy = tasks.arithmetic_problems(256, max_operand=max_operand, max_sum=easy_max, seed=seed + 3000)
-    held_hard = tasks.arithmetic_problems(256, max_operand=max_operand, min_sum=hard_min, seed=seed + 4000)
+    held_easy = tasks.heldout_problems(max_operand=max_operand, max_sum=easy_max, limit=256)
+    held_hard = tasks.heldout_problems(max_operand=max_operand, min_sum=hard_min, limit=256)
     return warm, train, held_easy, held_hard
 
 

@@ -3,9 +3,11 @@
 - ``tiny`` (the default, CPU): a 4-layer Qwen2-architecture model built from a config, a character
   tokenizer, synthetic arithmetic ``a+b=`` (answers checked exactly), a short supervised warm start
   (a random model never earns reward), then RL. Minutes on 2 cores.
-- ``qwen2.5-math-7b``: docs/algorithm.md §6 as released, for one node of 8 x 80 GB GPUs with vLLM in colocate mode.
-  1024 prompts x 8 samples per generation, PPO mini-batch 256 prompts -> steps_per_generation = 4
-  optimizer steps per generation (so the ratio moves away from 1 and the clip acts).
+- ``qwen2.5-math-7b``: docs/algorithm.md §6 as released, for one node of 8 x 80 GB GPUs with vLLM in colocate
+  mode: 1024 prompts x 8 samples per generation, 4 optimizer steps of 256 prompts on it (so the ratio
+  moves away from 1 and the clip acts). ``trl_args`` turns that into TRL's counts, which are micro-steps.
+- ``tiny`` takes 2 optimizer steps per generation, as the recipe takes 4, so that clipping acts in the
+  default job too.
 """
 
 from __future__ import annotations
@@ -58,9 +60,9 @@ class Preset:
     warm_start_lr: float = 3e-3
     warm_start_batch: int = 64
     # RL
-    prompts_per_generation: int = 8
+    prompts_per_generation: int = 16
     num_generations: int = 8
-    steps_per_generation: int = 1
+    optimizer_steps_per_generation: int = 2  # the recipe's 1024-prompt generation / 256-prompt mini-batches
     max_completion_length: int = 4
     learning_rate: float = 3e-4
     weight_decay: float = 0.0
@@ -68,7 +70,7 @@ class Preset:
     max_steps: int = 300
     temperature: float = 1.0
     save_steps: int = 100
-    gradient_accumulation_steps: int = 1
+    per_device_train_batch_size: int | None = None  # completions per micro-step and process; None: a whole step
     use_vllm: bool = False
     bf16: bool = False
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -104,8 +106,8 @@ PRESETS = {
         num_train=7500,
         prompts_per_generation=1024,
         num_generations=8,
-        steps_per_generation=4,  # 1024-prompt generation batch / 256-prompt PPO mini-batches
-        gradient_accumulation_steps=32,  # 256 prompts x 8 = 2048 completions per step = 8 GPUs x 8 x 32
+        optimizer_steps_per_generation=4,  # 1024-prompt generation batch / 256-prompt PPO mini-batches
+        per_device_train_batch_size=8,  # 256 prompts x 8 = 2048 completions per step = 8 GPUs x 8 x 32 micro-steps
         max_completion_length=3072,
         learning_rate=1e-6,
         weight_decay=0.01,
@@ -128,21 +130,31 @@ def preset(name: str) -> Preset:
 
 
 def trl_args(p: Preset, a: Algo, *, output_dir: str, seed: int, num_processes: int = 1) -> dict[str, Any]:
-    """NGRPOConfig keyword arguments for a preset and an algorithm.
+    """NGRPOConfig keyword arguments for a preset and an algorithm on ``num_processes`` processes.
 
-    TRL generates ``per_device_train_batch_size * gradient_accumulation_steps * steps_per_generation``
-    completions per process per generation; the per-device batch is chosen so that one optimizer step
-    sees ``prompts_per_generation / steps_per_generation`` prompts over all processes."""
+    The preset counts like the recipe: ``prompts_per_generation`` prompts x ``num_generations`` samples
+    per generation, ``optimizer_steps_per_generation`` optimizer steps on each generation. TRL counts
+    micro-steps (calls of ``training_step``): its ``steps_per_generation`` is the number of micro-steps per
+    generation and ``generation_batch_size = per_device_train_batch_size * num_processes *
+    steps_per_generation`` (trl/trainer/grpo_config.py). So, with ``c`` completions per optimizer step:
+    ``gradient_accumulation_steps = c / (num_processes * per_device_train_batch_size)`` micro-steps make
+    one optimizer step, and ``steps_per_generation = optimizer_steps_per_generation *
+    gradient_accumulation_steps``. The per-device batch stays the preset's on any process count (memory
+    per GPU is what limits it); the accumulation absorbs the process count."""
     completions = p.prompts_per_generation * p.num_generations
-    gradient_accumulation_steps = p.gradient_accumulation_steps
-    per_step = completions // p.steps_per_generation
-    per_device = per_step // (num_processes * gradient_accumulation_steps)
-    if per_device * num_processes * gradient_accumulation_steps * p.steps_per_generation != completions:
-        raise ValueError(f"{completions} completions per generation do not split over {num_processes} processes x "
-                         f"{gradient_accumulation_steps} accumulation x {p.steps_per_generation} steps")
+    steps = p.optimizer_steps_per_generation
+    per_step = completions // steps
+    per_device = p.per_device_train_batch_size or per_step // num_processes
+    gradient_accumulation_steps = per_step // (num_processes * per_device) if per_device else 0
+    if per_step * steps != completions or gradient_accumulation_steps * num_processes * per_device != per_step:
+        raise ValueError(
+            f"{completions} completions per generation in {steps} optimizer steps of {per_step} do not split into "
+            f"{num_processes} processes x micro-batches of {per_device}: choose a process count and "
+            f"--per-device-train-batch-size whose product divides {per_step}")
     args = dict(
         output_dir=output_dir, seed=seed, per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=gradient_accumulation_steps, steps_per_generation=p.steps_per_generation,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        steps_per_generation=steps * gradient_accumulation_steps,
         num_generations=p.num_generations, max_completion_length=p.max_completion_length,
         learning_rate=p.learning_rate, lr_scheduler_type="constant", weight_decay=p.weight_decay,
         max_grad_norm=p.max_grad_norm, max_steps=p.max_steps, temperature=p.temperature, top_p=1.0,
@@ -150,6 +162,7 @@ def trl_args(p: Preset, a: Algo, *, output_dir: str, seed: int, num_processes: i
         use_vllm=p.use_vllm, advantage_estimator=a.estimator, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
         beta=a.beta, filter_all_correct=a.filter_all_correct, filter_all_wrong=a.filter_all_wrong,
         entropy_coef=a.entropy_coef, loss_type="dapo", num_iterations=1, shuffle_dataset=True,
+        use_bias_correction_kl=False,  # the fused k3 KL is not ratio-weighted (NGRPOConfig refuses the mix)
         disable_tqdm=True,
     )
     args.update(p.extra)

@@ -10,16 +10,47 @@ ALPHABET = "0123456789+=-*"
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
-def arithmetic_problems(n: int, *, max_operand: int, seed: int, min_sum: int = 0, max_sum: int | None = None):
-    """``n`` problems ``a+b=`` with operands in [0, max_operand), answers within [min_sum, max_sum]."""
+SPLITS = ("warm", "train", "heldout")
+
+
+def split_of(a: int, b: int) -> str:
+    """The fixed split of the problem ``a+b=``: every pair belongs to exactly one of the warm-start set
+    (35 %), the RL training set (50 %) and the held-out set (15 %), whatever the seed, so a number
+    reported as held-out comes from problems the model never saw, in supervised or RL training. The
+    pair is hashed (a multiplicative hash of a * 1000 + b), not its sum, so every split covers every sum
+    range."""
+    h = ((a * 1000 + b) * 2654435761) % 2**32 % 100
+    return "heldout" if h < 15 else "warm" if h < 50 else "train"
+
+
+def _pairs(split: str, max_operand: int, min_sum: int, max_sum: int | None):
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    return [(a, b) for a in range(max_operand) for b in range(max_operand)
+            if split_of(a, b) == split and a + b >= min_sum and (max_sum is None or a + b <= max_sum)]
+
+
+def _row(a: int, b: int) -> dict:
+    return {"prompt": f"{a}+{b}=", "answer": str(a + b)}
+
+
+def arithmetic_problems(n: int, *, max_operand: int, seed: int, split: str, min_sum: int = 0,
+                        max_sum: int | None = None):
+    """``n`` problems ``a+b=`` drawn with replacement from one split (``split_of``), operands in
+    [0, max_operand), answers within [min_sum, max_sum]."""
+    pairs = _pairs(split, max_operand, min_sum, max_sum)
+    if not pairs:
+        raise ValueError(f"no {split} problem with operands < {max_operand} and sums in [{min_sum}, {max_sum}]")
     rng = random.Random(seed)
-    out = []
-    while len(out) < n:
-        a, b = rng.randrange(max_operand), rng.randrange(max_operand)
-        if a + b < min_sum or (max_sum is not None and a + b > max_sum):
-            continue
-        out.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
-    return out
+    return [_row(*rng.choice(pairs)) for _ in range(n)]
+
+
+def heldout_problems(*, max_operand: int, limit: int | None = None, seed: int = 0, min_sum: int = 0,
+                     max_sum: int | None = None):
+    """The distinct held-out problems (each once), in a seeded order, the first ``limit`` of them."""
+    pairs = _pairs("heldout", max_operand, min_sum, max_sum)
+    random.Random(seed).shuffle(pairs)
+    return [_row(*ab) for ab in pairs[:limit]]
 
 
 def exact_answer_reward(prompts, completions, answer, **_):

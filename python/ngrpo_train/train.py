@@ -84,10 +84,15 @@ def build_model(p: Preset, tokenizer, seed: int):
 
 
 def build_data(p: Preset, seed: int):
+    """(RL prompts, supervised warm-start rows, held-out rows or None, reward). The synthetic task's
+    three sets come from disjoint parts of the problem space (``tasks.split_of``)."""
     if p.task == "arithmetic":
-        return tasks.arithmetic_problems(p.num_train, max_operand=p.max_operand, seed=seed), tasks.exact_answer_reward
+        train = tasks.arithmetic_problems(p.num_train, max_operand=p.max_operand, seed=seed, split="train")
+        warm = tasks.arithmetic_problems(p.num_train, max_operand=p.max_operand, seed=seed + 1, split="warm")
+        heldout = tasks.heldout_problems(max_operand=p.max_operand, limit=256)
+        return train, warm, heldout, tasks.exact_answer_reward
     rows = tasks.load_math_parquet(p.train_path, limit=p.num_train)
-    return rows, tasks.math_verify_reward
+    return rows, rows, None, tasks.math_verify_reward
 
 
 def warm_start(model, tokenizer, rows, *, steps: int, lr: float, batch: int, seed: int, log=print) -> float:
@@ -145,10 +150,10 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     log = (lambda *_: None) if quiet else print
     resume_from = last_checkpoint(out) if resume == "auto" else resume
     tokenizer = build_tokenizer(p)
-    rows, reward = build_data(p, seed)
+    rows, default_warm, heldout, reward = build_data(p, seed)
     if train_rows is not None:
         rows = train_rows
-    warm_rows = rows if warm_rows is None else warm_rows
+    warm_rows = default_warm if warm_rows is None else warm_rows
     model = build_model(p, tokenizer, seed)
     summary: dict = {"preset": p.name, "algo": algo_name, "seed": seed}
 
@@ -168,8 +173,9 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
         if not (warm_dir / "config.json").exists():
             model.save_pretrained(warm_dir)
         model.config._name_or_path = str(warm_dir)
-    if p.task == "arithmetic":
-        summary["greedy_accuracy_before"] = greedy_accuracy(model, tokenizer, rows[:256], p.max_completion_length)
+    if heldout is not None:  # problems in neither the warm-start nor the RL set
+        summary["heldout_problems"] = len(heldout)
+        summary["heldout_greedy_accuracy_before"] = greedy_accuracy(model, tokenizer, heldout, p.max_completion_length)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate / torchrun
     resolved = trl_args(p, a, output_dir=str(out), seed=seed, num_processes=world)
@@ -194,8 +200,9 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(str(out / "final"))
 
-    if p.task == "arithmetic":
-        summary["greedy_accuracy_after"] = greedy_accuracy(trainer.model, tokenizer, rows[:256], p.max_completion_length)
+    if heldout is not None:
+        summary["heldout_greedy_accuracy_after"] = greedy_accuracy(trainer.model, tokenizer, heldout,
+                                                                   p.max_completion_length)
     rows_logged = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
     summary["steps"] = trainer.state.global_step
     if rows_logged:
