@@ -8,6 +8,8 @@ always run and never synchronise.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import _checks as check
@@ -131,7 +133,10 @@ def ngrpo_policy_loss(
         normalizer: replaces the aggregation's denominator (the token count for token-mean, the number
             of non-empty sequences for the seq-mean modes, 1 for seq-mean-token-sum-norm). Give every
             micro-batch the whole batch's value (e.g. TRL's ``num_items_in_batch``): micro-batch losses
-            and gradients then sum to the whole batch's. A number or a 0-dim tensor (> 0).
+            and gradients then sum to the whole batch's. A number or a 0-dim tensor (> 0). Two cases
+            break that invariance and warn: seq-mean-token-sum-norm without ``length_budget`` (the
+            budget would be each micro-batch's own padded T), and, in the fused loss, ``rewards=`` (the
+            group statistics then come from one micro-batch: groups must not be split).
         length_budget: the constant length of seq-mean-token-sum-norm (default: T).
         validate: check values (finite inputs at valid positions, 0/1 mask, positive tensor
             normaliser) with one sync; ``False`` skips them.
@@ -217,6 +222,12 @@ def _loss_options(loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, has_ref, 
             normalizer = normalizer.to(device=device)
     elif normalizer is not None:
         normalizer = check.positive("normalizer", normalizer)
+    if normalizer is not None and loss_agg_mode == AggMode.SEQ_MEAN_TOKEN_SUM_NORM and length_budget is None:
+        # The budget defaults to this call's T: micro-batches padded to different lengths would then be
+        # divided by different constants, and their losses would not add up to the whole batch's.
+        warnings.warn("seq-mean-token-sum-norm with a normalizer but no length_budget divides by this call's "
+                      "padded length T: give length_budget= (e.g. max_completion_length) so that micro-batches "
+                      "padded differently add up to the whole batch", stacklevel=3)
     return eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, length_budget, normalizer
 
 
@@ -450,6 +461,10 @@ def fused_linear_ngrpo_loss(
             raise ValueError(f"workspace_bytes={workspace_bytes} cannot hold one row of logits (V={V}, "
                              f"{hidden.dtype}): at least {need} bytes are needed")
 
+    if rewards is not None and normalizer is not None:
+        warnings.warn("rewards= with a normalizer (micro-batching): the group statistics come from this call's "
+                      "responses only, so every group must lie whole in this micro-batch; otherwise compute the "
+                      "advantages once over the whole batch and pass advantages=", stacklevel=2)
     if rewards is not None:  # validates rewards / group_ids itself (the same validate= convention)
         advantages = ngrpo_advantages(rewards, group_ids, r_max=r_max, num_virtual=num_virtual, validate=validate)
     if validate:

@@ -93,6 +93,8 @@ def test_end_to_end_and_resume(tmp_path):
     shutil.rmtree(b / "final")
     resumed = run(p, algo("ngrpo"), "ngrpo", str(b), seed=3, quiet=True, resume="auto")
     assert resumed["steps"] == 4
+    # "before" is the warm-started model's accuracy, not the resumed weights' (nor 0)
+    assert resumed["heldout_greedy_accuracy_before"] == straight["heldout_greedy_accuracy_before"]
     rows_b = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
     for ra, rb in zip(rows, rows_b):
@@ -394,3 +396,54 @@ def test_sequence_level_weights_broadcast_and_tool_tokens_are_not_counted():
     tool[0, 1:3] = 0
     assert _loss_tokens({"completion_mask": mask, "tool_mask": tool}).sum() == 13
     assert _loss_tokens({"completion_mask": mask}).sum() == 15
+
+
+def test_resume_is_safe(tmp_path, monkeypatch):
+    """Resume only continues the same run from a complete checkpoint (any folder name), a finished run
+    is left alone, and nothing random ever becomes a run's warm start."""
+    import shutil
+
+    from ngrpo_train import train
+    from ngrpo_train.train import last_checkpoint, run
+
+    p = dataclasses.replace(preset("tiny"), **SMALL)
+    out = tmp_path / "r"
+    run(p, algo("ngrpo"), "ngrpo", str(out), seed=1, quiet=True)
+    lines = (out / "metrics.jsonl").read_text()
+    final = (out / "final" / "model.safetensors").stat().st_mtime_ns
+    # a finished run: resume auto trains nothing and leaves final/ as it was
+    again = run(p, algo("ngrpo"), "ngrpo", str(out), seed=1, quiet=True, resume="auto")
+    assert again["steps"] == 4 and (out / "metrics.jsonl").read_text() == lines
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns == final
+    # another algorithm (or preset, or seed) in the same folder is refused, not mixed into metrics.jsonl
+    with pytest.raises(ValueError, match="grpo"):
+        run(p, algo("grpo"), "grpo", str(out), seed=1, quiet=True, resume="auto")
+    # a half-written checkpoint (killed while saving: no trainer_state.json) is skipped
+    (out / "checkpoint-6").mkdir()
+    assert last_checkpoint(out).endswith("checkpoint-4")
+    # any folder name: the step comes from trainer_state.json
+    shutil.copytree(out / "checkpoint-2", tmp_path / "mine")
+    shutil.rmtree(out / "checkpoint-4")
+    shutil.rmtree(out / "final")
+    resumed = run(p, algo("ngrpo"), "ngrpo", str(out), seed=1, quiet=True, resume=str(tmp_path / "mine"))
+    assert resumed["steps"] == 4
+    # a resume in a folder without the run's warm start fails before touching anything
+    empty = tmp_path / "empty"
+    with pytest.raises(ValueError, match="warm_start"):
+        run(p, algo("ngrpo"), "ngrpo", str(empty), seed=1, quiet=True, resume=str(tmp_path / "mine"))
+    assert not (empty / "warm_start").exists()
+    # bad step counts and an unwritable folder are reported before any work
+    with pytest.raises(ValueError, match="max_steps"):
+        run(dataclasses.replace(p, max_steps=0), algo("ngrpo"), "ngrpo", str(tmp_path / "z"), quiet=True)
+    monkeypatch.setattr(train.os, "access", lambda *_: False)
+    monkeypatch.setattr(train, "warm_start", lambda *a, **k: pytest.fail("warm start before the folder check"))
+    with pytest.raises(PermissionError, match="not writable"):
+        run(p, algo("ngrpo"), "ngrpo", str(tmp_path / "ro"), quiet=True)
+
+
+def test_cli_refuses_non_positive_max_steps(capsys):
+    from ngrpo_train.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--max-steps", "-5"])
+    assert "--max-steps must be >= 1" in capsys.readouterr().err

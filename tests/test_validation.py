@@ -176,3 +176,20 @@ def test_liger_adapter_refuses_kl_without_reference_logprobs():
     with pytest.raises(ValueError, match="ref_per_token_logps"):
         fn(torch.randn(6, 8), torch.randn(10, 8), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3),
            torch.randn(2), old_per_token_logps=-torch.rand(2, 3))
+
+
+def test_micro_batching_pitfalls_warn():
+    args = _loss_args()
+    pos = (args["logprobs"], args["old_logprobs"], args["advantages"], args["mask"])
+    with pytest.warns(UserWarning, match="length_budget"):
+        nk.ngrpo_policy_loss(*pos, loss_agg_mode="seq-mean-token-sum-norm", normalizer=4)
+    with pytest.warns(UserWarning, match="whole in this micro-batch"):
+        nk.fused_linear_ngrpo_loss(torch.randn(2, 3, 8), torch.randn(10, 8), torch.zeros(2, 3, dtype=torch.long),
+                                   args["mask"], None, rewards=torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]),
+                                   normalizer=6)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the safe forms stay silent
+        nk.ngrpo_policy_loss(*pos, loss_agg_mode="seq-mean-token-sum-norm", normalizer=4, length_budget=3)
+        nk.ngrpo_policy_loss(*pos, normalizer=4)

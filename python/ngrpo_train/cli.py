@@ -36,7 +36,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.max_steps is not None and args.max_steps < 1:
+        ap.error(f"--max-steps must be >= 1, got {args.max_steps}")
     p = preset(args.preset)
     overrides = {k: v for k, v in vars(args).items() if v is not None and hasattr(p, k)}
     p = dataclasses.replace(p, **overrides)

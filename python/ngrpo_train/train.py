@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -133,9 +134,33 @@ def greedy_accuracy(model, tokenizer, rows, max_new_tokens: int) -> float:
     return correct / max(1, len(rows))
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a checkpoint was saved at, from its trainer_state.json (any folder name)."""
+    state = Path(path) / "trainer_state.json"
+    if not state.exists():
+        raise ValueError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+    return int(json.loads(state.read_text())["global_step"])
+
+
 def last_checkpoint(output_dir: Path) -> str | None:
-    ckpts = sorted(output_dir.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[-1]))
-    return str(ckpts[-1]) if ckpts else None
+    """The newest *complete* checkpoint: the trainer writes trainer_state.json last, so a folder without
+    it is a save that was interrupted, skipped."""
+    done = [d for d in output_dir.glob("checkpoint-*") if (d / "trainer_state.json").exists()]
+    return str(max(done, key=checkpoint_step)) if done else None
+
+
+def _check_resume(out: Path, resume_from: str, p: Preset, algo_name: str, seed: int) -> None:
+    """A resumed run continues the run in ``out``: same preset, algorithm and seed, its warm start there."""
+    checkpoint_step(resume_from)
+    config = out / "config.json"
+    if config.exists():
+        before = json.loads(config.read_text())
+        was = (before.get("preset", {}).get("name"), before.get("algo_name"), before.get("seed"))
+        if was != (p.name, algo_name, seed):
+            raise ValueError(f"--resume: {out} holds a run of preset/algo/seed {was}, not {(p.name, algo_name, seed)}; "
+                             "resume with the same options or use another --output-dir")
+    if p.model is None and p.warm_start_steps and not (out / "warm_start" / "config.json").exists():
+        raise ValueError(f"--resume: {out / 'warm_start'} is missing: the run's initial weights are not there")
 
 
 def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, resume: str | None = None,
@@ -145,10 +170,19 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
 
     from ngrpo_kernels.integrations.trl import NGRPOConfig, NGRPOTrainer
 
+    if p.max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {p.max_steps}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):  # find out now, not after the warm start
+        raise PermissionError(f"--output-dir {out} is not writable")
     log = (lambda *_: None) if quiet else print
     resume_from = last_checkpoint(out) if resume == "auto" else resume
+    if resume_from is not None:
+        _check_resume(out, resume_from, p, algo_name, seed)
+        if checkpoint_step(resume_from) >= p.max_steps and (out / "summary.json").exists():
+            log(f"{out}: already trained to step {checkpoint_step(resume_from)} (max_steps {p.max_steps}); nothing to do")
+            return json.loads((out / "summary.json").read_text())
     tokenizer = build_tokenizer(p)
     rows, default_warm, heldout, reward = build_data(p, seed)
     if train_rows is not None:
@@ -158,20 +192,24 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     summary: dict = {"preset": p.name, "algo": algo_name, "seed": seed}
 
     warm_dir = out / "warm_start"
-    if resume_from is None and p.warm_start_steps:
-        if (warm_dir / "config.json").exists():
-            from transformers import AutoModelForCausalLM
+    if p.model is None and (warm_dir / "config.json").exists():
+        # The run's initial weights (a fresh run re-uses them; a resumed one starts "before" from them).
+        from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(warm_dir)
-        else:
-            summary["warm_start_loss"] = warm_start(model, tokenizer, warm_rows, steps=p.warm_start_steps,
-                                                    lr=p.warm_start_lr, batch=p.warm_start_batch, seed=seed, log=log)
-            model.save_pretrained(warm_dir)
+        model = AutoModelForCausalLM.from_pretrained(warm_dir)
+    elif p.model is None:
+        if resume_from is not None:  # _check_resume makes this unreachable with a warm start
+            raise ValueError(f"--resume: {warm_dir} is missing")
+        summary["warm_start_loss"] = warm_start(model, tokenizer, warm_rows, steps=p.warm_start_steps,
+                                                lr=p.warm_start_lr, batch=p.warm_start_batch, seed=seed, log=log)
+        # Saved atomically: an interrupted save never leaves a half-written or random "warm start".
+        tmp = out / "warm_start.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tmp.rename(warm_dir)
     if p.model is None:
         # TRL builds the KL reference model (beta > 0) from config._name_or_path: point it at the
         # initial policy's weights (the warm-started model), saved here.
-        if not (warm_dir / "config.json").exists():
-            model.save_pretrained(warm_dir)
         model.config._name_or_path = str(warm_dir)
     if heldout is not None:  # problems in neither the warm-start nor the RL set
         summary["heldout_problems"] = len(heldout)
@@ -196,7 +234,7 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
 
     trainer.remove_callback(PrinterCallback)  # MetricsLog reports progress; the raw log dicts go to metrics.jsonl
     if resume_from is not None:
-        _truncate_metrics(metrics_path, int(Path(resume_from).name.split("-")[-1]))
+        _truncate_metrics(metrics_path, checkpoint_step(resume_from))
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(str(out / "final"))
 
