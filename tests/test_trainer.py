@@ -447,3 +447,34 @@ def test_cli_refuses_non_positive_max_steps(capsys):
     with pytest.raises(SystemExit):
         main(["--max-steps", "-5"])
     assert "--max-steps must be >= 1" in capsys.readouterr().err
+
+
+def test_two_processes_use_the_single_process_advantages(tmp_path):
+    """Two processes (torchrun, gloo on the CPU): each trains on its slice of the advantages that one
+    process computes from the same gathered rewards, and on the global token count."""
+    import os
+    import subprocess
+    import sys
+
+    from ngrpo_kernels.ops.advantages.naive import ngrpo_advantages_naive
+
+    here = Path(__file__).parent
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(here.parent / "python"), str(here.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(here / "two_process_run.py"), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [[json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 2  # two generations, seen by both processes
+    for r0, r1 in zip(*ranks):
+        assert r0["world"] == r1["world"] == 2 and r0["rewards"] == r1["rewards"]
+        rewards = torch.tensor(r0["rewards"], dtype=torch.float64)
+        assert 0 < rewards.mean() < 1  # groups of mixed outcome
+        want = ngrpo_advantages_naive(rewards, torch.arange(len(rewards)) // 4)  # 4 samples per prompt
+        local = len(r0["advantages"])
+        got = torch.tensor(r0["advantages"] + r1["advantages"], dtype=torch.float64)
+        assert local * 2 == len(rewards)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert r0["num_items"] == r1["num_items"] == r0["local_tokens"] + r1["local_tokens"]
+    assert (tmp_path / "out" / "final").exists() and len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2

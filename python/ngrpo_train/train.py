@@ -35,7 +35,7 @@ class MetricsLog(TrainerCallback):
         self._generation: dict = {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
             return
         now = time.perf_counter()
         row = {"step": state.global_step, "seconds": round(now - self._t, 4)}
@@ -166,6 +166,7 @@ def _check_resume(out: Path, resume_from: str, p: Preset, algo_name: str, seed: 
 def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, resume: str | None = None,
         quiet: bool = False, train_rows=None, warm_rows=None, plot: bool = True) -> dict:
     """Train; returns a summary dict (also written to OUTPUT/summary.json)."""
+    from accelerate import PartialState
     from datasets import Dataset
 
     from ngrpo_kernels.integrations.trl import NGRPOConfig, NGRPOTrainer
@@ -176,7 +177,11 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):  # find out now, not after the warm start
         raise PermissionError(f"--output-dir {out} is not writable")
-    log = (lambda *_: None) if quiet else print
+    # One process, or each of `accelerate launch` / torchrun's; on a machine without CUDA the processes
+    # talk over gloo (accelerate only sets that up when told the run is on the CPU).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    main = state.is_main_process
+    log = (lambda *_: None) if quiet or not main else print
     resume_from = last_checkpoint(out) if resume == "auto" else resume
     if resume_from is not None:
         _check_resume(out, resume_from, p, algo_name, seed)
@@ -192,21 +197,22 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     summary: dict = {"preset": p.name, "algo": algo_name, "seed": seed}
 
     warm_dir = out / "warm_start"
-    if p.model is None and (warm_dir / "config.json").exists():
-        # The run's initial weights (a fresh run re-uses them; a resumed one starts "before" from them).
-        from transformers import AutoModelForCausalLM
+    with state.main_process_first():  # the main process warm-starts; the others then load its weights
+        if p.model is None and (warm_dir / "config.json").exists():
+            # The run's initial weights (a fresh run re-uses them; a resumed one starts "before" from them).
+            from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(warm_dir)
-    elif p.model is None:
-        if resume_from is not None:  # _check_resume makes this unreachable with a warm start
-            raise ValueError(f"--resume: {warm_dir} is missing")
-        summary["warm_start_loss"] = warm_start(model, tokenizer, warm_rows, steps=p.warm_start_steps,
-                                                lr=p.warm_start_lr, batch=p.warm_start_batch, seed=seed, log=log)
-        # Saved atomically: an interrupted save never leaves a half-written or random "warm start".
-        tmp = out / "warm_start.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tmp.rename(warm_dir)
+            model = AutoModelForCausalLM.from_pretrained(warm_dir)
+        elif p.model is None:
+            if resume_from is not None or not main:  # _check_resume / the main process guarantee it
+                raise ValueError(f"{warm_dir} is missing")
+            summary["warm_start_loss"] = warm_start(model, tokenizer, warm_rows, steps=p.warm_start_steps,
+                                                    lr=p.warm_start_lr, batch=p.warm_start_batch, seed=seed, log=log)
+            # Saved atomically: an interrupted save never leaves a half-written or random "warm start".
+            tmp = out / "warm_start.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            tmp.rename(warm_dir)
     if p.model is None:
         # TRL builds the KL reference model (beta > 0) from config._name_or_path: point it at the
         # initial policy's weights (the warm-started model), saved here.
@@ -215,15 +221,16 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
         summary["heldout_problems"] = len(heldout)
         summary["heldout_greedy_accuracy_before"] = greedy_accuracy(model, tokenizer, heldout, p.max_completion_length)
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate / torchrun
-    resolved = trl_args(p, a, output_dir=str(out), seed=seed, num_processes=world)
+    resolved = trl_args(p, a, output_dir=str(out), seed=seed, num_processes=state.num_processes)
     args = NGRPOConfig(**resolved)
-    (out / "config.json").write_text(json.dumps({"preset": dataclasses.asdict(p), "algo": dataclasses.asdict(a),
-                                                 "algo_name": algo_name, "seed": seed, "trl_args": resolved},
-                                                indent=2, default=str))
     metrics_path = out / "metrics.jsonl"
-    if resume_from is None and metrics_path.exists():
-        metrics_path.unlink()
+    if main:
+        (out / "config.json").write_text(json.dumps({"preset": dataclasses.asdict(p), "algo": dataclasses.asdict(a),
+                                                     "algo_name": algo_name, "seed": seed, "trl_args": resolved},
+                                                    indent=2, default=str))
+        if resume_from is None and metrics_path.exists():
+            metrics_path.unlink()
+    state.wait_for_everyone()
     rewards = [reward]
     if a.overlong_cache > 0:  # DAPO: correctness first (the filters read it), then the length penalty
         cache = max(1, int(a.overlong_cache * p.max_completion_length))
@@ -233,10 +240,13 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # MetricsLog reports progress; the raw log dicts go to metrics.jsonl
-    if resume_from is not None:
+    if resume_from is not None and main:
         _truncate_metrics(metrics_path, checkpoint_step(resume_from))
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(str(out / "final"))
+    state.wait_for_everyone()
+    if not main:  # the main process evaluates and writes the summary
+        return summary
 
     if heldout is not None:
         summary["heldout_greedy_accuracy_after"] = greedy_accuracy(trainer.model, tokenizer, heldout,
