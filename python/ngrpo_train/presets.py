@@ -97,6 +97,25 @@ PRESETS = {
         max_steps=100,
         save_steps=50,
     ),
+    # One GPU, end to end, timed: a Qwen2.5-0.5B-shaped model with the real 151,936-entry vocabulary and
+    # random weights (no download), bf16, 256-token completions (random weights sample until the limit,
+    # so every step runs the head on 16 x 8 x 256 tokens), 20 optimizer steps. Run it twice on the same
+    # GPU, with `--trainer ngrpo` and `--trainer trl` (TRL's stock GRPO loss and fused head), to compare
+    # step time and peak memory (summary.json). Not a learning run: the reward stays ~0.
+    "gpu-qwen-small": Preset(
+        name="gpu-qwen-small",
+        tokenizer="qwen",
+        model_config=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                          num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=2048,
+                          tie_word_embeddings=False),
+        warm_start_steps=0,
+        prompts_per_generation=16,
+        max_completion_length=256,
+        learning_rate=1e-5,
+        max_steps=20,
+        save_steps=1000,
+        bf16=True,
+    ),
     "qwen2.5-math-7b": Preset(
         name="qwen2.5-math-7b",
         model="Qwen/Qwen2.5-Math-7B",

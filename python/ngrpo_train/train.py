@@ -81,7 +81,8 @@ def build_model(p: Preset, tokenizer, seed: int):
     config.setdefault("vocab_size", len(tokenizer))
     config = Qwen2Config(pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **config)
-    return Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(config)
+    return model.to(torch.bfloat16) if p.bf16 else model  # bf16 weights, as a hub model loaded for RL
 
 
 def build_data(p: Preset, seed: int):
@@ -164,8 +165,11 @@ def _check_resume(out: Path, resume_from: str, p: Preset, algo_name: str, seed: 
 
 
 def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, resume: str | None = None,
-        quiet: bool = False, train_rows=None, warm_rows=None, plot: bool = True) -> dict:
-    """Train; returns a summary dict (also written to OUTPUT/summary.json)."""
+        quiet: bool = False, train_rows=None, warm_rows=None, heldout_rows=None, plot: bool = True,
+        trainer_impl: str = "ngrpo") -> dict:
+    """Train; returns a summary dict (also written to OUTPUT/summary.json). ``trainer_impl="trl"`` runs TRL's
+    stock ``GRPOTrainer`` (its own loss, fused head and group-normalised advantages) on the same preset, for
+    end-to-end comparisons; "ngrpo" (the default) is NGRPOTrainer."""
     from accelerate import PartialState
     from datasets import Dataset
 
@@ -193,6 +197,8 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     if train_rows is not None:
         rows = train_rows
     warm_rows = default_warm if warm_rows is None else warm_rows
+    if heldout_rows is not None:  # a caller with its own task (an empty list: no held-out accuracy here)
+        heldout = heldout_rows or None
     model = build_model(p, tokenizer, seed)
     summary: dict = {"preset": p.name, "algo": algo_name, "seed": seed}
 
@@ -221,8 +227,19 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
         summary["heldout_problems"] = len(heldout)
         summary["heldout_greedy_accuracy_before"] = greedy_accuracy(model, tokenizer, heldout, p.max_completion_length)
 
+    if trainer_impl not in ("ngrpo", "trl"):
+        raise ValueError(f"trainer_impl={trainer_impl!r} is not 'ngrpo' or 'trl'")
     resolved = trl_args(p, a, output_dir=str(out), seed=seed, num_processes=state.num_processes)
-    args = NGRPOConfig(**resolved)
+    if trainer_impl == "trl":
+        from trl import GRPOConfig, GRPOTrainer
+
+        for name in ("advantage_estimator", "filter_all_correct", "filter_all_wrong"):
+            resolved.pop(name)
+        args = GRPOConfig(**resolved)
+        trainer_cls = GRPOTrainer
+    else:
+        args = NGRPOConfig(**resolved)
+        trainer_cls = NGRPOTrainer
     metrics_path = out / "metrics.jsonl"
     if main:
         (out / "config.json").write_text(json.dumps({"preset": dataclasses.asdict(p), "algo": dataclasses.asdict(a),
@@ -235,8 +252,10 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     if a.overlong_cache > 0:  # DAPO: correctness first (the filters read it), then the length penalty
         cache = max(1, int(a.overlong_cache * p.max_completion_length))
         rewards.append(tasks.soft_overlong_penalty(p.max_completion_length, cache))
-    trainer = NGRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(rows),
-                           processing_class=tokenizer, callbacks=[MetricsLog(metrics_path, p.max_steps, quiet)])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer = trainer_cls(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, callbacks=[MetricsLog(metrics_path, p.max_steps, quiet)])
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # MetricsLog reports progress; the raw log dicts go to metrics.jsonl
@@ -253,6 +272,12 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
                                                                    p.max_completion_length)
     rows_logged = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
     summary["steps"] = trainer.state.global_step
+    summary["trainer"] = trainer_impl
+    if len(rows_logged) > 2:  # the first steps include compilation and allocator growth
+        summary["seconds_per_step"] = sum(r["seconds"] for r in rows_logged[2:]) / (len(rows_logged) - 2)
+    if torch.cuda.is_available():
+        summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        summary["gpu"] = torch.cuda.get_device_name()
     if rows_logged:
         k = max(1, len(rows_logged) // 5)
         summary["reward_first"] = sum(r["reward_mean"] for r in rows_logged[:k]) / k
