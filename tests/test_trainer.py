@@ -355,7 +355,7 @@ def test_eval_reports_a_missing_model_directory(tmp_path, capsys):
 
 @pytest.mark.parametrize("option,value", [
     ("delta", 2.0), ("top_entropy_quantile", 0.2), ("importance_sampling_level", "sequence"),
-    ("off_policy_mask_threshold", 0.5), ("use_adaptive_entropy", True), ("scale_rewards", "batch"),
+    ("off_policy_mask_threshold", 0.5), ("scale_rewards", "batch"),
     ("multi_objective_aggregation", "normalize_then_sum"),
 ])
 def test_unimplemented_trl_options_are_refused(option, value, tmp_path):
@@ -524,3 +524,25 @@ def test_gpu_preset_builds_and_steps_on_cpu(trainer_impl, tmp_path):
         summary = run(small, algo("ngrpo"), "ngrpo", str(tmp_path / trainer_impl), quiet=True, plot=False,
                       trainer_impl=trainer_impl, heldout_rows=[])
     assert summary["steps"] == 3 and summary["trainer"] == trainer_impl and summary["seconds_per_step"] > 0
+
+
+def test_adaptive_entropy_coefficient_follows_trl(tmp_path):
+    """use_adaptive_entropy: the coefficient moves by entropy_coef_delta per optimizer step toward the
+    target (here always above the entropy: it rises to its maximum), as TRL's controller does."""
+    from datasets import Dataset
+
+    from ngrpo_kernels.integrations.trl import NGRPOConfig, NGRPOTrainer
+    from ngrpo_train.train import build_model, build_tokenizer
+
+    p = dataclasses.replace(preset("tiny"), **SMALL)
+    tok = build_tokenizer(p)
+    args = NGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                       max_completion_length=3, max_steps=3, report_to=[], save_strategy="no", disable_tqdm=True,
+                       bf16=False, use_cpu=True, use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=1e9,
+                       entropy_coef_delta=0.004, entropy_coef_min=0.0, entropy_coef_max=0.02)
+    trainer = NGRPOTrainer(model=build_model(p, tok, seed=0), args=args, processing_class=tok,
+                           reward_funcs=lambda prompts, completions, **_: [float(len(c) % 2) for c in completions],
+                           train_dataset=Dataset.from_list(tasks.arithmetic_problems(16, max_operand=10, seed=0,
+                                                                                     split="train")))
+    trainer.train()
+    assert trainer.entropy_coef == pytest.approx(0.02)  # 0.01 + 3 x 0.004, capped: three updates happened

@@ -79,7 +79,6 @@ _UNSUPPORTED = [
     ("top_entropy_quantile", 1.0, "training only on high-entropy tokens"),
     ("importance_sampling_level", "token", "sequence-level importance sampling; NGRPO clips per token"),
     ("off_policy_mask_threshold", None, "off-policy sequence masks"),
-    ("use_adaptive_entropy", False, "the adaptive entropy coefficient; use a constant entropy_coef"),
     ("scale_rewards", "group", "TRL's reward scaling; the advantages are NGRPO's (advantage_estimator)"),
     ("multi_objective_aggregation", "sum_then_normalize", "reward aggregation other than the weighted sum"),
 ]
@@ -156,18 +155,47 @@ class NGRPOTrainer(GRPOTrainer):
             targets=completion_ids, mask=mask, old_logprobs=inputs.get("old_per_token_logps"),
             advantages=inputs["advantages"], temperature=self.temperature, eps_neg=self.epsilon_low,
             eps_pos=self.epsilon_high, beta=self.beta, ref_logprobs=inputs.get("ref_per_token_logps"),
-            entropy_coef=self.entropy_coef, normalizer=normalizer.float(),
+            entropy_coef=self._entropy_coef_now(mode), normalizer=normalizer.float(),
             rollout_is_weights=_per_token(inputs.get("importance_sampling_ratio"), completion_ids),
         )
         out = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
                     attention_mask=torch.cat([prompt_mask, completion_mask], dim=1), ngrpo_loss=request)
         metrics = out.metrics
+        if self.use_adaptive_entropy and mode == "train":
+            self._adapt_entropy_coef(metrics["entropy"].detach() * mask.sum(), mask.sum())
         gather = self.accelerator.gather
         for name, key in (("clip_ratio/region_mean", "clip_frac"), ("entropy", "entropy"),
                           ("approx_kl", "approx_kl"), ("kl", "kl")):
             if key in metrics:
                 self._metrics[mode][name].append(gather(metrics[key].detach()).nanmean().item())
         return out.loss
+
+    # ------------------------------------------------------------------ TRL's adaptive entropy coefficient
+    def _entropy_coef_now(self, mode):
+        """TRL's rule: the coefficient as of the last optimizer step; in adaptive mode the bonus is on
+        only while the last window's entropy was at or below ``entropy_target``."""
+        if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+            return 0.0
+        return float(self.entropy_coef)
+
+    def _adapt_entropy_coef(self, entropy_sum, tokens):
+        """TRL's controller: accumulate the window's entropy over its micro-batches, and at the optimizer
+        step boundary move ``entropy_coef`` by ``entropy_coef_delta`` toward keeping the entropy at the
+        target, within [entropy_coef_min, entropy_coef_max]."""
+        stats = torch.stack([entropy_sum.float(), tokens.float()])
+        self._entropy_window_stats = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+        if not self.accelerator.sync_gradients:
+            return
+        window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+        world_entropy = (window[0] / window[1].clamp(min=1.0)).item()  # once per optimizer step, as TRL
+        args = self.args
+        if world_entropy <= args.entropy_target:
+            self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+        else:
+            self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+        self._last_world_entropy = world_entropy
+        self._entropy_window_stats = None
+        self._metrics["train"]["entropy_coef"].append(self.entropy_coef)
 
 
 def _logit_scale(config) -> float:
