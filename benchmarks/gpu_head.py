@@ -40,28 +40,6 @@ DEV = "cuda"  # --smoke runs the whole script on the CPU (Triton interpreter) at
 GIB = 2**30
 
 
-def timed(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    if DEV != "cuda":
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def compare(fns: dict, reps: int) -> dict:
     """Median ms of each callable, timed round-robin (one call of each per round) so that clock and
     temperature drift hits every contender alike."""
@@ -372,7 +350,6 @@ def gemms(reps, record) -> list[str]:
         z = torch.empty(n, V, dtype=torch.float16, device=DEV)
         acc = torch.zeros(V, H, device=DEV)
         part = torch.empty(2, n, H, device=DEV)
-        dx = torch.empty(n, H, dtype=DT, device=DEV)
         C = configs.GemmConfig
         logit_cfgs = {
             "g8 s3": configs.HOPPER, "g32 s3": C(128, 256, 64, 32, 8, 3, True), "g32 s4": C(128, 256, 64, 32, 8, 4, True),

@@ -491,7 +491,8 @@ def test_ablation_arms_and_report(tmp_path):
     assert (arms["grpo+clip"].estimator, arms["grpo+clip"].epsilon, arms["grpo+clip"].epsilon_high) == ("grpo", 0.16, 0.24)
     assert (arms["grpo+calibration"].estimator, arms["grpo+calibration"].epsilon_high) == ("ngrpo", 0.2)
     assert arms["ngrpo"].filter_all_correct and not arms["both"].filter_all_correct
-    assert ablation.mean_ci([1.0, 3.0]) == pytest.approx((2.0, 12.706 * math.sqrt(2) / math.sqrt(2)))
+    assert ablation.mean_ci([1.0, 3.0]) == pytest.approx((2.0, 12.706))  # sd sqrt(2), n 2: t(1) * sqrt(2) / sqrt(2)
+    assert ablation.mean_ci([4.0]) == (4.0, 0.0)
     warm, train, held_easy, held_hard = ablation.problem_sets(0, 50)
     prompts = {r["prompt"] for r in held_easy + held_hard}
     assert not prompts & {r["prompt"] for r in warm + train}

@@ -87,12 +87,13 @@ class HeadSchedule:
 
     def chunks(self):
         """Yields (row0, n, x_chunk): x_chunk [n, H] holds the compacted tokens row0 .. row0 + n - 1."""
-        rows = torch.arange(self.chunk, device=self.x.device, dtype=torch.int32)
+        zero_padding = self.dense == "torch" and self.need_dw
+        rows = torch.arange(self.chunk, device=self.x.device, dtype=torch.int32) if zero_padding else None
         for row0 in range(0, self.N, self.chunk):
             n = min(self.chunk, self.N - row0)
             xc = self.x_buf[:n]
             torch.index_select(self.x, 0, self.order[row0:row0 + n], out=xc)
-            if self.dense == "torch" and self.need_dw:
+            if zero_padding:
                 # cuBLAS reads the whole chunk: rows past the count (padding, maybe NaN) must be zeros,
                 # or 0 * NaN poisons dW. A device-side mask: no host synchronisation.
                 xc.masked_fill_((rows[:n] + row0 >= self.count)[:, None], 0)

@@ -25,10 +25,9 @@ import triton.language as tl
 from ...variants import NUM_STATS
 from .. import persistent_gemm as pg
 from ..head_schedule import HeadSchedule
-from ..linear_logprobs.triton_rows import (
-    BLOCK_H, BLOCK_SLICES, block_rows, combine_partials, dlogits_, row_limit, target_logit,
-)
-from ..policy_loss.triton_impl import stat_constexprs, token_loss
+from ..linear_logprobs.triton_rows import BLOCK_H, BLOCK_SLICES, block_rows, combine_partials, dlogits_, target_logit
+from ..persistent_gemm.kernel import row_limit
+from ..policy_loss.triton_impl import stat_constexprs, store_stat_sums, token_loss
 
 
 @triton.jit
@@ -72,15 +71,8 @@ def _token_kernel(
     tl.store(G_LP + rows, w * dloss, mask=in_chunk)
     tl.store(G_H + rows, -entropy_coef * w, mask=in_chunk)
 
-    out = STATS + pid.to(tl.int64) * NUM_STATS
-    tl.store(out + S_LOSS, tl.sum(tl.where(row_ok, w * loss, 0.0), axis=0))
-    tl.store(out + S_CLIPPED, tl.sum(clipped.to(tl.float32), axis=0))
-    tl.store(out + S_LOG_RATIO, tl.sum(old - lp, axis=0))
-    tl.store(out + S_ADV, tl.sum(A, axis=0))
-    tl.store(out + S_ENTROPY, tl.sum(ent, axis=0))
-    tl.store(out + S_KL_REF, tl.sum(k3, axis=0))
-    tl.store(out + S_DUAL, tl.sum(dual.to(tl.float32), axis=0))
-    tl.store(out + S_LOGPROB, tl.sum(lp, axis=0))
+    store_stat_sums(STATS + pid.to(tl.int64) * NUM_STATS, tl.where(row_ok, w * loss, 0.0), clipped, old - lp, A, ent,
+                    k3, dual, lp, S_LOSS, S_CLIPPED, S_LOG_RATIO, S_ADV, S_ENTROPY, S_KL_REF, S_DUAL, S_LOGPROB)
 
 
 def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_options, workspace_bytes, need_dx, need_dw,

@@ -23,16 +23,12 @@ import triton
 import triton.language as tl
 
 from .. import persistent_gemm as pg
+from ..persistent_gemm.kernel import row_limit
 
 BLOCK_ROWS = 16        # tokens per program of the per-token kernels (256 programs per 4k-token chunk)
 BLOCK_SLICES = 64      # partial slices combined per step
 BLOCK_H = 128          # hidden units per step of the target dot product
 INTERPRETER_BLOCK_ROWS = 8
-
-
-@triton.jit
-def row_limit(COUNT, row0, n):
-    return tl.minimum(tl.maximum(tl.load(COUNT).to(tl.int32) - row0, 0), n)
 
 
 @triton.jit

@@ -55,7 +55,9 @@ def tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _limit(COUNT, row0, size):
+def row_limit(COUNT, row0, size):
+    """How many of a launch's ``size`` rows exist: the device-side count of compacted tokens minus the
+    launch's first row, clamped to [0, size]. Shared by every kernel that stops at the count."""
     return tl.minimum(tl.maximum(tl.load(COUNT).to(tl.int32) - row0, 0), size)
 
 
@@ -157,10 +159,10 @@ def persistent_gemm_kernel(
     start = tl.program_id(0)
     m_lim = M
     if LIMIT_M:
-        m_lim = _limit(COUNT, row0, M)
+        m_lim = row_limit(COUNT, row0, M)
     k_lim = K
     if LIMIT_K:
-        k_lim = _limit(COUNT, row0, K)
+        k_lim = row_limit(COUNT, row0, K)
     num_tiles = tl.cdiv(m_lim, BLOCK_M) * tl.cdiv(N, BLOCK_N) * SPLIT_K
     # Tile coordinates are computed with at least one row tile: the pipelined loop evaluates the
     # addresses of a first tile even when there is none (m_lim = 0 past the count), and a modulo by

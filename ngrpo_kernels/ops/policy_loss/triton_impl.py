@@ -62,6 +62,22 @@ def token_loss(lp, old, A, valid, ref, H, isw, eps_neg, eps_pos, clip_c, beta, e
 
 
 @triton.jit
+def store_stat_sums(out, w_loss, clipped, log_ratio, A, H, k3, dual, lp,
+                    S_LOSS: tl.constexpr, S_CLIPPED: tl.constexpr, S_LOG_RATIO: tl.constexpr, S_ADV: tl.constexpr,
+                    S_ENTROPY: tl.constexpr, S_KL_REF: tl.constexpr, S_DUAL: tl.constexpr, S_LOGPROB: tl.constexpr):
+    """One program's row of ``Stat`` sums (per-token vectors already zero where not valid), shared by this
+    kernel and the fused loss's token kernel."""
+    tl.store(out + S_LOSS, tl.sum(w_loss, axis=0))
+    tl.store(out + S_CLIPPED, tl.sum(clipped.to(tl.float32), axis=0))
+    tl.store(out + S_LOG_RATIO, tl.sum(log_ratio, axis=0))
+    tl.store(out + S_ADV, tl.sum(A, axis=0))
+    tl.store(out + S_ENTROPY, tl.sum(H, axis=0))
+    tl.store(out + S_KL_REF, tl.sum(k3, axis=0))
+    tl.store(out + S_DUAL, tl.sum(dual.to(tl.float32), axis=0))
+    tl.store(out + S_LOGPROB, tl.sum(lp, axis=0))
+
+
+@triton.jit
 def _policy_loss_kernel(
     LP, OLD, ADV, VALID, ROW_SCALE, REF, ENT, ISW, G_LP, G_ENT, STATS,
     T, eps_neg, eps_pos, clip_c, beta, entropy_coef,
@@ -102,14 +118,8 @@ def _policy_loss_kernel(
         tl.store(G_ENT + offs, -entropy_coef * w, mask=in_row)
 
     out = STATS + (b.to(tl.int64) * tl.num_programs(1) + tb) * NUM_STATS
-    tl.store(out + S_LOSS, tl.sum(w * loss, axis=0))
-    tl.store(out + S_CLIPPED, tl.sum(clipped.to(tl.float32), axis=0))
-    tl.store(out + S_LOG_RATIO, tl.sum(old - lp, axis=0))
-    tl.store(out + S_ADV, tl.sum(A, axis=0))
-    tl.store(out + S_ENTROPY, tl.sum(H, axis=0))
-    tl.store(out + S_KL_REF, tl.sum(k3, axis=0))
-    tl.store(out + S_DUAL, tl.sum(dual.to(tl.float32), axis=0))
-    tl.store(out + S_LOGPROB, tl.sum(lp, axis=0))
+    store_stat_sums(out, w * loss, clipped, old - lp, A, H, k3, dual, lp, S_LOSS, S_CLIPPED, S_LOG_RATIO, S_ADV,
+                    S_ENTROPY, S_KL_REF, S_DUAL, S_LOGPROB)
 
 
 def stat_constexprs() -> dict:
