@@ -75,7 +75,9 @@ def _is_bool(v) -> bool:
 
 def finite_number(name: str, v) -> float:
     """A Python or NumPy real number (np.float32(0.2) included), returned as a float."""
-    if _is_bool(v) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+    # Comparisons, not math.isfinite: under torch.compile a float argument may be symbolic (a SymFloat,
+    # which math.isfinite cannot take); NaN fails both comparisons.
+    if _is_bool(v) or not isinstance(v, numbers.Real) or not -math.inf < v < math.inf:
         raise ValueError(f"{name} must be a finite number, got {v!r}")
     return float(v)
 
@@ -116,6 +118,13 @@ class ValueChecks:
 
     def run(self) -> None:
         if not self._checks:
+            return
+        if torch.compiler.is_compiling():
+            # A traced graph cannot branch on a tensor value: each check becomes an asynchronous assert
+            # (a RuntimeError with the same message on the CPU; a device-side assert on a GPU, which ends
+            # the process). validate=False removes them.
+            for ok, message in self._checks:
+                torch._assert_async(ok, message)
             return
         device = self._checks[0][0].device  # a CPU normaliser's check may sit beside device ones
         if bool(torch.stack([ok.to(device) for ok, _ in self._checks]).all()):  # the one synchronisation

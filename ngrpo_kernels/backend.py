@@ -46,18 +46,26 @@ def interpreter_enabled() -> bool:
 
 def selected_backend(device: torch.device | str) -> Backend:
     """The backend an op called with tensors on ``device`` uses now."""
+    return Backend(_selected_name(str(device)))
+
+
+# Under torch.compile the answer is taken once, when the graph is traced, and kept in the graph (Dynamo
+# cannot trace a ContextVar): a use_backend() block entered after compiling does not change a compiled
+# function (torch._dynamo.reset() or a fresh torch.compile does).
+@torch.compiler.assume_constant_result
+def _selected_name(device: str) -> str:
     forced = _forced.get()
     if forced is not None:
-        return forced
+        return forced.value
     device = torch.device(device)
     if triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())):
-        return Backend.TRITON
+        return Backend.TRITON.value
     if device.type == "cpu":
         from ._cpp import cpp_available
 
         if cpp_available():
-            return Backend.CPP
-    return Backend.TORCH
+            return Backend.CPP.value
+    return Backend.TORCH.value
 
 
 @contextlib.contextmanager

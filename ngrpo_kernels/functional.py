@@ -13,11 +13,8 @@ import warnings
 import torch
 
 from . import _checks as check
+from . import _library
 from .backend import selected_backend
-from .ops import advantages as _advantages
-from .ops import fused_loss as _fused_loss
-from .ops import linear_logprobs as _linear_logprobs
-from .ops import policy_loss as _policy_loss
 from .variants import AggMode, Estimator
 
 __all__ = ["fused_linear_logprobs", "fused_linear_ngrpo_loss", "group_advantages", "ngrpo_advantages", "ngrpo_policy_loss"]
@@ -70,7 +67,7 @@ def group_advantages(
         values = check.ValueChecks()
         values.finite("rewards", rewards)
         values.run()
-    return _advantages.compute(
+    return _library.group_advantages(
         selected_backend(device), rewards, group_ids, estimator=estimator, r_max=r_max,
         num_virtual=num_virtual, eps=eps, unbiased=bool(unbiased), w_lambda=w_lambda,
         correct_threshold=correct_threshold,
@@ -184,7 +181,7 @@ def ngrpo_policy_loss(
                                     {"logprobs": logprobs, "old_logprobs": old_logprobs, **optional})
         values.run()
 
-    return _policy_loss.compute(
+    return _library.policy_loss(
         selected_backend(logprobs.device), logprobs, old_logprobs, advantages, mask, eps_neg=eps_neg,
         eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, ref_logprobs=ref_logprobs, beta=beta, entropy=entropy,
         entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode, normalizer=normalizer,
@@ -322,7 +319,7 @@ def fused_linear_logprobs(
                    f"targets must lie in [0, {V}) or equal ignore_index={ignore_index} ({check.describe(targets)})")
         values.finite("hidden", hidden, (targets != ignore_index)[..., None])
         values.run()
-    return _linear_logprobs.compute(
+    return _library.linear_logprobs(
         selected_backend(device), hidden, weight, targets, bias=bias, temperature=temperature,
         ignore_index=ignore_index, return_entropy=bool(return_entropy), deterministic=bool(deterministic),
         workspace_bytes=workspace_bytes,
@@ -474,7 +471,7 @@ def fused_linear_ngrpo_loss(
         values.finite("hidden", hidden, (mask != 0)[..., None])
         values.run()
 
-    return _fused_loss.compute(
+    return _library.fused_linear_ngrpo_loss(
         selected_backend(device), hidden, weight, targets, mask, old_logprobs, advantages, bias=bias,
         temperature=temperature, eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c,
         ref_logprobs=ref_logprobs, beta=beta, entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode,

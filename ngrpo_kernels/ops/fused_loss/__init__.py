@@ -11,12 +11,12 @@ import functools
 
 import torch
 
-from ..._autograd import first_order
 from ...backend import Backend
-from ...variants import Stat
-from ..policy_loss import _row_scale_and_denominator, _safe_inverse, metrics_from_stats
+from ..policy_loss import _row_scale_and_denominator, _safe_inverse
 from . import schedule
 from .naive import fused_linear_ngrpo_loss_naive
+
+__all__ = ["forward", "fused_linear_ngrpo_loss_naive", "scaled_cast"]
 
 
 def _row_op(backend: Backend):
@@ -29,28 +29,7 @@ def _row_op(backend: Backend):
     return loss_rows_torch
 
 
-class FusedLinearNGRPOLoss(torch.autograd.Function):
-    """Forward runs the whole schedule, gradients included; backward only rescales them."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, run):
-        stats, dx, dw, db = run(need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
-                                need_db=ctx.needs_input_grad[2])
-        ctx.save_for_backward(dx, dw, db)
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(stats)
-        return stats[Stat.LOSS], stats
-
-    @staticmethod
-    @first_order
-    def backward(ctx, grad_loss, _grad_stats):
-        dx, dw, db = ctx.saved_tensors
-        scale = grad_loss
-        grads = [None if g is None else _scaled_cast(g, scale, dtype) for g, dtype in zip((dx, dw, db), ctx.dtypes)]
-        return (*grads, None, None)
-
-
-def _scaled_cast(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def scaled_cast(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(g * scale).to(dtype) in one pass (the product is rounded straight into the output): the float32
     [V, H] dW never gets a float32 twin (2.2 GB at the Qwen2.5-7B head), and the saved gradient is not
     modified (backward may run twice with retain_graph=True)."""
@@ -64,16 +43,14 @@ def _per_token(x, valid, fill=0.0):
     return torch.where(valid, x.to(torch.float32), fill).reshape(-1).contiguous()
 
 
-def compute(backend: Backend, hidden, weight, targets, mask, old_logprobs, advantages, *, bias, temperature,
+def forward(backend: Backend, hidden, weight, targets, mask, old_logprobs, advantages, *, bias, temperature,
             eps_neg, eps_pos, clip_ratio_c, ref_logprobs, beta, entropy_coef, loss_agg_mode, normalizer,
-            length_budget, rollout_is_weights, workspace_bytes, skip_zero_advantage=False):
-    options = dict(eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, beta=beta, entropy_coef=entropy_coef,
-                   loss_agg_mode=loss_agg_mode, normalizer=normalizer, length_budget=length_budget,
-                   ref_logprobs=ref_logprobs, rollout_is_weights=rollout_is_weights)
-    if backend == Backend.REFERENCE:  # the specification computes every token (skip_zero_advantage is moot)
-        return fused_linear_ngrpo_loss_naive(hidden, weight, targets, mask, old_logprobs, advantages=advantages,
-                                             bias=bias, temperature=temperature, **options)
-
+            length_budget, rollout_is_weights, workspace_bytes, skip_zero_advantage, need_dx, need_dw, need_db):
+    """The whole schedule on the TORCH / CPP / TRITON backends, gradients included. Returns
+    ``(stats [NUM_STATS], n_tokens, computed_frac, dx, dw, db)``: the Stat sums (``stats[Stat.LOSS]`` is the
+    loss), the valid-token count the metrics divide by, the computed share of valid tokens (None unless
+    ``skip_zero_advantage``), and the loss's gradients (dX [B*T, H] in hidden's dtype, dW [V, H] and db [V]
+    in float32; None when not asked for)."""
     B, T, H = hidden.shape
     valid = mask if mask.dtype == torch.bool else mask != 0
     row_scale, denominator, n_tokens = _row_scale_and_denominator(valid, loss_agg_mode, normalizer, length_budget)
@@ -113,15 +90,5 @@ def compute(backend: Backend, hidden, weight, targets, mask, old_logprobs, advan
             workspace_bytes = schedule.default_workspace_bytes(x.device)
         run = functools.partial(schedule.run, x, w_, b_, **per_token, row_op=_row_op(backend),
                                 row_options=row_options, workspace_bytes=workspace_bytes)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if needs_grad:
-        loss, stats = FusedLinearNGRPOLoss.apply(x, w_, b_, run)
-    else:
-        stats, _, _, _ = run(need_dx=False, need_dw=False, need_db=False)
-        loss = stats[Stat.LOSS]
-
-    metrics = metrics_from_stats(stats, n_tokens, entropy=True, logprob=True, kl=ref_logprobs is not None,
-                                 dual_clip=clip_ratio_c is not None)
-    if computed_frac is not None:
-        metrics["computed_frac"] = computed_frac
-    return loss, metrics
+    stats, dx, dw, db = run(need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+    return stats, n_tokens, computed_frac, dx, dw, db

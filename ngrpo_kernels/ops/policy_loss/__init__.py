@@ -1,44 +1,21 @@
 """The NGRPO policy loss (docs/algorithm.md §3-§4): ``naive.py`` is the spec; ``torch_impl.py`` and
 ``triton_impl.py`` are one fused pass that computes the loss and its gradient together.
 
-``compute`` turns the aggregation mode into a per-row scale and a global denominator (device tensors,
-no host sync), runs the backend's fused pass inside ``FusedPolicyLoss`` and builds the metrics.
-Inputs arrive validated from ``ngrpo_kernels.functional``.
+``forward`` turns the aggregation mode into per-row weights that carry the global denominator (device
+tensors, no host sync) and runs the backend's fused pass; ``ngrpo_kernels._library`` wraps it as the
+custom op ``ngrpo::policy_loss`` with its autograd formula, and builds the metrics with
+``metrics_from_stats``. Inputs arrive validated from ``ngrpo_kernels.functional``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..._autograd import first_order
 from ...backend import Backend
 from ...variants import AggMode, Stat
 from .naive import policy_loss_naive
 
-
-class FusedPolicyLoss(torch.autograd.Function):
-    """Forward runs the fused pass (gradients included); backward only rescales them."""
-
-    @staticmethod
-    def forward(ctx, logprobs, entropy, inv_denominator, fused_pass, kwargs):
-        stats, g_lp, g_ent = fused_pass(
-            logprobs=logprobs.detach(), entropy=None if entropy is None else entropy.detach(),
-            grad_logprobs=ctx.needs_input_grad[0], grad_entropy=ctx.needs_input_grad[1], **kwargs,
-        )
-        loss = stats[0, Stat.LOSS] * inv_denominator
-        ctx.save_for_backward(g_lp, g_ent, inv_denominator)
-        ctx.dtypes = (logprobs.dtype, None if entropy is None else entropy.dtype)
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
-
-    @staticmethod
-    @first_order
-    def backward(ctx, grad_loss, _grad_stats):
-        g_lp, g_ent, inv_denominator = ctx.saved_tensors
-        scale = grad_loss * inv_denominator
-        grad_lp = None if g_lp is None else (g_lp * scale).to(ctx.dtypes[0])
-        grad_ent = None if g_ent is None else (g_ent * scale).to(ctx.dtypes[1])
-        return grad_lp, grad_ent, None, None, None
+__all__ = ["forward", "metrics_from_stats", "policy_loss_naive", "grad_dtype"]
 
 
 def _safe_inverse(x: torch.Tensor) -> torch.Tensor:
@@ -67,33 +44,33 @@ def _row_scale_and_denominator(valid, mode: AggMode, normalizer, length_budget):
     return row_scale, denominator, n_b.sum()
 
 
-def compute(
-    backend: Backend, logprobs, old_logprobs, advantages, mask, *, eps_neg, eps_pos, clip_ratio_c,
-    ref_logprobs, beta, entropy, entropy_coef, loss_agg_mode: AggMode, normalizer, length_budget,
-    rollout_is_weights,
+def grad_dtype(backend: Backend, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the Stat sums and per-token gradients ``forward`` returns for inputs of ``dtype``."""
+    return torch.float32 if backend == Backend.TRITON else torch.promote_types(dtype, torch.float32)
+
+
+def forward(
+    backend: Backend, logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, rollout_is_weights, *,
+    eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, loss_agg_mode: AggMode, normalizer, length_budget,
+    grad_logprobs: bool, grad_entropy: bool,
 ):
-    options = dict(eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, beta=beta,
-                   entropy_coef=entropy_coef)
-    if backend == Backend.REFERENCE:
-        return policy_loss_naive(
-            logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, entropy=entropy,
-            loss_agg_mode=loss_agg_mode, normalizer=normalizer, length_budget=length_budget,
-            rollout_is_weights=rollout_is_weights, **options,
-        )
+    """The fused pass of the TORCH / CPP / TRITON backends. Returns ``(stats [NUM_STATS], n_tokens, g_lp, g_ent)``:
+    the Stat sums (``stats[Stat.LOSS]`` is the loss itself: the aggregation's denominator is folded into the
+    per-row weights), the number of valid tokens, and the loss's gradients with respect to ``logprobs`` and
+    ``entropy`` ([B, T], ``grad_dtype``; None when not asked for)."""
     if backend == Backend.TRITON:
         from .triton_impl import policy_loss_fused_triton as fused_pass
     else:
         from .torch_impl import policy_loss_fused_torch as fused_pass
 
     valid = mask if mask.dtype == torch.bool else mask != 0
-    row_scale, denominator, n_tokens = _row_scale_and_denominator(valid, loss_agg_mode, normalizer,
-                                                                  length_budget)
-    kwargs = dict(old_logprobs=old_logprobs, advantages=advantages, valid=valid, row_scale=row_scale,
-                  ref_logprobs=ref_logprobs, rollout_is_weights=rollout_is_weights, **options)
-    loss, stats = FusedPolicyLoss.apply(logprobs, entropy, _safe_inverse(denominator), fused_pass, kwargs)
-
-    return loss, metrics_from_stats(stats[0], n_tokens, entropy=entropy is not None,
-                                    kl=ref_logprobs is not None, dual_clip=clip_ratio_c is not None)
+    row_scale, denominator, n_tokens = _row_scale_and_denominator(valid, loss_agg_mode, normalizer, length_budget)
+    stats, g_lp, g_ent = fused_pass(
+        logprobs, old_logprobs, advantages, valid, row_scale * _safe_inverse(denominator), ref_logprobs, entropy,
+        rollout_is_weights, eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, beta=beta,
+        entropy_coef=entropy_coef, grad_logprobs=grad_logprobs, grad_entropy=grad_entropy,
+    )
+    return stats[0], n_tokens, g_lp, g_ent
 
 
 def metrics_from_stats(stats, n_tokens, *, entropy: bool, kl: bool, dual_clip: bool, logprob: bool = False):

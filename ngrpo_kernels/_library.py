@@ -1,0 +1,317 @@
+"""The ops as PyTorch custom operators (``torch.library``): what autograd runs and ``torch.compile`` traces.
+
+``ngrpo_kernels.functional`` validates its inputs and picks the backend, then calls one function here.
+The REFERENCE backend (plain PyTorch, autograd-based) is called directly; every other backend runs
+through a custom op in the ``ngrpo`` namespace:
+
+- ``ngrpo::group_advantages``        rewards, group ids -> advantages (no gradient)
+- ``ngrpo::policy_loss``             log-probs, ... -> loss, Stat sums, token count, and the loss's gradients
+- ``ngrpo::linear_logprobs``         hidden, lm_head, targets -> log-probs, entropy, logsumexp
+- ``ngrpo::linear_logprobs_backward`` the recomputing backward of the previous op
+- ``ngrpo::fused_linear_ngrpo_loss`` hidden, lm_head, ... -> loss, Stat sums, counts, dX, dW, db
+
+Each has a fake (meta) implementation, so Dynamo and AOTAutograd see output shapes without running a
+kernel, and an autograd formula: the fused losses form their gradients in the forward kernels (returned
+as extra outputs) and backward only multiplies them by the upstream gradient; the log-prob op's backward
+is the second op. The gradients are first order: a ``create_graph=True`` request is refused (see
+``_first_order``), as in eager mode.
+
+Float options travel in one float64 **CPU** tensor (``scalars``, NaN for an absent option), not as Python
+floats: a custom op's graph is specialised on each float argument's value, so an adaptive entropy
+coefficient or a per-step normaliser would recompile every step, whereas a tensor's value is an input
+of the graph; a CPU tensor is read without a device synchronisation. Optional tensors that are absent
+come back as empty tensors (a custom op cannot return None); the wrappers here turn them into None.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .backend import Backend
+from .ops import advantages as _advantages
+from .ops import fused_loss as _fused_loss
+from .ops import linear_logprobs as _linear_logprobs
+from .ops import policy_loss as _policy_loss
+from .variants import NUM_STATS, AggMode, Estimator, Stat
+
+Tensor = torch.Tensor
+
+
+def _scalars(*values) -> Tensor:
+    """Float options as one float64 CPU tensor; None becomes NaN (validated options are finite)."""
+    return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64)
+
+
+def _unpack(scalars: Tensor) -> list:
+    return [None if math.isnan(v) else v for v in scalars.tolist()]
+
+
+def _absent(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return like.new_empty((0,), dtype=dtype or like.dtype)
+
+
+def _or_none(x: Tensor) -> Tensor | None:
+    return None if x.numel() == 0 and x.dim() == 1 else x
+
+
+def _first_order():
+    if torch.is_grad_enabled():  # autograd enables grad mode in backward only for create_graph=True
+        raise RuntimeError(
+            "ngrpo_kernels ops are differentiable once: their gradients are computed by fused kernels "
+            "with no autograd graph, so torch.autograd.grad(..., create_graph=True) / double backward "
+            "(e.g. a gradient penalty) is not supported. First-order use of the outputs, linear or not, is.")
+
+
+# --- group advantages ------------------------------------------------------------------------------
+
+@torch.library.custom_op("ngrpo::group_advantages", mutates_args=())
+def _group_advantages_op(rewards: Tensor, group_ids: Tensor, backend: str, estimator: str, num_virtual: int,
+                         unbiased: bool, scalars: Tensor) -> Tensor:
+    r_max, eps, w_lambda, correct_threshold = _unpack(scalars)
+    return _advantages.compute(Backend(backend), rewards, group_ids, estimator=Estimator(estimator), r_max=r_max,
+                               num_virtual=num_virtual, eps=eps, unbiased=unbiased, w_lambda=w_lambda,
+                               correct_threshold=correct_threshold).contiguous()
+
+
+@_group_advantages_op.register_fake
+def _(rewards, group_ids, backend, estimator, num_virtual, unbiased, scalars):
+    return rewards.new_empty(rewards.shape, dtype=torch.float32)
+
+
+def group_advantages(backend: Backend, rewards, group_ids, *, estimator: Estimator, r_max, num_virtual, eps, unbiased,
+                     w_lambda, correct_threshold) -> Tensor:
+    if backend == Backend.REFERENCE:
+        return _advantages.compute(backend, rewards, group_ids, estimator=estimator, r_max=r_max,
+                                   num_virtual=num_virtual, eps=eps, unbiased=unbiased, w_lambda=w_lambda,
+                                   correct_threshold=correct_threshold)
+    return _group_advantages_op(rewards, group_ids, backend.value, estimator.value, num_virtual, unbiased,
+                                _scalars(r_max, eps, w_lambda, correct_threshold))
+
+
+# --- policy loss -----------------------------------------------------------------------------------
+
+@torch.library.custom_op("ngrpo::policy_loss", mutates_args=())
+def _policy_loss_op(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                    ref_logprobs: Optional[Tensor], entropy: Optional[Tensor], rollout_is_weights: Optional[Tensor],
+                    normalizer: Optional[Tensor], backend: str, loss_agg_mode: str, scalars: Tensor,
+                    grad_logprobs: bool, grad_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, number, length_budget = _unpack(scalars)
+    stats, n_tokens, g_lp, g_ent = _policy_loss.forward(
+        Backend(backend), logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, rollout_is_weights,
+        eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, beta=beta, entropy_coef=entropy_coef,
+        loss_agg_mode=AggMode(loss_agg_mode), normalizer=normalizer if normalizer is not None else number,
+        length_budget=length_budget, grad_logprobs=grad_logprobs, grad_entropy=grad_entropy,
+    )
+    absent = _absent(stats)
+    return (stats[Stat.LOSS].clone(), stats.clone(), n_tokens, absent if g_lp is None else g_lp,
+            absent.clone() if g_ent is None else g_ent)
+
+
+@_policy_loss_op.register_fake
+def _(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, rollout_is_weights, normalizer, backend,
+      loss_agg_mode, scalars, grad_logprobs, grad_entropy):
+    dtype = _policy_loss.grad_dtype(Backend(backend), logprobs.dtype)
+    shape = logprobs.shape
+    return (logprobs.new_empty((), dtype=dtype), logprobs.new_empty((NUM_STATS,), dtype=dtype),
+            logprobs.new_empty((), dtype=torch.float32),
+            logprobs.new_empty(shape if grad_logprobs else (0,), dtype=dtype),
+            logprobs.new_empty(shape if grad_entropy else (0,), dtype=dtype))
+
+
+def _policy_loss_setup(ctx, inputs, output):
+    logprobs, entropy = inputs[0], inputs[5]
+    ctx.save_for_backward(output[3], output[4])
+    ctx.dtypes = (logprobs.dtype, None if entropy is None else entropy.dtype)
+
+
+def _policy_loss_backward(ctx, grad_loss, *_unused):
+    _first_order()
+    g_lp, g_ent = ctx.saved_tensors
+    grad_lp = None if g_lp.numel() == 0 else (g_lp * grad_loss).to(ctx.dtypes[0])
+    grad_ent = None if g_ent.numel() == 0 else (g_ent * grad_loss).to(ctx.dtypes[1])
+    return grad_lp, None, None, None, None, grad_ent, None, None, None, None, None, None, None
+
+
+_policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_loss_setup)
+
+
+def policy_loss(backend: Backend, logprobs, old_logprobs, advantages, mask, *, eps_neg, eps_pos, clip_ratio_c,
+                ref_logprobs, beta, entropy, entropy_coef, loss_agg_mode: AggMode, normalizer, length_budget,
+                rollout_is_weights):
+    options = dict(eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, beta=beta, entropy_coef=entropy_coef)
+    if backend == Backend.REFERENCE:
+        return _policy_loss.policy_loss_naive(
+            logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, entropy=entropy,
+            loss_agg_mode=loss_agg_mode, normalizer=normalizer, length_budget=length_budget,
+            rollout_is_weights=rollout_is_weights, **options)
+    grad = torch.is_grad_enabled()
+    tensor_normalizer = normalizer if isinstance(normalizer, torch.Tensor) else None
+    number = None if isinstance(normalizer, torch.Tensor) else normalizer
+    loss, stats, n_tokens, _, _ = _policy_loss_op(
+        logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, rollout_is_weights, tensor_normalizer,
+        backend.value, loss_agg_mode.value,
+        _scalars(eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, number, length_budget),
+        grad and logprobs.requires_grad, grad and entropy is not None and entropy.requires_grad)
+    return loss, _policy_loss.metrics_from_stats(stats, n_tokens, entropy=entropy is not None,
+                                                 kl=ref_logprobs is not None, dual_clip=clip_ratio_c is not None)
+
+
+# --- fused linear -> log-probs ---------------------------------------------------------------------
+
+@torch.library.custom_op("ngrpo::linear_logprobs", mutates_args=())
+def _linear_logprobs_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, backend: str,
+                        scalars: Tensor, ignore_index: int, entropy: bool,
+                        workspace_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
+    (inv_temp,) = _unpack(scalars)
+    lp, ent, lse = _linear_logprobs.impl(Backend(backend)).forward(
+        x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.contiguous(),
+        inv_temp=inv_temp, ignore_index=ignore_index, entropy=entropy, workspace_bytes=workspace_bytes or None)
+    return lp, _absent(lp) if ent is None else ent, lse
+
+
+@_linear_logprobs_op.register_fake
+def _(x, weight, bias, targets, backend, scalars, ignore_index, entropy, workspace_bytes):
+    n = x.shape[0]
+    return (x.new_empty((n,), dtype=torch.float32), x.new_empty((n if entropy else 0,), dtype=torch.float32),
+            x.new_empty((n,), dtype=torch.float32))
+
+
+@torch.library.custom_op("ngrpo::linear_logprobs_backward", mutates_args=())
+def _linear_logprobs_backward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
+                                 entropy: Tensor, g_lp: Tensor, g_ent: Optional[Tensor], backend: str, scalars: Tensor,
+                                 ignore_index: int, need_x: bool, need_w: bool, need_b: bool,
+                                 workspace_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
+    (inv_temp,) = _unpack(scalars)
+    dx, dw, db = _linear_logprobs.impl(Backend(backend)).backward(
+        x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.contiguous(), lse,
+        entropy, g_lp.float().contiguous(), None if g_ent is None else g_ent.float().contiguous(), inv_temp=inv_temp,
+        ignore_index=ignore_index, need_x=need_x, need_w=need_w, need_b=need_b, workspace_bytes=workspace_bytes or None)
+    return (_absent(x) if dx is None else dx, _absent(weight) if dw is None else dw.to(weight.dtype),
+            _absent(weight) if db is None else db.to(bias.dtype))
+
+
+@_linear_logprobs_backward_op.register_fake
+def _(x, weight, bias, targets, lse, entropy, g_lp, g_ent, backend, scalars, ignore_index, need_x, need_w, need_b,
+      workspace_bytes):
+    return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
+            weight.new_empty((weight.shape[0],) if need_b else (0,), dtype=bias.dtype if need_b else weight.dtype))
+
+
+def _linear_logprobs_setup(ctx, inputs, output):
+    x, weight, bias, targets, backend, scalars, ignore_index, entropy, workspace_bytes = inputs
+    ctx.save_for_backward(x, weight, bias, targets, output[2], output[1], scalars)
+    ctx.options = (backend, ignore_index, workspace_bytes)
+
+
+def _linear_logprobs_backward(ctx, g_lp, g_ent, _g_lse):
+    _first_order()
+    x, weight, bias, targets, lse, ent, scalars = ctx.saved_tensors
+    backend, ignore_index, workspace_bytes = ctx.options
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if g_lp is None:
+        g_lp = torch.zeros_like(lse)
+    if g_ent is not None and g_ent.numel() == 0:  # entropy was not computed: nothing flows from it
+        g_ent = None
+    dx, dw, db = _linear_logprobs_backward_op(x, weight, bias, targets, lse, ent, g_lp, g_ent, backend, scalars,
+                                              ignore_index, need_x, need_w, need_b, workspace_bytes)
+    return (dx if need_x else None, dw if need_w else None, db if need_b else None,
+            None, None, None, None, None, None)
+
+
+_linear_logprobs_op.register_autograd(_linear_logprobs_backward, setup_context=_linear_logprobs_setup)
+
+
+def linear_logprobs(backend: Backend, hidden, weight, targets, *, bias, temperature, ignore_index, return_entropy,
+                    deterministic, workspace_bytes):
+    del deterministic  # every backward is deterministic (fixed chunk order, no atomics)
+    if backend == Backend.REFERENCE:
+        lp, ent = _linear_logprobs.linear_logprobs_naive(hidden, weight, targets, bias=bias, temperature=temperature,
+                                                         ignore_index=ignore_index)
+        lp, ent = lp.float(), ent.float()
+        return (lp, ent) if return_entropy else lp
+    lead = targets.shape
+    lp, ent, _ = _linear_logprobs_op(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1).to(torch.int64), backend.value,
+        _scalars(1.0 / temperature), ignore_index, return_entropy, workspace_bytes or 0)
+    lp = lp.reshape(lead)
+    return (lp, ent.reshape(lead)) if return_entropy else lp
+
+
+# --- fused linear -> NGRPO loss --------------------------------------------------------------------
+
+@torch.library.custom_op("ngrpo::fused_linear_ngrpo_loss", mutates_args=())
+def _fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, mask: Tensor,
+                   old_logprobs: Optional[Tensor], advantages: Tensor, ref_logprobs: Optional[Tensor],
+                   rollout_is_weights: Optional[Tensor], normalizer: Optional[Tensor], backend: str,
+                   loss_agg_mode: str, scalars: Tensor, workspace_bytes: int, skip_zero_advantage: bool,
+                   need_dx: bool, need_dw: bool,
+                   need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    temperature, eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, number, length_budget = _unpack(scalars)
+    stats, n_tokens, computed_frac, dx, dw, db = _fused_loss.forward(
+        Backend(backend), hidden, weight, targets, mask, old_logprobs, advantages, bias=bias, temperature=temperature,
+        eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, ref_logprobs=ref_logprobs, beta=beta,
+        entropy_coef=entropy_coef, loss_agg_mode=AggMode(loss_agg_mode),
+        normalizer=normalizer if normalizer is not None else number, length_budget=length_budget,
+        rollout_is_weights=rollout_is_weights, workspace_bytes=workspace_bytes or None,
+        skip_zero_advantage=skip_zero_advantage, need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+    absent = _absent(stats)
+    return (stats[Stat.LOSS].clone(), stats.clone(), n_tokens, absent if computed_frac is None else computed_frac,
+            absent.clone() if dx is None else dx.view(hidden.shape), absent.clone() if dw is None else dw,
+            absent.clone() if db is None else db)
+
+
+@_fused_loss_op.register_fake
+def _(hidden, weight, bias, targets, mask, old_logprobs, advantages, ref_logprobs, rollout_is_weights, normalizer,
+      backend, loss_agg_mode, scalars, workspace_bytes, skip_zero_advantage, need_dx, need_dw, need_db):
+    f32 = torch.float32
+    return (hidden.new_empty((), dtype=f32), hidden.new_empty((NUM_STATS,), dtype=f32), hidden.new_empty((), dtype=f32),
+            hidden.new_empty(() if skip_zero_advantage else (0,), dtype=f32),
+            hidden.new_empty(hidden.shape if need_dx else (0,), dtype=hidden.dtype if need_dx else f32),
+            hidden.new_empty(weight.shape if need_dw else (0,), dtype=f32),
+            hidden.new_empty((weight.shape[0],) if need_db else (0,), dtype=f32))
+
+
+def _fused_loss_setup(ctx, inputs, output):
+    hidden, weight, bias = inputs[:3]
+    ctx.save_for_backward(*output[4:])
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+
+def _fused_loss_backward(ctx, grad_loss, *_unused):
+    _first_order()
+    grads = [None if g.numel() == 0 else _fused_loss.scaled_cast(g, grad_loss, dtype)
+             for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+    return (*grads, *([None] * 15))
+
+
+_fused_loss_op.register_autograd(_fused_loss_backward, setup_context=_fused_loss_setup)
+
+
+def fused_linear_ngrpo_loss(backend: Backend, hidden, weight, targets, mask, old_logprobs, advantages, *, bias,
+                            temperature, eps_neg, eps_pos, clip_ratio_c, ref_logprobs, beta, entropy_coef,
+                            loss_agg_mode: AggMode, normalizer, length_budget, rollout_is_weights, workspace_bytes,
+                            skip_zero_advantage):
+    options = dict(eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, beta=beta, entropy_coef=entropy_coef,
+                   loss_agg_mode=loss_agg_mode, normalizer=normalizer, length_budget=length_budget,
+                   ref_logprobs=ref_logprobs, rollout_is_weights=rollout_is_weights)
+    if backend == Backend.REFERENCE:  # the specification computes every token (skip_zero_advantage is moot)
+        return _fused_loss.fused_linear_ngrpo_loss_naive(hidden, weight, targets, mask, old_logprobs,
+                                                         advantages=advantages, bias=bias, temperature=temperature,
+                                                         **options)
+    grad = torch.is_grad_enabled()
+    tensor_normalizer = normalizer if isinstance(normalizer, torch.Tensor) else None
+    number = None if isinstance(normalizer, torch.Tensor) else normalizer
+    loss, stats, n_tokens, computed_frac, _, _, _ = _fused_loss_op(
+        hidden, weight, bias, targets, mask, old_logprobs, advantages, ref_logprobs, rollout_is_weights,
+        tensor_normalizer, backend.value, loss_agg_mode.value,
+        _scalars(temperature, eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, number, length_budget),
+        workspace_bytes or 0, skip_zero_advantage, grad and hidden.requires_grad, grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad)
+    metrics = _policy_loss.metrics_from_stats(stats, n_tokens, entropy=True, logprob=True, kl=ref_logprobs is not None,
+                                              dual_clip=clip_ratio_c is not None)
+    if skip_zero_advantage:
+        metrics["computed_frac"] = computed_frac
+    return loss, metrics

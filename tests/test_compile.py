@@ -1,0 +1,201 @@
+"""torch.compile and torch.library: every public op traces with fullgraph=True, compiled results and gradients
+equal eager ones, float options do not recompile per value, value checks still fire, and
+``torch.library.opcheck`` accepts each custom op (schema, fake tensors, autograd registration, AOT dispatch).
+
+Compiled with ``backend="aot_eager"`` (Dynamo + AOTAutograd + fake tensors: where tracing fails) and, once per
+op, with inductor. Small shapes: the kernels run under the Triton interpreter when TRITON_INTERPRET=1."""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+import ngrpo_kernels as nk
+from ngrpo_kernels import _library
+
+B, T, H, V = 3, 5, 16, 37
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _inputs(device=torch.device("cpu"), seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[:, 0] = True
+    x = dict(
+        hidden=torch.randn(B, T, H, generator=g).to(dtype), weight=(0.3 * torch.randn(V, H, generator=g)).to(dtype),
+        targets=torch.randint(0, V, (B, T), generator=g), mask=mask, lp=lp,
+        old=lp + 0.2 * torch.randn(B, T, generator=g), ent=torch.rand(B, T, generator=g),
+        ref=lp + 0.1 * torch.randn(B, T, generator=g), adv=torch.randn(B, generator=g),
+        rewards=(torch.rand(2 * B, generator=g) > 0.5).float(), ids=torch.arange(2 * B) // 2,
+    )
+    return {k: v.to(device) for k, v in x.items()}
+
+
+def _leaves(*xs):
+    return [x.detach().clone().requires_grad_() for x in xs]
+
+
+def _compare(fn, args, backend="aot_eager", atol=1e-5):
+    """fn(*leaves) -> (loss, extra tensors); compiled and eager agree in value and in every leaf's gradient."""
+    eager_args, compiled_args = _leaves(*args), _leaves(*args)
+    want = fn(*eager_args)
+    got = torch.compile(fn, backend=backend, fullgraph=True)(*compiled_args)
+    for w, o in zip(want, got):
+        torch.testing.assert_close(o, w, atol=atol, rtol=1e-5)
+    want[0].backward()
+    got[0].backward()
+    for e, c in zip(eager_args, compiled_args):
+        torch.testing.assert_close(c.grad, e.grad, atol=atol, rtol=1e-5)
+
+
+def test_policy_loss_compiles(backend, device):
+    x = _inputs(device)
+
+    def fn(lp, ent):
+        loss, m = nk.ngrpo_policy_loss(lp, x["old"], x["adv"], x["mask"], ref_logprobs=x["ref"], beta=0.04,
+                                       entropy=ent, entropy_coef=0.01, clip_ratio_c=3.0, loss_agg_mode="seq-mean-token-mean")
+        return loss, m["clip_frac"], m["kl"], m["dual_clip_frac"]
+
+    with nk.use_backend(backend):
+        _compare(fn, (x["lp"], x["ent"]))
+
+
+def test_linear_logprobs_compiles(backend, device):
+    x = _inputs(device)
+    targets = x["targets"].masked_fill(~x["mask"], -100)
+
+    def fn(hidden, weight):
+        lp, ent = nk.fused_linear_logprobs(hidden, weight, targets, temperature=0.7, return_entropy=True)
+        return (lp * x["adv"][:, None]).sum() + 0.1 * ent.sum(), lp, ent
+
+    with nk.use_backend(backend):
+        _compare(fn, (x["hidden"], x["weight"]))
+
+
+def test_fused_loss_compiles(backend, device):
+    x = _inputs(device)
+
+    def fn(hidden, weight):
+        loss, m = nk.fused_linear_ngrpo_loss(hidden, weight, x["targets"], x["mask"], x["old"], advantages=x["adv"],
+                                             entropy_coef=0.001, temperature=0.9, normalizer=torch.tensor(7.0))
+        return loss, m["entropy"], m["clip_frac"], m["logprob_mean"]
+
+    with nk.use_backend(backend):
+        _compare(fn, (x["hidden"], x["weight"]), atol=1e-4)
+
+
+def test_advantages_compile(backend, device):
+    x = _inputs(device)
+    fn = torch.compile(lambda r: nk.ngrpo_advantages(r, x["ids"], r_max=1.0), backend="aot_eager", fullgraph=True)
+    with nk.use_backend(backend):
+        torch.testing.assert_close(fn(x["rewards"]), nk.ngrpo_advantages(x["rewards"], x["ids"]))
+
+
+def test_inductor_compiles_the_fused_loss_and_logprobs():
+    """The default compiler, end to end, on the default backend of this machine."""
+    x = _inputs()
+
+    def fn(hidden, weight):
+        loss, _ = nk.fused_linear_ngrpo_loss(hidden, weight, x["targets"], x["mask"], x["old"], advantages=x["adv"])
+        lp = nk.fused_linear_logprobs(hidden, weight, x["targets"])
+        return loss + 0.5 * (lp * x["mask"]).sum(), lp
+
+    _compare(fn, (x["hidden"], x["weight"]), backend="inductor", atol=1e-4)
+
+
+def test_float_options_do_not_recompile_per_value():
+    """An adaptive entropy coefficient, a per-step normaliser, a KL coefficient: one graph after the first
+    recompile (Dynamo's automatic dynamic), whatever the values."""
+    x = _inputs()
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(hidden, weight, entropy_coef, normalizer, beta):
+        loss, _ = nk.fused_linear_ngrpo_loss(hidden, weight, x["targets"], x["mask"], x["old"], advantages=x["adv"],
+                                             entropy_coef=entropy_coef, normalizer=normalizer,
+                                             ref_logprobs=x["ref"], beta=beta)
+        return loss
+
+    losses = []
+    for i in range(5):
+        hidden, weight = _leaves(x["hidden"], x["weight"])
+        loss = step(hidden, weight, 0.001 * (i + 1), 10.0 + i, 0.01 * i + 0.001)
+        loss.backward()
+        want, _ = nk.fused_linear_ngrpo_loss(x["hidden"], x["weight"], x["targets"], x["mask"], x["old"],
+                                             advantages=x["adv"], entropy_coef=0.001 * (i + 1), normalizer=10.0 + i,
+                                             ref_logprobs=x["ref"], beta=0.01 * i + 0.001)
+        torch.testing.assert_close(loss.detach(), want, atol=1e-5, rtol=1e-5)
+        losses.append(loss.item())
+    assert counter.frame_count <= 2, f"{counter.frame_count} graphs for 5 option values"
+    assert len(set(losses)) == 5  # the values did reach the kernel
+
+
+def test_value_checks_still_fire_when_compiled():
+    x = _inputs()
+    fn = torch.compile(lambda lp: nk.ngrpo_policy_loss(lp, x["old"], x["adv"], x["mask"])[0], backend="aot_eager",
+                       fullgraph=True)
+    fn(x["lp"])
+    bad = x["lp"].clone()
+    bad[x["mask"]] = float("nan")
+    with pytest.raises(RuntimeError, match="logprobs has NaN"):
+        fn(bad)
+
+
+def test_compiled_backward_is_first_order_only():
+    x = _inputs()
+    lp = x["lp"].clone().requires_grad_()
+    loss = torch.compile(lambda lp: nk.ngrpo_policy_loss(lp, x["old"], x["adv"], x["mask"])[0],
+                         backend="aot_eager", fullgraph=True)(lp)
+    (g,) = torch.autograd.grad(loss, lp)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    eager = nk.ngrpo_policy_loss(lp, x["old"], x["adv"], x["mask"])[0]
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(eager, lp, create_graph=True)
+
+
+# --- torch.library.opcheck on each custom op ---------------------------------------------------------
+
+def _opcheck_cases(backend, device):
+    x = _inputs(device)
+    name = nk.Backend(backend).value
+    s = _library._scalars
+    lp, ent, hidden, weight = _leaves(x["lp"], x["ent"], x["hidden"], x["weight"])
+    n = B * T
+    return {
+        "group_advantages": (torch.ops.ngrpo.group_advantages.default,
+                             (x["rewards"], x["ids"], name, "ngrpo", 1, True, s(1.0, 1e-6, 0.1, 0.5))),
+        "policy_loss": (torch.ops.ngrpo.policy_loss.default,
+                        (lp, x["old"], x["adv"], x["mask"], x["ref"], ent, None, torch.tensor(9.0, device=device), name, "token-mean",
+                         s(0.16, 0.24, 3.0, 0.04, 0.01, None, None), True, True)),
+        "linear_logprobs": (torch.ops.ngrpo.linear_logprobs.default,
+                            (hidden.reshape(n, H), weight, None, x["targets"].reshape(n), name, s(1 / 0.7), -100, True,
+                             0)),
+        "linear_logprobs_backward": (torch.ops.ngrpo.linear_logprobs_backward.default,
+                                     (x["hidden"].reshape(n, H), x["weight"], None, x["targets"].reshape(n),
+                                      torch.full((n,), 3.0, device=device), torch.rand(n, device=device), torch.randn(n, device=device),
+                                      torch.randn(n, device=device), name,
+                                      s(1.0), -100, True, True, False, 0)),
+        "fused_linear_ngrpo_loss": (torch.ops.ngrpo.fused_linear_ngrpo_loss.default,
+                                    (hidden, weight, None, x["targets"], x["mask"], x["old"], x["adv"], None, None,
+                                     None, name, "seq-mean-token-sum-norm",
+                                     s(1.0, 0.16, 0.24, None, 0.0, 0.001, 4.0, 8.0), 0, False, True, True, False)),
+    }
+
+
+@pytest.mark.parametrize("op", ["group_advantages", "policy_loss", "linear_logprobs", "linear_logprobs_backward",
+                                "fused_linear_ngrpo_loss"])
+def test_opcheck(op, backend, device):
+    fn, args = _opcheck_cases(backend, device)[op]
+    torch.library.opcheck(fn, args)
+
+
+@pytest.mark.skipif(not nk.cpp_available(), reason="the C++ extension was not built")
+def test_fused_loss_compiles_on_the_cpp_backend():
+    """The CPU default of the fused loss when the Triton interpreter is off."""
+    test_fused_loss_compiles("cpp", torch.device("cpu"))
