@@ -177,7 +177,27 @@ def test_math_parquet_loads_with_the_recipe_prompt():
     assert len(rows) == 5
     text = rows[0]["prompt"][0]["content"]
     assert text.endswith("Please reason step by step, and put your final answer within \\boxed{}.")
-    assert text.count("Please reason step by step") == 1 and rows[0]["answer"]
+    assert text.count("Please reason step by step") == 1
+    assert rows[0]["answer"] == "0"  # the released files' ground truth is a dict: its "target", not the dict
+
+
+@pytest.mark.parametrize("layout", ["verl-string", "verl-dict", "problem-answer", "problem-solution"])
+def test_math_parquet_layouts(layout, tmp_path):
+    import pandas as pd
+
+    question = "What is $1+1$?"
+    row = {
+        "verl-string": {"prompt": [[{"role": "user", "content": question + " Let's think step by step."}]],
+                        "reward_model": [{"ground_truth": "2", "style": "rule"}]},
+        "verl-dict": {"prompt": [[{"role": "user", "content": question}]],
+                      "reward_model": [{"ground_truth": {"question": question, "solution": "", "target": "2"},
+                                        "style": "rule"}]},
+        "problem-answer": {"problem": [question], "answer": ["2"]},
+        "problem-solution": {"problem": [question], "solution": [r"Since $1+1=2$, the answer is $\boxed{2}$."]},
+    }[layout]
+    pd.DataFrame(row).to_parquet(tmp_path / "x.parquet")
+    (got,) = tasks.load_math_parquet(str(tmp_path / "x.parquet"))
+    assert got == {"prompt": [{"role": "user", "content": question + tasks.MATH_SUFFIX}], "answer": "2"}
 
 
 def test_pass_at_k_by_hand():

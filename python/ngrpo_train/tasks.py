@@ -59,10 +59,12 @@ def exact_answer_reward(prompts, completions, answer, **_):
 
 
 def load_math_parquet(path: str, limit: int | None = None):
-    """MATH problems from a parquet in verl's layout (``prompt`` chat list or string,
-    ``reward_model.ground_truth``) as ``{"prompt": [chat message], "answer": ground truth}`` rows with
-    the recipe's user prompt: ``{question}`` + MATH_SUFFIX. A ``path`` that is not a file is taken as a
-    hub dataset name in the same layout (needs the network; not exercised by the tests)."""
+    """Math problems from a parquet file as ``{"prompt": [chat message], "answer": reference}`` rows with the
+    recipe's user prompt: ``{question}`` + MATH_SUFFIX. Layouts read (``question_and_answer``): verl's
+    (``prompt`` chat list or string, ``reward_model.ground_truth`` a string or the released files' dict with
+    ``target``), ``problem`` + ``answer`` (AIME, AMC), ``problem`` + ``solution`` (MATH test: the last
+    \\boxed{} of the solution). A ``path`` that is not a file is taken as a hub dataset name in one of these
+    layouts (needs the network; not exercised by the tests)."""
     import os
 
     import pandas as pd
@@ -75,14 +77,31 @@ def load_math_parquet(path: str, limit: int | None = None):
         frame = load_dataset(path, split="train").to_pandas()
     rows = []
     for _, row in frame.iterrows():
-        prompt = row["prompt"]
-        question = prompt[-1]["content"] if not isinstance(prompt, str) else prompt
-        question = _strip_suffix(question)
-        truth = row["reward_model"]["ground_truth"]
-        rows.append({"prompt": [{"role": "user", "content": question + MATH_SUFFIX}], "answer": str(truth)})
+        question, truth = question_and_answer(row)
+        rows.append({"prompt": [{"role": "user", "content": question + MATH_SUFFIX}], "answer": truth})
         if limit is not None and len(rows) >= limit:
             break
     return rows
+
+
+def question_and_answer(row) -> tuple[str, str]:
+    """(question without any instruction suffix, reference answer) of one row in a layout load_math_parquet reads."""
+    if "prompt" in row and row["prompt"] is not None:
+        prompt = row["prompt"]
+        question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    else:
+        question = row["problem"]
+    if "reward_model" in row and row["reward_model"] is not None:
+        truth = row["reward_model"]["ground_truth"]
+        if isinstance(truth, dict):  # the released NGRPO files: {"question", "solution", "target"}
+            truth = truth["target"]
+    elif "answer" in row and row["answer"] is not None:
+        truth = row["answer"]
+    else:
+        truth = boxed_answer(row["solution"])
+        if truth is None:
+            raise ValueError(f"no \\boxed{{}} answer in the solution of {question[:80]!r}")
+    return _strip_suffix(question), str(truth)
 
 
 def _strip_suffix(question: str) -> str:
