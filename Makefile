@@ -11,10 +11,12 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || ech
 $(PY):
 	python3 -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml setup.py CMakeLists.txt csrc/loss_rows.cpp
+$(STAMP): $(PY) pyproject.toml setup.py CMakeLists.txt csrc/loss_rows.cpp tests/requirements-verl.txt
 	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel "$(TORCH_SPEC)"
 	NGRPO_REQUIRE_CPP=$${NGRPO_REQUIRE_CPP:-1} $(PY) -m pip install -q --disable-pip-version-check \
 		--no-build-isolation -e ".[dev,train]"
+	# verl's code for the plugin's tests, without verl's pins (they conflict with TRL 1.16): see the file
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r tests/requirements-verl.txt
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -57,6 +57,11 @@ def _or_none(x: Tensor) -> Tensor | None:
     return None if x.numel() == 0 and x.dim() == 1 else x
 
 
+def _split(normalizer) -> tuple[Tensor | None, float | None]:
+    """A normaliser is a tensor input of the op or a number among its scalars: (tensor, number)."""
+    return (normalizer, None) if isinstance(normalizer, torch.Tensor) else (None, normalizer)
+
+
 def _first_order():
     if torch.is_grad_enabled():  # autograd enables grad mode in backward only for create_graph=True
         raise RuntimeError(
@@ -148,8 +153,7 @@ def policy_loss(backend: Backend, logprobs, old_logprobs, advantages, mask, *, e
             loss_agg_mode=loss_agg_mode, normalizer=normalizer, length_budget=length_budget,
             rollout_is_weights=rollout_is_weights, **options)
     grad = torch.is_grad_enabled()
-    tensor_normalizer = normalizer if isinstance(normalizer, torch.Tensor) else None
-    number = None if isinstance(normalizer, torch.Tensor) else normalizer
+    tensor_normalizer, number = _split(normalizer)
     loss, stats, n_tokens, _, _ = _policy_loss_op(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, rollout_is_weights, tensor_normalizer,
         backend.value, loss_agg_mode.value,
@@ -302,8 +306,7 @@ def fused_linear_ngrpo_loss(backend: Backend, hidden, weight, targets, mask, old
                                                          advantages=advantages, bias=bias, temperature=temperature,
                                                          **options)
     grad = torch.is_grad_enabled()
-    tensor_normalizer = normalizer if isinstance(normalizer, torch.Tensor) else None
-    number = None if isinstance(normalizer, torch.Tensor) else normalizer
+    tensor_normalizer, number = _split(normalizer)
     loss, stats, n_tokens, computed_frac, _, _, _ = _fused_loss_op(
         hidden, weight, bias, targets, mask, old_logprobs, advantages, ref_logprobs, rollout_is_weights,
         tensor_normalizer, backend.value, loss_agg_mode.value,

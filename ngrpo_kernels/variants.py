@@ -28,7 +28,8 @@ class AggMode(str, enum.Enum):
     - ``seq-mean-token-mean``: ``sum_b (sum_t m*l / n_b) / S`` (original GRPO).
     - ``seq-mean-token-sum``: ``sum_b (sum_t m*l) / S``.
     - ``seq-mean-token-sum-norm``: ``sum_bt m*l / L`` (Dr. GRPO; ``L`` defaults to ``T``), as verl
-      computes it: no division by the number of sequences unless a ``normalizer`` is given.
+      computed it before 0.9: no division by the number of sequences unless a ``normalizer`` is given
+      (verl 0.9 divides by the global sequence count: the verl plugin passes it as the normalizer).
 
     An explicit ``normalizer`` replaces the outer denominator (``N``, ``S``, or ``1`` for the
     sum-norm mode). Passing the whole batch's value to every micro-batch makes the micro-batch

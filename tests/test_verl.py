@@ -1,0 +1,383 @@
+"""The verl plugin (ngrpo_kernels.integrations.verl) on verl's own functions and data structures, on the CPU:
+the names resolve from verl's registries, the estimator and the loss agree with float64 references and with
+verl's own vanilla loss, the fused head backend returns what verl's torch backend returns (values and
+gradients), the filter keeps all-wrong groups and refills, and the recipe's overrides compose and validate.
+
+verl is installed for the tests (``make setup``: tests/requirements-verl.txt, with --no-deps)."""
+
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+verl = pytest.importorskip("verl")
+
+import ngrpo_kernels as nk  # noqa: E402
+from ngrpo_kernels.integrations import verl as plugin  # noqa: E402
+from ngrpo_kernels.ops.advantages.naive import group_advantages_naive  # noqa: E402
+from ngrpo_kernels.ops.policy_loss.naive import policy_loss_naive  # noqa: E402
+from verl.trainer.ppo import core_algos  # noqa: E402
+
+
+def _responses(gen, groups=(8, 8, 8, 1, 5), T=12, correct=(8, 0, 3, 1, 2)):
+    """verl-shaped outcome rewards: each response's score on its last valid token, right padding, uid strings,
+    responses of a group not contiguous. Groups: all-correct, all-wrong, mixed, a singleton, a mixed one."""
+    uids, scores = [], []
+    for size, ok in zip(groups, correct):
+        uid = str(uuid.UUID(int=int(torch.randint(0, 2**62, (1,), generator=gen))))
+        uids += [uid] * size
+        scores += [1.0] * ok + [0.0] * (size - ok)
+    B = len(uids)
+    perm = torch.randperm(B, generator=gen)
+    uids = np.array(uids, dtype=object)[perm.numpy()]
+    scores = torch.tensor(scores)[perm]
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    rewards = torch.zeros(B, T)
+    rewards[torch.arange(B), lengths - 1] = scores
+    return rewards, mask, uids, scores
+
+
+def test_names_resolve_from_verls_registries():
+    assert core_algos.get_adv_estimator_fn("ngrpo") is plugin.compute_ngrpo_outcome_advantage
+    assert core_algos.get_policy_loss_fn("ngrpo") is plugin.compute_policy_loss_ngrpo
+    from verl.models.transformers import monkey_patch
+    from verl.utils.experimental import torch_functional
+
+    assert torch_functional.FusedLinearForPPO is plugin.NGRPOFusedLinearForPPO
+    assert monkey_patch.patch_forward_with_backends is plugin.patch_forward_with_backends
+
+
+def test_estimator_matches_float64_reference_through_verls_compute_advantage(gen):
+    from omegaconf import OmegaConf
+    from verl import DataProto
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    rewards, mask, uids, scores = _responses(gen)
+    data = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask},
+                               non_tensors={"uid": uids})
+    config = OmegaConf.create({"adv_estimator": "ngrpo", "ngrpo_r_max": 1.0, "ngrpo_num_virtual": 1,
+                               "norm_adv_by_std_in_grpo": True})
+    out = compute_advantage(data, adv_estimator="ngrpo", config=config)
+
+    _, ids = np.unique(uids, return_inverse=True)
+    want = group_advantages_naive(scores.double(), torch.as_tensor(ids), r_max=1.0, num_virtual=1)
+    got = out.batch["advantages"]
+    torch.testing.assert_close(got, (want[:, None] * mask).float(), atol=1e-6, rtol=1e-6)
+    assert torch.equal(out.batch["returns"], got)
+    # NGRPO's point: the all-wrong group (second) gets a negative advantage, the all-correct one zero.
+    per_response = got.sum(-1) / mask.sum(-1)
+    first = {u: i for i, u in reversed(list(enumerate(uids)))}
+    groups = list(dict.fromkeys(uids[np.argsort([first[u] for u in uids], kind="stable")]))
+    by_uid = {u: per_response[uids == u] for u in groups}
+    sizes = {u: len(v) for u, v in by_uid.items()}
+    all_wrong = [u for u in groups if sizes[u] == 8 and scores[uids == u].sum() == 0]
+    all_right = [u for u in groups if sizes[u] == 8 and scores[uids == u].sum() == 8]
+    assert (by_uid[all_wrong[0]] < 0).all() and (by_uid[all_right[0]] == 0).all()
+
+
+def test_estimator_options_and_refusals(gen):
+    from omegaconf import OmegaConf
+
+    rewards, mask, uids, scores = _responses(gen)
+    _, ids = np.unique(uids, return_inverse=True)
+    config = OmegaConf.create({"ngrpo_r_max": 2.0, "ngrpo_num_virtual": 3})
+    adv, _ = plugin.compute_ngrpo_outcome_advantage(rewards, mask, uids, config=config)
+    want = group_advantages_naive(scores.double(), torch.as_tensor(ids), r_max=2.0, num_virtual=3)
+    torch.testing.assert_close(adv, (want[:, None] * mask).float(), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="norm_adv_by_std_in_grpo"):
+        plugin.compute_ngrpo_outcome_advantage(rewards, mask, uids, config=OmegaConf.create(
+            {"norm_adv_by_std_in_grpo": False}))
+    with pytest.raises(ValueError, match="one group id per response"):
+        plugin.compute_ngrpo_outcome_advantage(rewards, mask, uids[:-1])
+
+
+def _actor_config(**global_batch_info):
+    from verl.workers.config import FSDPActorConfig
+
+    config = FSDPActorConfig(strategy="fsdp", clip_ratio_low=0.16, clip_ratio_high=0.24, clip_ratio_c=3.0,
+                             ppo_micro_batch_size_per_gpu=2, rollout_n=8)
+    config.global_batch_info.update(global_batch_info)
+    return config
+
+
+def _loss_inputs(gen, B=6, T=9):
+    mask = torch.rand(B, T, generator=gen) > 0.25
+    mask[0] = False  # a fully masked sequence
+    mask[1, 0] = True
+    logp = -torch.rand(B, T, generator=gen) * 3
+    old = logp + 0.4 * torch.randn(B, T, generator=gen)
+    adv = torch.randn(B, generator=gen)[:, None].expand(B, T) * mask
+    isw = torch.rand(B, T, generator=gen) + 0.5
+    return logp, old, adv.contiguous(), mask, isw
+
+
+AGG_CASES = [
+    ("token-mean", {}),
+    ("token-mean", {"dp_size": 4, "batch_num_tokens": 97}),
+    ("token-mean", {"dp_size": 2, "batch_num_tokens": torch.tensor(61)}),
+    ("token-sum", {"dp_size": 3}),
+    ("seq-mean-token-mean", {}),
+    ("seq-mean-token-mean", {"dp_size": 2, "global_batch_size": 13}),
+    ("seq-mean-token-sum", {"dp_size": 2, "global_batch_size": 13}),
+    ("seq-mean-token-sum-norm", {}),
+    ("seq-mean-token-sum-norm", {"dp_size": 2, "global_batch_size": 13, "loss_scale_factor": 512}),
+]
+
+
+@pytest.mark.parametrize("mode,info", AGG_CASES, ids=[f"{m}-{'global' if i else 'local'}" for m, i in AGG_CASES])
+def test_policy_loss_matches_verls_vanilla_loss(mode, info, backend, gen):
+    """Same clip bounds, dual clip, IS weights and global batch normalisation: our fused loss and verl's vanilla
+    PPO loss agree in value, gradient and metrics (NGRPO's loss is verl's asymmetric dual-clip PPO loss)."""
+    logp, old, adv, mask, isw = _loss_inputs(gen)
+    config = _actor_config(**info)
+    ours_lp, verl_lp = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    with nk.use_backend(backend):
+        ours, ours_metrics = core_algos.get_policy_loss_fn("ngrpo")(
+            old_log_prob=old, log_prob=ours_lp, advantages=adv, response_mask=mask, loss_agg_mode=mode, config=config,
+            rollout_is_weights=isw)
+    want, want_metrics = core_algos.get_policy_loss_fn("vanilla")(
+        old_log_prob=old, log_prob=verl_lp, advantages=adv, response_mask=mask, loss_agg_mode=mode, config=config,
+        rollout_is_weights=isw)
+    torch.testing.assert_close(ours, want, atol=1e-6, rtol=1e-5)
+    ours.backward()
+    want.backward()
+    torch.testing.assert_close(ours_lp.grad, verl_lp.grad, atol=1e-6, rtol=1e-5)
+    assert set(ours_metrics) == set(want_metrics)
+    for k, v in want_metrics.items():
+        assert float(ours_metrics[k]) == pytest.approx(v, abs=1e-6), k
+
+
+def test_policy_loss_matches_float64_reference(gen):
+    logp, old, adv, mask, isw = _loss_inputs(gen)
+    config = _actor_config(dp_size=2, batch_num_tokens=50)
+    lp = logp.clone().requires_grad_()
+    ours, _ = plugin.compute_policy_loss_ngrpo(old, lp, adv, mask, "token-mean", config, isw)
+    ours.backward()
+    ref_lp = logp.double().requires_grad_()
+    want = policy_loss_naive(ref_lp, old.double(), adv.double(), mask, eps_neg=0.16, eps_pos=0.24, clip_ratio_c=3.0,
+                             normalizer=25.0, rollout_is_weights=isw.double())[0]
+    want.backward()
+    torch.testing.assert_close(ours.double(), want, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(lp.grad.double(), ref_lp.grad, atol=1e-7, rtol=1e-6)
+
+
+def test_policy_loss_errors_are_verls():
+    logp, old, adv, mask, _ = _loss_inputs(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="batch_num_tokens is required"):
+        plugin.compute_policy_loss_ngrpo(old, logp, adv, mask, "token-mean", _actor_config(dp_size=2))
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        plugin.compute_policy_loss_ngrpo(old, logp, adv, mask, "seq-sum", _actor_config())
+    with pytest.raises(ValueError, match="actor config"):
+        plugin.compute_policy_loss_ngrpo(old, logp, adv, mask)
+
+
+# --- the fused actor head ---------------------------------------------------------------------------------
+
+def _tiny_model(seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    return Qwen2ForCausalLM(config).float()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "rmpad"])
+def test_fused_head_backend_matches_verls_torch_backend(packed, backend, gen):
+    """verl's patched forward (dense_common) with impl_backend='ngrpo' vs 'torch': log-probs, entropy and the
+    gradients of a loss using both, through the whole model."""
+    models = {name: _tiny_model() for name in ("torch", "ngrpo")}
+    for name, model in models.items():
+        plugin.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend=name)
+    assert models["ngrpo"]._verl_fused_kernels_backend == "ngrpo"
+    shape = (1, 23) if packed else (3, 11)
+    input_ids = torch.randint(0, 97, shape, generator=gen)
+    extra = {"shift_labels": torch.roll(input_ids, -1, dims=-1)} if packed else {}
+    weights = torch.randn(shape, generator=gen)
+    outputs, grads = {}, {}
+    for name, model in models.items():
+        with nk.use_backend(backend):
+            out = model(input_ids=input_ids, temperature=0.7, return_dict=True, **extra)
+            ((out.log_probs * weights).sum() + 0.3 * out.entropy.sum()).backward()
+        outputs[name] = out
+        grads[name] = {k: p.grad for k, p in model.named_parameters()}
+    ours, theirs = outputs["ngrpo"], outputs["torch"]
+    assert ours.log_probs.shape == theirs.log_probs.shape == shape
+    assert ours.entropy.shape == shape
+    torch.testing.assert_close(ours.log_probs, theirs.log_probs, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.entropy, theirs.entropy.float(), atol=2e-5, rtol=1e-5)
+    for k, g in grads["torch"].items():
+        torch.testing.assert_close(grads["ngrpo"][k], g, atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_other_fused_backends_are_untouched():
+    from verl.utils.experimental import torch_functional
+
+    head = torch_functional.FusedLinearForPPO(impl_backend="torch")
+    assert head.impl_backend == "torch"
+    with pytest.raises(ValueError, match="Unsupported FusedLinearForPPO backend"):
+        torch_functional.FusedLinearForPPO(impl_backend="bogus")
+
+
+# --- the all-correct filter with refill --------------------------------------------------------------------
+
+class _FakeTransferQueue:
+    """The three TransferQueue calls the replay buffer makes, over an in-memory store: prompt keys ``uid`` with
+    their status, trajectory keys ``uid_i`` with their reward. ``refill`` adds finished groups from a queue."""
+
+    def __init__(self, groups):
+        self.store, self.rewards, self.queue, self.refilled = {}, {}, [], 0
+        for uid, rewards in groups.items():
+            self.add(uid, rewards, step=0)
+
+    def add(self, uid, rewards, step):
+        self.store[uid] = {"is_prompt": True, "status": "finished", "global_steps": step}
+        for i, r in enumerate(rewards):
+            self.store[f"{uid}_{i}"] = {}
+            self.rewards[f"{uid}_{i}"] = torch.tensor([0.0, float(r)])
+
+    def refill(self, n):
+        self.refilled += n
+        for _ in range(n):
+            uid, rewards = self.queue.pop(0)
+            self.add(uid, rewards, step=1)
+
+    def kv_list(self):
+        return {"train": dict(self.store)}
+
+    def kv_batch_get(self, keys, partition_id, select_fields):
+        return {"rm_scores": [self.rewards[k] for k in keys]}
+
+    def kv_clear(self, partition_id, keys):
+        for k in keys:
+            self.store.pop(k, None)
+
+
+@pytest.mark.parametrize("sampler", ["ngrpo", "verl-dapo"])
+def test_filter_drops_only_all_correct_groups_and_refills(sampler, monkeypatch):
+    from verl.trainer.ppo.v1 import replay_buffer
+    from ngrpo_kernels.integrations.verl.sampler import NGRPOReplayBuffer
+
+    fake = _FakeTransferQueue({"a": [1, 1, 1, 1], "b": [0, 0, 0, 0], "c": [1, 0, 0, 1], "d": [0, 1, 1, 1]})
+    fake.queue = [("e", [1, 1, 1, 1]), ("f", [0, 1, 0, 0]), ("g", [1, 0, 1, 0]), ("h", [0, 0, 1, 0])]
+    for name in ("kv_list", "kv_batch_get", "kv_clear"):
+        monkeypatch.setattr(replay_buffer.tq, name, getattr(fake, name))
+    common = dict(trainer_mode="sync", trainer_config={}, max_off_policy_threshold=None, max_off_policy_strategy="drop",
+                  poll_interval=0.0, refill_fn=fake.refill)
+    if sampler == "ngrpo":
+        buffer = NGRPOReplayBuffer(sampler_kwargs={"train_batch_size": 4, "correct_reward": 1.0}, **common)
+    else:
+        buffer = replay_buffer.ReplayBuffer(sampler_kwargs={}, filter_groups_metric="reward", train_batch_size=4,
+                                            gen_batch_size=1, **common)
+    batch, metrics = buffer.sample(global_steps=1, partition_id="train", batch_size=4)
+    kept = sorted({k.split("_")[0] for k in batch.keys})
+    if sampler == "ngrpo":  # a evicted (2 refills: e, then f); e evicted too (2 more: g, h); b, c, d, f kept
+        assert kept == ["b", "c", "d", "f"]
+        assert metrics["training/filter_groups/evicted_samples"] == 2
+    else:  # verl's DAPO rule also evicts the all-wrong b
+        assert "b" not in kept and len(kept) == 4
+    assert fake.refilled >= 2
+    assert all(k in fake.store or k.split("_")[0] in kept for k in batch.keys)
+
+
+def test_filter_needs_the_batch_size():
+    from ngrpo_kernels.integrations.verl.sampler import NGRPOReplayBuffer
+
+    with pytest.raises(ValueError, match="train_batch_size"):
+        NGRPOReplayBuffer("sync", {}, None, "drop", {}, refill_fn=lambda n: None)
+
+
+# --- torch.compile of the plugin's loss ----------------------------------------------------------------------
+
+def test_policy_loss_compiles_fullgraph(gen):
+    logp, old, adv, mask, isw = _loss_inputs(gen)
+    config = _actor_config(dp_size=1, batch_num_tokens=40)
+    fn = torch.compile(lambda lp: plugin.compute_policy_loss_ngrpo(old, lp, adv, mask, "token-mean", config, isw)[0],
+                       backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(fn(logp), plugin.compute_policy_loss_ngrpo(old, logp, adv, mask, "token-mean", config,
+                                                                          isw)[0])
+
+
+# --- the authors' recipe on verl -------------------------------------------------------------------------------
+
+def _toy_math_dir(tmp_path):
+    import pandas as pd
+
+    src = tmp_path / "src"
+    src.mkdir()
+    pd.DataFrame({"prompt": [[{"role": "user", "content": f"What is ${i}+1$?"}] for i in range(5)],
+                  "reward_model": [{"ground_truth": {"target": str(i + 1)}, "style": "rule"} for i in range(5)]}
+                 ).to_parquet(src / "math_train.parquet")
+    pd.DataFrame({"problem": ["What is $2+2$?"], "answer": ["4"]}).to_parquet(src / "aime2025.parquet")
+    return src
+
+
+def test_recipe_composes_validates_and_resolves(tmp_path):
+    """The launch command's overrides on verl's own config: Hydra composes them, verl's validate_config passes,
+    the numbers are the recipe's (docs/algorithm.md §6), and every name resolves to this package's code."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from ngrpo_train import verl_recipe
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+    from verl.utils.import_utils import load_extern_object, load_extern_type
+
+    from ngrpo_kernels.integrations.verl.sampler import NGRPOReplayBuffer
+
+    data = tmp_path / "verl"
+    assert verl_recipe.prepare(str(_toy_math_dir(tmp_path)), str(data)) == {"train": 5, "aime2025": 1}
+    overrides = verl_recipe.recipe_overrides("Qwen/Qwen2.5-Math-7B", str(data))
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+    assert not need_reference_policy(cfg) and not need_critic(cfg)  # no KL: no reference model; no critic
+    validate_config(config=cfg, use_reference_policy=False, use_critic=False)
+
+    actor, rollout = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
+    assert (cfg.data.train_batch_size, rollout.n, actor.ppo_mini_batch_size, actor.ppo_epochs) == (1024, 8, 256, 1)
+    assert cfg.data.train_batch_size // actor.ppo_mini_batch_size == 4  # optimizer steps per generation
+    assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.entropy_coeff, actor.optim.lr) == (0.16, 0.24, 0.001, 1e-6)
+    assert (cfg.data.max_prompt_length, cfg.data.max_response_length) == (1024, 3072)
+    assert not actor.use_kl_loss and not cfg.algorithm.use_kl_in_reward and actor.loss_agg_mode == "token-mean"
+    assert cfg.trainer.v1.sampler.sampler_kwargs.train_batch_size == cfg.data.train_batch_size
+    assert list(cfg.data.val_files) == [str(data / "aime2025.parquet")]  # held out: never the training file
+
+    assert core_algos.get_adv_estimator_fn(cfg.algorithm.adv_estimator) is plugin.compute_ngrpo_outcome_advantage
+    assert core_algos.get_policy_loss_fn(actor.policy_loss.loss_mode) is plugin.compute_policy_loss_ngrpo
+    assert cfg.actor_rollout_ref.model.fused_kernel_options.impl_backend == plugin.NAME
+    sampler = cfg.trainer.v1.sampler.custom_sampler
+    assert load_extern_type(sampler.path, sampler.name) is NGRPOReplayBuffer
+    reward = cfg.reward.custom_reward_function
+    assert load_extern_object(reward.path, reward.name).__qualname__ == "compute_score"
+
+
+def test_recipe_reward_and_data(tmp_path):
+    import pandas as pd
+    from ngrpo_train import verl_recipe
+
+    pytest.importorskip("math_verify")
+    data = tmp_path / "verl"
+    verl_recipe.prepare(str(_toy_math_dir(tmp_path)), str(data))
+    train = pd.read_parquet(data / "train.parquet")
+    row = train.iloc[2]
+    assert row["reward_model"]["ground_truth"] == "3"
+    assert row["prompt"][0]["content"].endswith("put your final answer within \\boxed{}.")
+    score = verl_recipe.compute_score
+    assert score(row["data_source"], r"so it is \boxed{3}", "3") == 1.0
+    assert score(row["data_source"], r"\boxed{\frac{6}{2}}", "3") == 1.0
+    assert score(row["data_source"], r"\boxed{4}", "3") == 0.0
+    assert score(row["data_source"], "3", "3") == 0.0  # no \boxed{}: wrong, as in the recipe
+    assert score(None, r"\boxed{3}", {"target": "3"}) == 1.0
+
+
+def test_recipe_launch_dry_run(tmp_path, capsys):
+    from ngrpo_train import verl_recipe
+
+    assert verl_recipe.main(["launch", "--data", str(tmp_path), "--gpus", "4", "--dry-run", "trainer.total_epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert "verl.trainer.main_ppo" in out and "trainer.n_gpus_per_node=4" in out
+    assert out.rstrip().endswith("trainer.total_epochs=1")  # extra overrides come last (Hydra: last one wins)
