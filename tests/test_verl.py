@@ -185,13 +185,31 @@ def _tiny_model(seed=0):
     return Qwen2ForCausalLM(config).float()
 
 
+@pytest.mark.parametrize("via", ["apply_monkey_patch", "patch_forward_with_backends"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "rmpad"])
-def test_fused_head_backend_matches_verls_torch_backend(packed, backend, gen):
+def test_fused_head_backend_matches_verls_torch_backend(packed, via, backend, gen, monkeypatch):
     """verl's patched forward (dense_common) with impl_backend='ngrpo' vs 'torch': log-probs, entropy and the
-    gradients of a loss using both, through the whole model."""
+    gradients of a loss using both, through the whole model. ``apply_monkey_patch`` is the call verl's FSDP
+    engine makes when it builds the model."""
+    from verl.models.transformers import monkey_patch
+
+    # apply_monkey_patch imports a class TRL 1.16 no longer has whenever TRL is installed (docs/verl.md): this
+    # test environment has TRL for the TRL trainer; a verl environment has verl's TRL pin or none.
+    monkeypatch.setattr(monkey_patch, "is_trl_available", lambda: False)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return nk.fused_linear_logprobs(*args, **kwargs)
+
+    monkeypatch.setattr(plugin, "fused_linear_logprobs", counted)
     models = {name: _tiny_model() for name in ("torch", "ngrpo")}
     for name, model in models.items():
-        plugin.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend=name)
+        if via == "apply_monkey_patch":
+            monkey_patch.apply_monkey_patch(model, use_remove_padding=packed, use_fused_kernels=True,
+                                            fused_kernels_backend=name)
+        else:
+            plugin.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend=name)
     assert models["ngrpo"]._verl_fused_kernels_backend == "ngrpo"
     shape = (1, 23) if packed else (3, 11)
     input_ids = torch.randint(0, 97, shape, generator=gen)
@@ -204,6 +222,7 @@ def test_fused_head_backend_matches_verls_torch_backend(packed, backend, gen):
             ((out.log_probs * weights).sum() + 0.3 * out.entropy.sum()).backward()
         outputs[name] = out
         grads[name] = {k: p.grad for k, p in model.named_parameters()}
+    assert len(calls) == 1  # the ngrpo model went through our head, the torch one did not
     ours, theirs = outputs["ngrpo"], outputs["torch"]
     assert ours.log_probs.shape == theirs.log_probs.shape == shape
     assert ours.entropy.shape == shape
