@@ -11,7 +11,8 @@
 #
 # The GPU image has torch, triton, pytest, pytest-xdist and pytest-benchmark but nothing from outside:
 # carry the peers as wheels (downloaded here, .whl/ is git-ignored) and name .whl in the device tool's
-# carry:  pip download --no-deps -d .whl liger-kernel==0.8.5 cut-cross-entropy trl==1.16.0
+# carry:  pip download --no-deps -d .whl liger-kernel==0.8.5 cut-cross-entropy trl==1.16.0 verl==0.9.1
+# (verl's fused heads are loaded from its files without its dependencies: benchmarks/impls.py)
 # A copy of an earlier ngrpo_kernels renamed ngrpo_base in .baseline/ (carried too) is timed beside
 # this tree for before/after tables:
 #   mkdir -p .baseline && git archive REV ngrpo_kernels | tar -x -C .baseline && mv .baseline/ngrpo_kernels .baseline/ngrpo_base
@@ -46,6 +47,7 @@ sed -n '/^###/,$p' "$OUT/head.md" 2>/dev/null | sed '/Per-kernel profile/,$d'
 # 2. The kernel tests (the trainer's tests are CPU-only and need packages the GPU image lacks).
 timeout 150 python -m pytest -q -ra -n 8 -p no:cacheprovider tests/test_advantages.py tests/test_policy_loss.py \
   tests/test_validation.py tests/test_linear_logprobs.py tests/test_fused_loss.py tests/test_persistent_gemm.py \
+  tests/test_compile.py \
   -k "cuda or persistent_gemm or either_dense" >"$OUT/gpu_tests.log" 2>&1
 echo "GPU tests exit code: $?" | tee -a "$OUT/machine.txt"
 grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -1

@@ -12,6 +12,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
 
 import torch
 
@@ -180,6 +184,67 @@ def loss_trl_fused(case):
     return _train_step(case, lambda h, w, x: _policy_loss(_trl_logprobs(h, w, x["targets"]), x))
 
 
+@functools.lru_cache(maxsize=None)
+def _verl_heads():
+    """verl's two fused log-prob + entropy heads: ``linear_cross_entropy`` (utils/kernel, Triton, GPU) and
+    ``FusedLinearForPPO`` (utils/experimental/torch_functional, chunked PyTorch). Imported normally where verl
+    imports (CI); otherwise loaded from verl's files without running verl/__init__, which needs Ray and
+    TensorDict (the GPU image carries only verl's wheel): the Triton file's ``verl.utils.device`` import then
+    gets a stand-in that answers for CUDA. The kernels themselves are verl's, unchanged."""
+    try:
+        lce = importlib.import_module("verl.utils.kernel.linear_cross_entropy").linear_cross_entropy
+        head = importlib.import_module("verl.utils.experimental.torch_functional").FusedLinearForPPO
+        return lce, head
+    except Exception:
+        pass
+    spec = importlib.util.find_spec("verl")
+    if spec is None or not spec.submodule_search_locations:
+        raise Unavailable("verl not installed")
+    root = Path(spec.submodule_search_locations[0])
+    for name in [m for m in sys.modules if m == "verl" or m.startswith("verl.")]:
+        del sys.modules[name]  # a half-imported verl from the attempt above
+    device = types.ModuleType("verl.utils.device")
+    device.is_cuda_available = torch.cuda.is_available()
+    device.get_device_capability = lambda device_id=0: torch.cuda.get_device_capability(device_id)
+    device.get_device_name = lambda: "cuda"
+    device.get_torch_device = lambda: torch.cuda
+    for name, path in (("verl", root), ("verl.utils", root / "utils"), ("verl.utils.kernel", root / "utils" / "kernel"),
+                       ("verl.utils.experimental", root / "utils" / "experimental")):
+        package = types.ModuleType(name)
+        package.__path__ = [str(path)]
+        sys.modules[name] = package
+    sys.modules["verl.utils.device"] = device
+    try:
+        lce = importlib.import_module("verl.utils.kernel.linear_cross_entropy").linear_cross_entropy
+        head = importlib.import_module("verl.utils.experimental.torch_functional").FusedLinearForPPO
+    except Exception as err:
+        raise Unavailable(f"verl's kernel files not loadable ({type(err).__name__}: {err})") from None
+    return lce, head
+
+
+def _verl_logprobs(kind):
+    """verl's head as its patched model forward calls it: (log-probs, entropy) at temperature 1."""
+    def logprobs(h, w, targets):
+        lce, head = _verl_heads()
+        flat_h, flat_t = h.reshape(-1, h.shape[-1]).contiguous(), targets.reshape(-1)
+        if kind == "triton":
+            lp, _ent = lce(flat_h, w, flat_t, 1.0, "none")
+        else:
+            lp, _ent = head(impl_backend="torch").forward(flat_h, w, flat_t, 1.0)
+        return lp.view(targets.shape)
+    return logprobs
+
+
+def loss_verl(kind):
+    def factory(case):
+        if kind == "triton":
+            _gpu_only(case)
+        _verl_heads()  # fail early, not mid-timing
+        fn = _verl_logprobs(kind)
+        return _train_step(case, lambda h, w, x: _policy_loss(fn(h, w, x["targets"]).float(), x))
+    return factory
+
+
 def _ngrpo_loss(backend):
     def factory(case):
         try:
@@ -225,6 +290,8 @@ FUSED_LOSS = {
     "liger_triton": loss_liger_triton,
     "cce": loss_cce,
     "trl_fused": loss_trl_fused,
+    "verl_triton": loss_verl("triton"),
+    "verl_torch": loss_verl("torch"),
     "ngrpo_triton": _ngrpo_loss("triton"),
     "ngrpo_cpp": _ngrpo_loss("cpp"),
     "ngrpo_torch": _ngrpo_loss("torch"),
@@ -269,6 +336,15 @@ def _trl_nograd(case):
     return _no_grad(case, _trl_logprobs)
 
 
+def _verl_nograd(kind):
+    def factory(case):
+        if kind == "triton":
+            _gpu_only(case)
+        _verl_heads()
+        return _no_grad(case, _verl_logprobs(kind))
+    return factory
+
+
 def _liger_logprobs(case):
     raise Unavailable("liger-kernel has no log-prob-only op (its GRPO loss takes ref log-probs as input)")
 
@@ -291,6 +367,8 @@ LOGPROBS = {
     "liger": _liger_logprobs,
     "cce": _cce_logprobs,
     "trl_fused": _trl_nograd,
+    "verl_triton": _verl_nograd("triton"),
+    "verl_torch": _verl_nograd("torch"),
     "ngrpo_triton": _ngrpo_logprobs("triton"),
     "ngrpo_torch": _ngrpo_logprobs("torch"),
 }
