@@ -9,6 +9,7 @@ through a custom op in the ``ngrpo`` namespace:
 - ``ngrpo::linear_logprobs``         hidden, lm_head, targets -> log-probs, entropy, logsumexp
 - ``ngrpo::linear_logprobs_backward`` the recomputing backward of the previous op
 - ``ngrpo::fused_linear_ngrpo_loss`` hidden, lm_head, ... -> loss, Stat sums, counts, dX, dW, db
+- ``ngrpo::scaled_cast``             its backward: a stored gradient times the upstream one, in the input's dtype
 
 Each has a fake (meta) implementation, so Dynamo and AOTAutograd see output shapes without running a
 kernel, and an autograd formula: the fused losses form their gradients in the forward kernels (returned
@@ -278,15 +279,26 @@ def _(hidden, weight, bias, targets, mask, old_logprobs, advantages, ref_logprob
             hidden.new_empty((weight.shape[0],) if need_db else (0,), dtype=f32))
 
 
+@torch.library.custom_op("ngrpo::scaled_cast", mutates_args=())
+def _scaled_cast_op(g: Tensor, scale: Tensor, dtype: torch.dtype, backend: str) -> Tensor:
+    return _fused_loss.scaled_cast(g, scale, dtype, Backend(backend))
+
+
+@_scaled_cast_op.register_fake
+def _(g, scale, dtype, backend):
+    return g.new_empty(g.shape, dtype=dtype)
+
+
 def _fused_loss_setup(ctx, inputs, output):
     hidden, weight, bias = inputs[:3]
     ctx.save_for_backward(*output[4:])
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.backend = inputs[10]
 
 
 def _fused_loss_backward(ctx, grad_loss, *_unused):
     _first_order()
-    grads = [None if g.numel() == 0 else _fused_loss.scaled_cast(g, grad_loss, dtype)
+    grads = [None if g.numel() == 0 else _scaled_cast_op(g, grad_loss, dtype, ctx.backend)
              for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
     return (*grads, *([None] * 15))
 

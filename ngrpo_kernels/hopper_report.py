@@ -209,6 +209,12 @@ def _cases():
     yield ("policy_loss", "all options, BLOCK_T=1024 w4", False, _policy_loss_kernel, sig, const, 4, 1, 90, False,
            False)
 
+    from .ops.fused_loss.triton_cast import BLOCK, _scaled_cast_kernel
+
+    sig = {"SRC": "*fp32", "SCALE": "*fp32", "DST": "*bf16", "n": "i32", "BLOCK": "constexpr"}
+    yield ("scaled_cast", f"fp32 -> bf16, BLOCK={BLOCK} w4", False, _scaled_cast_kernel, sig, dict(BLOCK=BLOCK), 4,
+           1, 90, False, False)
+
     sig = {"R": "*fp32", "ORDER": "*i64", "SORTED_IDS": "*i64", "SEG_END": "*i64", "OUT": "*fp32",
            "r_max": "fp32", "num_virtual": "fp32", "eps": "fp32"}
     const = dict(UNBIASED=True, USE_STD=True, BLOCK=32)

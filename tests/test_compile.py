@@ -185,11 +185,13 @@ def _opcheck_cases(backend, device):
                                     (hidden, weight, None, x["targets"], x["mask"], x["old"], x["adv"], None, None,
                                      None, name, "seq-mean-token-sum-norm",
                                      s(1.0, 0.16, 0.24, None, 0.0, 0.001, 4.0, 8.0), 0, False, True, True, False)),
+        "scaled_cast": (torch.ops.ngrpo.scaled_cast.default,
+                        (torch.randn(7, 33, device=device), torch.tensor(0.37, device=device), torch.bfloat16, name)),
     }
 
 
 @pytest.mark.parametrize("op", ["group_advantages", "policy_loss", "linear_logprobs", "linear_logprobs_backward",
-                                "fused_linear_ngrpo_loss"])
+                                "fused_linear_ngrpo_loss", "scaled_cast"])
 def test_opcheck(op, backend, device):
     fn, args = _opcheck_cases(backend, device)[op]
     torch.library.opcheck(fn, args)

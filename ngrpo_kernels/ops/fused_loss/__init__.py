@@ -29,11 +29,16 @@ def _row_op(backend: Backend):
     return loss_rows_torch
 
 
-def scaled_cast(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(g * scale).to(dtype) in one pass (the product is rounded straight into the output): the float32
-    [V, H] dW never gets a float32 twin (2.2 GB at the Qwen2.5-7B head), and the saved gradient is not
-    modified (backward may run twice with retain_graph=True)."""
-    return torch.mul(g, scale, out=torch.empty(g.shape, dtype=dtype, device=g.device))
+def scaled_cast(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, backend: Backend) -> torch.Tensor:
+    """The backward of the fused loss: ``(g * scale).to(dtype)`` rounded once, into a fresh tensor. The float32
+    [V, H] dW never gets a float32 twin (2.2 GB at the Qwen2.5-7B head), and the saved gradient is not modified
+    (backward may run twice with retain_graph=True). ``scale`` is a 0-dim tensor on g's device (no sync)."""
+    out = torch.empty(g.shape, dtype=dtype, device=g.device)
+    if backend == Backend.TRITON and g.is_contiguous() and scale.device == g.device:
+        from .triton_cast import scaled_cast_
+
+        return scaled_cast_(g, scale, out)
+    return torch.mul(g, scale, out=out)
 
 
 def _per_token(x, valid, fill=0.0):
