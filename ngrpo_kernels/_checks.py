@@ -103,18 +103,21 @@ def nonnegative_int(name: str, v) -> int:
 
 
 class ValueChecks:
-    """Collects data-dependent checks and runs them with a single device synchronisation."""
+    """Collects data-dependent checks and runs them with a single device synchronisation.
+
+    Each check has a fixed ``message`` and an optional ``detail`` callable (shapes, sizes) that is called only
+    to report a failure: under torch.compile the message must stay a constant string (sizes may be symbolic)."""
 
     def __init__(self) -> None:
-        self._checks: list[tuple[torch.Tensor, str]] = []
+        self._checks: list[tuple[torch.Tensor, str, object]] = []
 
-    def add(self, ok: torch.Tensor, message: str) -> None:
-        self._checks.append((ok.all(), message))
+    def add(self, ok: torch.Tensor, message: str, detail=None) -> None:
+        self._checks.append((ok.all(), message, detail))
 
     def finite(self, name: str, x: torch.Tensor, where: torch.Tensor | None = None) -> None:
         ok = torch.isfinite(x) if where is None else torch.isfinite(x) | ~where
-        self.add(ok, f"{name} has NaN or inf values" + ("" if where is None else " at valid (mask != 0) positions")
-                 + f" ({describe(x)})")
+        at = "" if where is None else " at valid (mask != 0) positions"
+        self.add(ok, f"{name} has NaN or inf values{at}", lambda: describe(x))
 
     def run(self) -> None:
         if not self._checks:
@@ -123,12 +126,13 @@ class ValueChecks:
             # A traced graph cannot branch on a tensor value: each check becomes an asynchronous assert
             # (a RuntimeError with the same message on the CPU; a device-side assert on a GPU, which ends
             # the process). validate=False removes them.
-            for ok, message in self._checks:
+            for ok, message, _ in self._checks:
                 torch._assert_async(ok, message)
             return
         device = self._checks[0][0].device  # a CPU normaliser's check may sit beside device ones
-        if bool(torch.stack([ok.to(device) for ok, _ in self._checks]).all()):  # the one synchronisation
+        if bool(torch.stack([ok.to(device) for ok, _, _ in self._checks]).all()):  # the one synchronisation
             return
-        for ok, message in self._checks:
+        for ok, message, detail in self._checks:
             if not bool(ok):
-                raise ValueError(message + "; pass validate=False to skip value checks in hot loops")
+                context = "" if detail is None else f" ({detail()})"
+                raise ValueError(message + context + "; pass validate=False to skip value checks in hot loops")

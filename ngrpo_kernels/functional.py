@@ -233,7 +233,7 @@ def _loss_value_checks(mask, advantages, normalizer, per_token: dict) -> check.V
     values = check.ValueChecks()
     valid = mask != 0
     if mask.dtype != torch.bool:
-        values.add((mask == 0) | (mask == 1), f"mask must hold only 0 and 1 ({check.describe(mask)})")
+        values.add((mask == 0) | (mask == 1), "mask must hold only 0 and 1", lambda: check.describe(mask))
     values.finite("advantages", advantages, valid if advantages.dim() == 2 else None)
     for name, x in per_token.items():
         if x is not None:
@@ -316,7 +316,8 @@ def fused_linear_logprobs(
         values = check.ValueChecks()
         V = weight.shape[0]
         values.add((targets == ignore_index) | ((targets >= 0) & (targets < V)),
-                   f"targets must lie in [0, {V}) or equal ignore_index={ignore_index} ({check.describe(targets)})")
+                   "targets must lie in [0, V) or equal ignore_index",
+                   lambda: f"V={V}, ignore_index={ignore_index}, {check.describe(targets)}")
         values.finite("hidden", hidden, (targets != ignore_index)[..., None])
         values.run()
     return _library.linear_logprobs(
@@ -467,7 +468,8 @@ def fused_linear_ngrpo_loss(
     if validate:
         values = _loss_value_checks(mask, advantages, normalizer, optional)
         values.add((mask == 0) | ((targets >= 0) & (targets < V)),
-                   f"targets must lie in [0, {V}) at valid (mask != 0) positions ({check.describe(targets)})")
+                   "targets must lie in [0, V) at valid (mask != 0) positions",
+                   lambda: f"V={V}, {check.describe(targets)}")
         values.finite("hidden", hidden, (mask != 0)[..., None])
         values.run()
 

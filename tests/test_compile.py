@@ -201,3 +201,27 @@ def test_opcheck(op, backend, device):
 def test_fused_loss_compiles_on_the_cpp_backend():
     """The CPU default of the fused loss when the Triton interpreter is off."""
     test_fused_loss_compiles("cpp", torch.device("cpu"))
+
+
+def test_dynamic_shapes_compile_once():
+    """dynamic=True: one graph for batches of several shapes (the fakes and the checks take symbolic sizes)."""
+    counter = CompileCounter()
+
+    def step(hidden, weight, targets, mask, old, adv):
+        loss, _ = nk.fused_linear_ngrpo_loss(hidden, weight, targets, mask, old, advantages=adv)
+        return loss + 0.1 * (nk.fused_linear_logprobs(hidden, weight, targets) * mask).sum()
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(3)
+    for b, t in ((2, 5), (3, 7), (4, 9)):
+        args = (torch.randn(b, t, H, generator=g), 0.3 * torch.randn(V, H, generator=g),
+                torch.randint(0, V, (b, t), generator=g), torch.rand(b, t, generator=g) > 0.3,
+                -torch.rand(b, t, generator=g), torch.randn(b, generator=g))
+        eager_leaves, compiled_leaves = _leaves(*args[:2]), _leaves(*args[:2])
+        want, got = step(*eager_leaves, *args[2:]), compiled(*compiled_leaves, *args[2:])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+        want.backward()
+        got.backward()
+        for e, c in zip(eager_leaves, compiled_leaves):
+            torch.testing.assert_close(c.grad, e.grad, atol=1e-4, rtol=1e-5)
+    assert counter.frame_count == 1
