@@ -317,7 +317,7 @@ def fused_linear_logprobs(
         V = weight.shape[0]
         values.add((targets == ignore_index) | ((targets >= 0) & (targets < V)),
                    "targets must lie in [0, V) or equal ignore_index",
-                   lambda: f"V={V}, ignore_index={ignore_index}, {check.describe(targets)}")
+                   lambda: f"here [0, {V}) or {ignore_index}; {check.describe(targets)}")
         values.finite("hidden", hidden, (targets != ignore_index)[..., None])
         values.run()
     return _library.linear_logprobs(
@@ -469,7 +469,7 @@ def fused_linear_ngrpo_loss(
         values = _loss_value_checks(mask, advantages, normalizer, optional)
         values.add((mask == 0) | ((targets >= 0) & (targets < V)),
                    "targets must lie in [0, V) at valid (mask != 0) positions",
-                   lambda: f"V={V}, {check.describe(targets)}")
+                   lambda: f"here [0, {V}); {check.describe(targets)}")
         values.finite("hidden", hidden, (mask != 0)[..., None])
         values.run()
 
