@@ -225,3 +225,37 @@ def test_dynamic_shapes_compile_once():
         for e, c in zip(eager_leaves, compiled_leaves):
             torch.testing.assert_close(c.grad, e.grad, atol=1e-4, rtol=1e-5)
     assert counter.frame_count == 1
+
+
+def test_backward_allocates_no_zero_gradients_for_side_outputs():
+    """The ops' side outputs (Stat sums, the stored dX / dW) get no gradient: autograd must not materialise
+    zeros for them in backward (at the 7B head a zero dW would be 2.2 GB and a memset). Every op the backward
+    dispatches that returns a new [V, H] tensor is recorded: only the returned gradient may appear."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.is_view:  # a view allocates nothing
+                return out
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.shape == (V, H):
+                    self.calls.append(str(func))
+            return out
+
+    x = _inputs()
+    hidden, weight = _leaves(x["hidden"], x["weight"])
+    loss, _ = nk.fused_linear_ngrpo_loss(hidden, weight, x["targets"], x["mask"], x["old"], advantages=x["adv"])
+    with Record() as record:
+        loss.backward()
+    assert record.calls == ["ngrpo.scaled_cast.default"], record.calls
+
+    hidden, weight = _leaves(x["hidden"], x["weight"])
+    lp, ent = nk.fused_linear_logprobs(hidden, weight, x["targets"], return_entropy=True)
+    with Record() as record:
+        lp.sum().backward()  # entropy and the logsumexp unused
+    assert record.calls == ["ngrpo.linear_logprobs_backward.default"], record.calls
