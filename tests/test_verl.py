@@ -400,3 +400,20 @@ def test_recipe_launch_dry_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "verl.trainer.main_ppo" in out and "trainer.n_gpus_per_node=4" in out
     assert out.rstrip().endswith("trainer.total_epochs=1")  # extra overrides come last (Hydra: last one wins)
+
+
+def test_import_verl_loads_the_plugin_through_its_entry_point():
+    """A fresh process that only imports verl has the ngrpo names (the verl.plugins entry point), and
+    VERL_USE_EXTERNAL_PLUGINS=none turns that off."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import verl\nfrom verl.trainer.ppo import core_algos\n"
+            "print('ngrpo' in core_algos.ADV_ESTIMATOR_REGISTRY, 'ngrpo' in core_algos.POLICY_LOSS_REGISTRY)")
+    for policy, want in (("auto", "True True"), ("none", "False False")):
+        env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": policy}
+        env.pop("VERL_USE_EXTERNAL_MODULES", None)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == want, (policy, out.stdout)
