@@ -45,7 +45,7 @@ echo "gpu_head exit code: $?" | tee -a "$OUT/machine.txt"
 sed -n '/^###/,$p' "$OUT/head.md" 2>/dev/null | sed '/Per-kernel profile/,$d'
 
 # 2. The kernel tests (the trainer's tests are CPU-only and need packages the GPU image lacks).
-timeout 150 python -m pytest -q -ra -n 8 -p no:cacheprovider tests/test_advantages.py tests/test_policy_loss.py \
+timeout 200 python -m pytest -q -ra -n 8 -p no:cacheprovider tests/test_advantages.py tests/test_policy_loss.py \
   tests/test_validation.py tests/test_linear_logprobs.py tests/test_fused_loss.py tests/test_persistent_gemm.py \
   tests/test_compile.py \
   -k "cuda or persistent_gemm or either_dense" >"$OUT/gpu_tests.log" 2>&1
