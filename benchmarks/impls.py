@@ -266,6 +266,17 @@ def _ngrpo_loss(backend):
     return factory
 
 
+def loss_ngrpo_compiled(case):
+    """Ours inside torch.compile(fullgraph=True), on this device's default backend: what a user who compiles
+    the training step gets (the ops are custom ops; the graph around them is compiled)."""
+    @torch.compile(fullgraph=True)
+    def loss(h, w, x):
+        out, _ = nk.fused_linear_ngrpo_loss(h, w, x["targets"], x["mask"], x["old"], advantages=x["adv"],
+                                            validate=False)
+        return out
+    return _train_step(case, loss)
+
+
 def gemm_floor_train(case):
     """The three GEMMs that fwd+bwd cannot avoid: logits, dX, dW (6*N*H*V FLOPs)."""
     x = inputs(case)
@@ -293,6 +304,7 @@ FUSED_LOSS = {
     "verl_triton": loss_verl("triton"),
     "verl_torch": loss_verl("torch"),
     "ngrpo_triton": _ngrpo_loss("triton"),
+    "ngrpo_compiled": loss_ngrpo_compiled,
     "ngrpo_cpp": _ngrpo_loss("cpp"),
     "ngrpo_torch": _ngrpo_loss("torch"),
 }
