@@ -50,12 +50,8 @@ def _unpack(scalars: Tensor) -> list:
     return [None if math.isnan(v) else v for v in scalars.tolist()]
 
 
-def _absent(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    return like.new_empty((0,), dtype=dtype or like.dtype)
-
-
-def _or_none(x: Tensor) -> Tensor | None:
-    return None if x.numel() == 0 and x.dim() == 1 else x
+def _absent(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
 
 
 def _split(normalizer) -> tuple[Tensor | None, float | None]:
@@ -230,8 +226,6 @@ def _linear_logprobs_backward(ctx, g_lp, g_ent, _g_lse):
         return (None,) * 9
     if g_lp is None:
         g_lp = torch.zeros_like(lse)
-    if g_ent is not None and g_ent.numel() == 0:  # entropy was not computed: nothing flows from it
-        g_ent = None
     dx, dw, db = _linear_logprobs_backward_op(x, weight, bias, targets, lse, ent, g_lp, g_ent, backend, scalars,
                                               ignore_index, need_x, need_w, need_b, workspace_bytes)
     return (dx if need_x else None, dw if need_w else None, db if need_b else None,

@@ -25,23 +25,22 @@ def _reference():
     return loss, lp
 
 
-@pytest.mark.parametrize("impl", [k for k in impls.FUSED_LOSS if k not in SLOW and k != "gemm_floor"])
-def test_fused_loss_peers_agree(impl):
+def _runnable(table, impl):
+    """The peer's callable for CASE, or skip the test with the reason it cannot run here."""
     try:
-        step = impls.FUSED_LOSS[impl](CASE)
+        return table[impl](CASE)
     except impls.Unavailable as why:
         pytest.skip(str(why))
-    loss = step()
+
+
+@pytest.mark.parametrize("impl", [k for k in impls.FUSED_LOSS if k not in SLOW and k != "gemm_floor"])
+def test_fused_loss_peers_agree(impl):
+    loss = _runnable(impls.FUSED_LOSS, impl)()
     torch.testing.assert_close(loss.double(), _reference()[0], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("impl", [k for k in impls.LOGPROBS if k not in SLOW and k != "gemm_floor"])
 def test_logprob_peers_agree(impl):
-    try:
-        run = impls.LOGPROBS[impl](CASE)
-    except impls.Unavailable as why:
-        pytest.skip(str(why))
-    x = impls.inputs(CASE)
-    valid = x["mask"]
-    got = run().double()
+    valid = impls.inputs(CASE)["mask"]
+    got = _runnable(impls.LOGPROBS, impl)().double()
     torch.testing.assert_close(got[valid], _reference()[1][valid], atol=1e-4, rtol=1e-4)

@@ -1,7 +1,6 @@
 """The fused policy loss: every backend against the float64 reference, hand-computed cases, the
 aggregation modes, micro-batching with a global normaliser, masked batches and host syncs."""
 
-import itertools
 import math
 import sys
 
