@@ -40,9 +40,17 @@ DEV = "cuda"  # --smoke runs the whole script on the CPU (Triton interpreter) at
 GIB = 2**30
 
 
-def compare(fns: dict, reps: int) -> dict:
+QUEUE_CYCLES = 20_000_000  # ~10 ms of GPU clock cycles: longer than any call's host work before its first kernel
+
+
+def compare(fns: dict, reps: int, queued: bool = False) -> dict:
     """Median ms of each callable, timed round-robin (one call of each per round) so that clock and
-    temperature drift hits every contender alike."""
+    temperature drift hits every contender alike.
+
+    ``queued``: each call is enqueued behind ~10 ms of GPU work (``torch.cuda._sleep``) and timed from
+    the end of it, as in a training step where the host runs ahead of the GPU: the host's latency
+    before the first kernel is hidden and only GPU time (kernels and the gaps between them) counts.
+    Otherwise the call is timed from an idle GPU, host latency included (an isolated call)."""
     for fn in fns.values():
         fn()
         fn()
@@ -55,12 +63,61 @@ def compare(fns: dict, reps: int) -> dict:
                 times[name].append((time.perf_counter() - t0) * 1e3)
                 continue
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if queued:
+                torch.cuda._sleep(QUEUE_CYCLES)
             start.record()
             fn()
             end.record()
             end.synchronize()
             times[name].append(start.elapsed_time(end))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def host_ms(fn, reps: int) -> float:
+    """Median host time to enqueue one call (no synchronisation inside the timed span): close to the GPU
+    time only if the call synchronises with the GPU somewhere or is bound by its host work."""
+    out = []
+    for _ in range(reps):
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda._sleep(QUEUE_CYCLES)  # the GPU stays busy: a hidden sync would show as ~10 ms
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+def graph_ms(fn, reps: int):
+    """Median ms of one CUDA-graph replay of the call (no host work at all), or the capture's error."""
+    if DEV != "cuda":
+        return None, "no CUDA"
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - recorded in the table: a capture failure is a finding
+        torch.cuda.synchronize()
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    out = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(out), None
 
 
 def peak_gib(fn) -> float:
@@ -242,6 +299,8 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--gemms", action="store_true", help="each GEMM of one 4k-token chunk, ours vs cuBLAS")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="each op isolated, queued behind GPU work, as a CUDA graph, and its host enqueue time")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--sizes", default="4096,16384")
     ap.add_argument("--loss-sizes", default="4096,16384,32768")
@@ -316,6 +375,10 @@ def main() -> int:
     if args.sweep:
         md += sweep(args.reps, record)
         print("\n".join(md[-22:]), flush=True)
+
+    if args.diagnose:
+        md += diagnose(args.reps, record, sizes)
+        print("\n".join(md[-16:]), flush=True)
 
     if args.profile:
         md += profile(out_dir)
@@ -393,6 +456,77 @@ def gemms(reps, record) -> list[str]:
         del x, w, dz, z, acc, part, parts
         empty_cache()
     return table("Each GEMM of one chunk (vs the cuBLAS GEMM of the same shape)", ["GEMM", "ms", "x cuBLAS"], rows)
+
+
+def diagnose(reps, record, sizes) -> list[str]:
+    """Where the time between the GEMM floor and an isolated call goes: the same call timed from an idle
+    GPU (host latency included), queued behind GPU work (host latency hidden, as in training), replayed as
+    a CUDA graph (no host work), and the host's enqueue time (a hidden synchronisation shows as ~10 ms).
+    Also the no-grad pass in 4096-token chunks (the schedule before this tree) against one launch."""
+    from ngrpo_kernels.ops.head_schedule import row_bytes
+
+    rows = []
+    for N in sizes:
+        x = make_inputs(N)
+        chunk4k = 4096 * row_bytes(V, H, DT, torch.device(DEV), need_logits=False)
+
+        def no_grad_4k(x=x, ws=chunk4k):
+            with torch.no_grad():
+                nk.fused_linear_logprobs(x["hidden"], x["weight"], x["targets"], validate=False, workspace_bytes=ws)
+
+        cases = {"cuBLAS x @ W.T": (gemm_floor(x, 1), None),
+                 "no-grad log-probs": (logprobs_no_grad(nk, x), "cuBLAS x @ W.T"),
+                 "no-grad log-probs, 4096-token chunks": (no_grad_4k, "cuBLAS x @ W.T"),
+                 "3 cuBLAS GEMMs": (gemm_floor(x, 3), None),
+                 "fused loss fwd+bwd": (fused_loss(nk, x), "3 cuBLAS GEMMs")}
+        fns = {k: f for k, (f, _) in cases.items()}
+        iso = compare(fns, reps)
+        que = compare(fns, reps, queued=True)
+        for name, (fn, floor_name) in cases.items():
+            host = host_ms(fn, min(reps, 5))
+            graph, err = graph_ms(fn, reps)
+            fl = floor_name or name
+            record("diagnose", name, N, que[name], que[fl], isolated_ms=iso[name], isolated_floor_ms=iso[fl],
+                   graph_ms=graph, graph_error=err, host_ms=host)
+            rows.append([f"{name}, N={N}", f"{iso[name]:.2f} ({iso[name] / iso[fl]:.3f})",
+                         f"{que[name]:.2f} ({que[name] / que[fl]:.3f})",
+                         f"{graph:.2f}" if graph is not None else f"capture failed: {err}", f"{host:.2f}"])
+        del x, fns, cases
+        empty_cache()
+    lines = table("Isolated call, queued behind GPU work, CUDA graph, host enqueue time (ms; x floor of the same mode)",
+                  ["call", "isolated", "queued", "graph replay", "host enqueue"], rows)
+    return lines + host_profile(min(sizes))
+
+
+def host_profile(N: int) -> list[str]:
+    """cProfile of the host side of three calls of each op (the GPU kept busy, so nothing waits on it):
+    which Python functions the host enqueue time above is made of."""
+    import cProfile
+    import io
+    import pstats
+
+    x = make_inputs(N)
+    lines = []
+    for name, fn in (("no-grad log-probs", logprobs_no_grad(nk, x)), ("fused loss fwd+bwd", fused_loss(nk, x))):
+        fn()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda._sleep(10 * QUEUE_CYCLES)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(3):
+            fn()
+        prof.disable()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        body = text.getvalue()
+        body = body[body.find("ncalls"):] if "ncalls" in body else body
+        lines += [f"\n### Host profile: {name}, N = {N}, three calls (cProfile, by own time)\n", "```", body.rstrip(), "```"]
+    del x
+    empty_cache()
+    return lines
 
 
 def sweep(reps, record) -> list[str]:

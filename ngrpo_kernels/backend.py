@@ -46,7 +46,8 @@ def interpreter_enabled() -> bool:
 
 def selected_backend(device: torch.device | str) -> Backend:
     """The backend an op called with tensors on ``device`` uses now."""
-    return Backend(_selected_name(str(device)))
+    # The members' table, not ``Backend(name)``: Dynamo (torch 2.11) cannot trace an Enum constructor.
+    return Backend._value2member_map_[_selected_name(str(device))]
 
 
 # Under torch.compile the answer is taken once, when the graph is traced, and kept in the graph (Dynamo

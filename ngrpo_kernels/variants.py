@@ -11,11 +11,15 @@ import enum
 
 
 def _parse(cls, value, argument: str):
-    try:
-        return cls(value)
-    except ValueError:
+    # A lookup in the members' table, not ``cls(value)``: the public ops call this under torch.compile,
+    # and Dynamo (torch 2.11) cannot trace an Enum constructor.
+    if isinstance(value, cls):
+        return value
+    member = cls._value2member_map_.get(value) if isinstance(value, str) else None
+    if member is None:
         names = ", ".join(repr(m.value) for m in cls)
-        raise ValueError(f"{argument}={value!r} is not one of {names}") from None
+        raise ValueError(f"{argument}={value!r} is not one of {names}")
+    return member
 
 
 class AggMode(str, enum.Enum):

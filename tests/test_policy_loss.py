@@ -246,6 +246,7 @@ def _every_op(device, backend, gen):
     weight = (torch.randn(40, 16, generator=gen) * 0.3).to(device).requires_grad_()
     targets = torch.randint(0, 40, (4, 6), generator=gen).to(device)
     normalizers = [None, 7, torch.tensor(7.0), torch.tensor(7.0, device=device)]  # made before the checks
+    item_counts = [37, torch.tensor(37, device=device)]  # (a host-to-device copy is a synchronisation)
     adapter = liger_adapter.LigerFusedLinearNGRPOLoss(loss_type="dapo")
     module = nk.NGRPOLoss(entropy_coef=0.01, validate=False)
 
@@ -262,7 +263,7 @@ def _every_op(device, backend, gen):
         nk.fused_linear_ngrpo_loss(hidden, weight, targets, mask, None, rewards=rewards, group_ids=ids,
                                    validate=False)[0].backward()
         module(hidden, weight, targets, mask, old, advantages=adv)[0].backward()
-        for items in (37, torch.tensor(37, device=device)):
+        for items in item_counts:
             adapter(hidden.reshape(-1, 16), weight, targets, mask.long(), adv, old_per_token_logps=old,
                     num_items_in_batch=items)[0].backward()
 
