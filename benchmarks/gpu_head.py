@@ -36,6 +36,7 @@ from ngrpo_kernels.ops.persistent_gemm import configs
 
 H, V = 3584, 152064
 DT = torch.bfloat16
+OUT_DIR = Path(".")
 DEV = "cuda"  # --smoke runs the whole script on the CPU (Triton interpreter) at tiny shapes
 GIB = 2**30
 
@@ -311,6 +312,8 @@ def main() -> int:
         H, V, DEV, DT = 32, 1000, "cpu", torch.float32
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    global OUT_DIR
+    OUT_DIR = out_dir
     t_start = time.time()
     base = load_baseline(args.baseline)
     info = dict(device=torch.cuda.get_device_name() if DEV == "cuda" else "CPU (smoke run, interpreter)", torch=torch.__version__, triton=triton.__version__,
@@ -524,6 +527,16 @@ def host_profile(N: int) -> list[str]:
         body = text.getvalue()
         body = body[body.find("ncalls"):] if "ncalls" in body else body
         lines += [f"\n### Host profile: {name}, N = {N}, three calls (cProfile, by own time)\n", "```", body.rstrip(), "```"]
+    if DEV == "cuda":  # one call's host and GPU timeline (chrome trace): when the first kernel starts
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        for name, fn in (("no_grad", logprobs_no_grad(nk, x)), ("fused_loss", fused_loss(nk, x))):
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            prof.export_chrome_trace(str(OUT_DIR / f"trace_{name}_{N}.json"))
     del x
     empty_cache()
     return lines
