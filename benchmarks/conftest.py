@@ -103,6 +103,22 @@ def run_benchmark(benchmark, factory, case, *, op: str, impl: str, flops: float 
     benchmark.extra_info.update(op=op, impl=impl, case=case.label, flops=flops, peak_mem_bytes=peak,
                                 **(extra or {}), **machine_info())
     benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+    _append_row(op, impl, case.label, benchmark, peak)
+
+
+def _append_row(op, impl, case, benchmark, peak):
+    """With BENCH_ROWS=path, one JSON line per finished benchmark: a run cut off by a timeout keeps the rows it
+    finished (pytest-benchmark writes its JSON only at the end of the session)."""
+    path = os.environ.get("BENCH_ROWS")
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    if not path or stats is None:
+        return
+    import json
+
+    row = dict(op=op, impl=impl, case=case, median_ms=stats.median * 1e3, min_ms=stats.min * 1e3,
+               rounds=len(stats.data), peak_gib=None if peak is None else peak / 2**30)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 @pytest.fixture(autouse=True)
