@@ -38,7 +38,7 @@ cat "$OUT/machine.txt"
 steps=()
 [ -n "$STEPS" ] && steps=(--max-steps "$STEPS")
 for impl in ngrpo trl; do
-  timeout "${TRAINER_TIMEOUT:-280}" python3 -m ngrpo_train --preset "$PRESET" --trainer "$impl" --output-dir "$OUT/$impl" --quiet \
+  timeout "${TRAINER_TIMEOUT:-280}" python3 -m ngrpo_train --preset "$PRESET" --trainer "$impl" --output-dir "$OUT/$impl" \
     "${steps[@]}" >"$OUT/$impl.log" 2>&1
   echo "$impl exit code: $?" | tee -a "$OUT/machine.txt"
 done

@@ -108,7 +108,7 @@ def warm_start(model, tokenizer, rows, *, steps: int, lr: float, batch: int, see
     for step in range(steps):
         idx = torch.randint(0, len(rows), (batch,), generator=g).tolist()
         texts = [rows[i]["prompt"] + rows[i]["answer"] + tokenizer.eos_token for i in idx]
-        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        enc = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
         loss = model(**enc, labels=labels).loss
         opt.zero_grad()
@@ -126,7 +126,7 @@ def greedy_accuracy(model, tokenizer, rows, max_new_tokens: int) -> float:
     with torch.no_grad():
         for lo in range(0, len(rows), 64):
             chunk = rows[lo:lo + 64]
-            enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True)
+            enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True).to(model.device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
@@ -199,7 +199,7 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     warm_rows = default_warm if warm_rows is None else warm_rows
     if heldout_rows is not None:  # a caller with its own task (an empty list: no held-out accuracy here)
         heldout = heldout_rows or None
-    model = build_model(p, tokenizer, seed)
+    model = build_model(p, tokenizer, seed).to(state.device)  # the warm start runs where training will
     summary: dict = {"preset": p.name, "algo": algo_name, "seed": seed}
 
     warm_dir = out / "warm_start"
@@ -219,6 +219,10 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
             tmp.rename(warm_dir)
+    # On this process's device from here on (a GPU where there is one): the held-out evaluation below runs
+    # before the trainer would move the model, and on a CPU it took the gpu-qwen-small preset (256-token greedy
+    # completions of a 0.5B model) past the 110 s that benchmarks/gpu_trainer.sh allowed on an H200.
+    model.to(state.device)
     if p.model is None:
         # TRL builds the KL reference model (beta > 0) from config._name_or_path: point it at the
         # initial policy's weights (the warm-started model), saved here.
