@@ -215,6 +215,16 @@ def _cases():
     yield ("scaled_cast", f"fp32 -> bf16, BLOCK={BLOCK} w4", False, _scaled_cast_kernel, sig, dict(BLOCK=BLOCK), 4,
            1, 90, False, False)
 
+    from .ops import compaction
+
+    sig = {"VALID": "*i1", "COUNTS": "*i32", "N": "i32", "BLOCK": "constexpr"}
+    yield ("compaction_counts", f"BLOCK={compaction.BLOCK} w4", False, compaction._block_counts, sig,
+           dict(BLOCK=compaction.BLOCK), 4, 1, 90, False, False)
+    sig = {"VALID": "*i1", "COUNTS": "*i32", "ORDER": "*i64", "COUNT": "*i32", "N": "i32", "n_blocks": "i32",
+           "BLOCK": "constexpr", "MAX_BLOCKS": "constexpr"}
+    yield ("compaction_order", f"BLOCK={compaction.BLOCK}, 64 blocks, w4", False, compaction._scatter_order, sig,
+           dict(BLOCK=compaction.BLOCK, MAX_BLOCKS=64), 4, 1, 90, False, False)
+
     sig = {"R": "*fp32", "ORDER": "*i64", "SORTED_IDS": "*i64", "SEG_END": "*i64", "OUT": "*fp32",
            "r_max": "fp32", "num_virtual": "fp32", "eps": "fp32"}
     const = dict(UNBIASED=True, USE_STD=True, BLOCK=32)

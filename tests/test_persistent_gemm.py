@@ -7,7 +7,7 @@ import torch
 
 from ngrpo_kernels.backend import interpreter_enabled
 from ngrpo_kernels.ops import persistent_gemm as pg
-from ngrpo_kernels.ops.compaction import compact
+from ngrpo_kernels.ops.compaction import compact, compact_torch
 from ngrpo_kernels.ops.persistent_gemm import configs
 
 pytestmark = pytest.mark.skipif(not (interpreter_enabled() or torch.cuda.is_available()),
@@ -116,9 +116,23 @@ def test_dw_accumulation_over_chunks(tma, n, H, V, count, gen):
     torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-4)
 
 
-def test_compaction_orders_valid_tokens_first_stably():
-    valid = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1], dtype=torch.bool)
-    order, count = compact(valid)
+@pytest.mark.parametrize("impl", [compact, compact_torch])
+def test_compaction_orders_valid_tokens_first_stably(impl):
+    valid = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1], dtype=torch.bool, device=DEV)
+    order, count = impl(valid)
     assert order.tolist() == [1, 2, 4, 7, 0, 3, 5, 6] and count.tolist() == [4] and count.dtype == torch.int32
-    order, count = compact(torch.zeros(5, dtype=torch.bool))
+    order, count = impl(torch.zeros(5, dtype=torch.bool, device=DEV))
     assert order.tolist() == [0, 1, 2, 3, 4] and count.item() == 0
+    order, count = impl(torch.ones(3, dtype=torch.bool, device=DEV))
+    assert order.tolist() == [0, 1, 2] and count.item() == 3
+
+
+@pytest.mark.parametrize("n,frac", [(1, 0.5), (1023, 0.3), (1024, 1.0), (1025, 0.0), (5000, 0.6), (17000, 0.05)])
+def test_compaction_kernel_matches_the_reference_across_blocks(n, frac, gen):
+    """The Triton compaction ranks tokens block by block (1,024 a block): sizes around and across block
+    boundaries, validity from none to all, against the PyTorch composition."""
+    valid = (torch.rand(n, generator=gen) < frac).to(DEV)
+    want_order, want_count = compact_torch(valid)
+    order, count = compact(valid.reshape(1, n))  # any leading shape: tokens are flattened
+    assert torch.equal(order, want_order) and torch.equal(count, want_count)
+    assert sorted(order.tolist()) == list(range(n))

@@ -41,11 +41,16 @@ def scaled_cast(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, backen
     return torch.mul(g, scale, out=out)
 
 
-def _per_token(x, valid, fill=0.0):
-    """[B, T] (or [B] broadcast) -> contiguous float32 [N], zero where not valid."""
+def _per_token(x, valid, zero_invalid: bool):
+    """[B, T] (or [B] broadcast) -> contiguous float32 [N]; with ``zero_invalid``, 0 where not valid. The
+    Triton schedule compacts the valid tokens first and never reads the others (they may hold NaN): it
+    skips the zeroing, which saves a launch per array before the first GEMM."""
     if x.dim() == 1:
         x = x[:, None].expand(valid.shape)
-    return torch.where(valid, x.to(torch.float32), fill).reshape(-1).contiguous()
+    x = x.to(torch.float32)
+    if zero_invalid:
+        x = torch.where(valid, x, 0.0)
+    return x.reshape(-1).contiguous()
 
 
 def forward(backend: Backend, hidden, weight, targets, mask, old_logprobs, advantages, *, bias, temperature,
@@ -68,17 +73,20 @@ def forward(backend: Backend, hidden, weight, targets, mask, old_logprobs, advan
         n_tokens = computed
     on_policy = old_logprobs is None
     flat_valid = valid.reshape(-1).contiguous()
+    zero = backend != Backend.TRITON  # the CPU schedules read every token
+    target = targets.reshape(-1).to(torch.int64)
     per_token = dict(
-        target=torch.where(valid, targets, 0).reshape(-1).to(torch.int64).contiguous(),
+        target=(torch.where(flat_valid, target, 0) if zero else target).contiguous(),
         valid=flat_valid,
         # The aggregation's denominator is folded into the per-token weights: the kernels then form the
         # gradient of the loss itself, not of its unnormalised sum (which overflows fp16 dZ at a few
         # thousand tokens).
-        w=_per_token(row_scale * _safe_inverse(denominator), valid),
-        adv=_per_token(advantages, valid),
-        old=flat_valid.new_zeros(flat_valid.shape, dtype=torch.float32) if on_policy else _per_token(old_logprobs, valid),
-        ref=None if ref_logprobs is None else _per_token(ref_logprobs, valid),
-        isw=None if rollout_is_weights is None else _per_token(rollout_is_weights, valid),
+        w=_per_token(row_scale * _safe_inverse(denominator), valid, zero),
+        adv=_per_token(advantages, valid, zero),
+        old=(None if not zero else flat_valid.new_zeros(flat_valid.shape, dtype=torch.float32)) if on_policy
+        else _per_token(old_logprobs, valid, zero),
+        ref=None if ref_logprobs is None else _per_token(ref_logprobs, valid, zero),
+        isw=None if rollout_is_weights is None else _per_token(rollout_is_weights, valid, zero),
     )
     row_options = dict(inv_temp=1.0 / temperature, eps_neg=eps_neg, eps_pos=eps_pos, clip_c=clip_ratio_c, beta=beta,
                        entropy_coef=entropy_coef, on_policy=on_policy)
