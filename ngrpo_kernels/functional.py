@@ -269,8 +269,10 @@ def fused_linear_logprobs(
         deterministic: accepted for compatibility; every backend's backward reduces in a fixed order
             without atomics (chunks of logits in a bounded workspace, then GEMMs), at no extra cost.
         workspace_bytes: bound on the logits workspace (default min(1.25 GiB, memory / 16) on a GPU,
-            where it holds chunks of logits at 2 bytes each for half inputs; 64 MiB on CPU). Ignored
-            positions cost no GEMM FLOPs on a GPU and are never read.
+            where the backward holds chunks of logits at 2 bytes each for half inputs, and the forward,
+            which stores none, its statistics and gathered rows: ~21 KB a token at the 7B head, one GEMM
+            launch up to ~60k tokens; 64 MiB on CPU). Ignored positions cost no GEMM FLOPs on a GPU and
+            are never read.
         validate: check that targets lie in [0, V) or equal ``ignore_index`` and that hidden states are
             finite where they are not ignored (one sync).
 

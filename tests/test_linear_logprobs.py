@@ -193,3 +193,21 @@ def test_ignored_positions_are_never_read(all_ignored, device, backend, gen):
         torch.testing.assert_close(dirty, clean)
     if all_ignored:
         assert all(not g.any() for g in results[1][2:])
+
+
+def test_no_grad_pass_in_several_launches(device, backend, gen):
+    """Without gradients the workspace holds the statistics partials and the gathered hidden rows, not
+    logits (``head_schedule.row_bytes``): a workspace of 16 such rows splits 65 tokens (some ignored) into
+    several GEMM launches, whose log-probs and entropies must match float64 where each token landed."""
+    from ngrpo_kernels.ops.head_schedule import chunk_rows, row_bytes
+
+    x, w, b, t = _make((5, 13), 24, 90, torch.float32, gen, bias=True)
+    per_row = row_bytes(90, 24, torch.float32, torch.device(device), need_logits=False)
+    assert chunk_rows(65, per_row, 16 * per_row) < 65  # the case this test is about: more than one launch
+    want_lp, want_ent = linear_logprobs_naive(x.double(), w.double(), t, bias=b.double(), temperature=0.8)
+    with nk.use_backend(backend), torch.no_grad():
+        lp, ent = nk.fused_linear_logprobs(x.to(device), w.to(device), t.to(device), bias=b.to(device),
+                                           temperature=0.8, return_entropy=True, workspace_bytes=16 * per_row)
+    assert _max_err(lp.cpu(), want_lp) < 2e-5
+    assert _max_err(ent.cpu(), want_ent) < 2e-5
+    assert (lp.cpu()[t == -100] == 0).all()
