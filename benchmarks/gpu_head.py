@@ -456,7 +456,7 @@ def gemms(reps, record) -> list[str]:
             ref = base["dX"] if "dX" in name or "dZ @ W" in name else base["dW"] if "dW" in name else base["log"]
             record("gemm_chunk", name, n, t, ref)
             rows.append(row(f"{name}, n={n}", t, ref))
-        del x, w, dz, z, acc, part, parts
+        fns = ms = None  # the closures hold this size's buffers; the next size's replace them
         empty_cache()
     return table("Each GEMM of one chunk (vs the cuBLAS GEMM of the same shape)", ["GEMM", "ms", "x cuBLAS"], rows)
 
