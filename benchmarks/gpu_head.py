@@ -465,7 +465,8 @@ def diagnose(reps, record, sizes) -> list[str]:
     """Where the time between the GEMM floor and an isolated call goes: the same call timed from an idle
     GPU (host latency included), queued behind GPU work (host latency hidden, as in training), replayed as
     a CUDA graph (no host work), and the host's enqueue time (a hidden synchronisation shows as ~10 ms).
-    Also the no-grad pass in 4096-token chunks (the schedule before this tree) against one launch."""
+    Also the no-grad pass in 4096-token chunks (the schedule before 98315ce) against one launch, and its
+    Triton implementation called below the public function and the custom op (their dispatch cost)."""
     from ngrpo_kernels.ops.head_schedule import row_bytes
 
     rows = []
@@ -477,8 +478,15 @@ def diagnose(reps, record, sizes) -> list[str]:
             with torch.no_grad():
                 nk.fused_linear_logprobs(x["hidden"], x["weight"], x["targets"], validate=False, workspace_bytes=ws)
 
+        def no_grad_impl(x=x):  # below the custom op and the public wrapper: what their dispatch costs
+            from ngrpo_kernels.ops.linear_logprobs import triton_impl
+
+            triton_impl.forward(x["hidden"].reshape(-1, H), x["weight"], None, x["targets"].reshape(-1),
+                                inv_temp=1.0, ignore_index=-100, entropy=False)
+
         cases = {"cuBLAS x @ W.T": (gemm_floor(x, 1), None),
                  "no-grad log-probs": (logprobs_no_grad(nk, x), "cuBLAS x @ W.T"),
+                 "no-grad log-probs, Triton implementation called directly": (no_grad_impl, "cuBLAS x @ W.T"),
                  "no-grad log-probs, 4096-token chunks": (no_grad_4k, "cuBLAS x @ W.T"),
                  "3 cuBLAS GEMMs": (gemm_floor(x, 3), None),
                  "fused loss fwd+bwd": (fused_loss(nk, x), "3 cuBLAS GEMMs")}
