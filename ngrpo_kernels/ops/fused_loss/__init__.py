@@ -75,6 +75,12 @@ def forward(backend: Backend, hidden, weight, targets, mask, old_logprobs, advan
     flat_valid = valid.reshape(-1).contiguous()
     zero = backend != Backend.TRITON  # the CPU schedules read every token
     target = targets.reshape(-1).to(torch.int64)
+    if not on_policy:
+        old = _per_token(old_logprobs, valid, zero)
+    elif zero:  # the CPU row kernels read an old log-prob for every token
+        old = flat_valid.new_zeros(flat_valid.shape, dtype=torch.float32)
+    else:  # the Triton token kernel takes its own log-prob (ON_POLICY)
+        old = None
     per_token = dict(
         target=(torch.where(flat_valid, target, 0) if zero else target).contiguous(),
         valid=flat_valid,
@@ -83,8 +89,7 @@ def forward(backend: Backend, hidden, weight, targets, mask, old_logprobs, advan
         # thousand tokens).
         w=_per_token(row_scale * _safe_inverse(denominator), valid, zero),
         adv=_per_token(advantages, valid, zero),
-        old=(None if not zero else flat_valid.new_zeros(flat_valid.shape, dtype=torch.float32)) if on_policy
-        else _per_token(old_logprobs, valid, zero),
+        old=old,
         ref=None if ref_logprobs is None else _per_token(ref_logprobs, valid, zero),
         isw=None if rollout_is_weights is None else _per_token(rollout_is_weights, valid, zero),
     )
