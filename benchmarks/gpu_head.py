@@ -309,7 +309,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.smoke:
         global H, V, DEV, DT
-        H, V, DEV, DT = 32, 1000, "cpu", torch.float32
+        H, V, DEV, DT = 32, 300, "cpu", torch.float32
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     global OUT_DIR
@@ -594,16 +594,19 @@ def profile(out_dir: Path) -> list[str]:
     from torch.profiler import profile as torch_profile
 
     lines = []
-    x = make_inputs(16384 if DEV == "cuda" else 64)
+    N = 16384 if DEV == "cuda" else 64
+    cuda = DEV == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    x = make_inputs(N)
     for name, fn in (("fused loss fwd+bwd", fused_loss(nk, x)), ("no-grad log-probs", logprobs_no_grad(nk, x)),
                      ("log-probs fwd+bwd", logprobs_grad(nk, x))):
         fn()
-        torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        sync()
+        with torch_profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             fn()
-            torch.cuda.synchronize()
-        text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
-        lines += [f"\n### Per-kernel profile: {name}, N = 16384 (torch.profiler)\n", "```", text, "```"]
+            sync()
+        text = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=12)
+        lines += [f"\n### Per-kernel profile: {name}, N = {N} (torch.profiler)\n", "```", text, "```"]
         print(lines[-3], flush=True)
     return lines
 
