@@ -92,7 +92,7 @@ def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_options, w
     rows_out = torch.empty(4, sch.chunk, dtype=torch.float32, device=dev)  # lse, H, g_lp, g_H
     br = block_rows(dev)
     n_prog = triton.cdiv(sch.chunk, br)
-    stats = torch.zeros(NUM_STATS, dtype=torch.float32, device=dev)
+    stats = None  # the chunks' sums (allocated after the first GEMM: nothing small ahead of it)
     chunk_stats = torch.empty(n_prog, NUM_STATS, dtype=torch.float32, device=dev)
     inv_temp = row_options["inv_temp"]
     clip_c = row_options["clip_c"]
@@ -113,10 +113,13 @@ def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_options, w
             DUAL_CLIP=clip_c is not None, ON_POLICY=on_policy, NUM_STATS=NUM_STATS, BLOCK_R=br,
             BLOCK_T=BLOCK_SLICES, BLOCK_H=BLOCK_H, num_warps=4 if x.is_cuda else 1, **stat_constexprs(),
         )
-        stats += chunk_stats[:grid].sum(0)
+        chunk_sum = chunk_stats[:grid].sum(0)
+        stats = chunk_sum if stats is None else stats + chunk_sum
         if need_grad:
             dz = dlogits_(z, count=sch.count, row0=row0, inv_temp=inv_temp, lse=lse, g_lp=g_lp, targets=tgt_c[row0:row0 + n],
                           h=h, g_h=g_h if row_options["entropy_coef"] != 0 else None, m_part=p[0],
                           zero_tail=sch.zero_tail, out_dtype=x.dtype)
             sch.backprop(dz, row0, xc)
+    if stats is None:  # no tokens at all
+        stats = torch.zeros(NUM_STATS, dtype=torch.float32, device=dev)
     return stats, sch.dx, sch.dw, sch.db

@@ -19,15 +19,17 @@ __all__ = ["forward", "metrics_from_stats", "policy_loss_naive", "grad_dtype"]
 
 
 def _safe_inverse(x: torch.Tensor) -> torch.Tensor:
-    # A fully masked batch has denominator 0 and numerator exactly 0: its loss is 0, never NaN.
-    return torch.where(x > 0, 1.0 / torch.where(x > 0, x, 1.0), 0.0)
+    # A fully masked batch has denominator 0 and numerator exactly 0: its loss is 0, never NaN (1/0 = inf
+    # is formed and not selected; no gradient flows through here).
+    return torch.where(x > 0, x.reciprocal(), 0.0)
 
 
 def _row_scale_and_denominator(valid, mode: AggMode, normalizer, length_budget):
     n_b = valid.sum(-1, dtype=torch.float32)
+    n_tokens = n_b.sum()
     ones = torch.ones_like(n_b)
     if mode == AggMode.TOKEN_MEAN:
-        row_scale, denominator = ones, n_b.sum()
+        row_scale, denominator = ones, n_tokens
     elif mode == AggMode.SEQ_MEAN_TOKEN_MEAN:
         row_scale, denominator = _safe_inverse(n_b), (n_b > 0).sum(dtype=torch.float32)
     elif mode == AggMode.SEQ_MEAN_TOKEN_SUM:
@@ -41,7 +43,7 @@ def _row_scale_and_denominator(valid, mode: AggMode, normalizer, length_budget):
         # A number stays a CPU scalar: multiplying device tensors by it copies nothing to the device
         # (torch.as_tensor(..., device="cuda") would, on every call: a host synchronisation).
         denominator = torch.tensor(float(normalizer), dtype=torch.float32)
-    return row_scale, denominator, n_b.sum()
+    return row_scale, denominator, n_tokens
 
 
 def grad_dtype(backend: Backend, dtype: torch.dtype) -> torch.dtype:
