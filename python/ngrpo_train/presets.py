@@ -56,6 +56,7 @@ class Preset:
     train_path: str | None = None
     num_train: int = 4096
     max_operand: int = 50
+    heldout_problems: int = 256  # greedy accuracy before and after training, on problems of no other split
     warm_start_steps: int = 0
     warm_start_lr: float = 3e-3
     warm_start_batch: int = 64
@@ -109,6 +110,7 @@ PRESETS = {
                           num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=2048,
                           tie_word_embeddings=False),
         warm_start_steps=0,
+        heldout_problems=64,  # random weights answer nothing: a short check, not 2 x 256 completions of 256 tokens
         prompts_per_generation=16,
         max_completion_length=256,
         learning_rate=1e-5,

@@ -91,7 +91,7 @@ def build_data(p: Preset, seed: int):
     if p.task == "arithmetic":
         train = tasks.arithmetic_problems(p.num_train, max_operand=p.max_operand, seed=seed, split="train")
         warm = tasks.arithmetic_problems(p.num_train, max_operand=p.max_operand, seed=seed + 1, split="warm")
-        heldout = tasks.heldout_problems(max_operand=p.max_operand, limit=256)
+        heldout = tasks.heldout_problems(max_operand=p.max_operand, limit=p.heldout_problems)
         return train, warm, heldout, tasks.exact_answer_reward
     rows = tasks.load_math_parquet(p.train_path, limit=p.num_train)
     return rows, rows, None, tasks.math_verify_reward
