@@ -12,6 +12,9 @@
 #
 #   benchmarks/gpu_suite.sh OUTDIR [--no-peers] [--no-tests]
 #
+# It writes more files than the device tool brings back (8): write them elsewhere and pack them, e.g.
+#   bash benchmarks/gpu_suite.sh /tmp/s; tar czf $OUT/suite.tgz -C /tmp s; sed -n '/^###/,$p' /tmp/s/head.md
+#
 # The GPU image has torch, triton, pytest, pytest-xdist and pytest-benchmark but nothing from outside:
 # carry the peers as wheels (downloaded here, .whl/ is git-ignored) and name .whl in the device tool's
 # carry:  pip download --no-deps -d .whl liger-kernel==0.8.5 cut-cross-entropy trl==1.16.0 verl==0.9.1
