@@ -47,13 +47,9 @@ def _scatter_order(VALID, COUNTS, ORDER, COUNT, N, n_blocks, BLOCK: tl.constexpr
 
 
 def compact(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    v = valid.reshape(-1)
-    if v.dtype != torch.bool:
-        v = v != 0
-    v = v.contiguous()
+    """``valid``: bool, any shape, at least one token (the public ops reject empty batches)."""
+    v = valid.reshape(-1).contiguous()
     n = v.numel()
-    if n == 0:
-        return torch.empty(0, dtype=torch.int64, device=v.device), torch.zeros(1, dtype=torch.int32, device=v.device)
     n_blocks = triton.cdiv(n, BLOCK)
     counts = torch.empty(n_blocks, dtype=torch.int32, device=v.device)
     order = torch.empty(n, dtype=torch.int64, device=v.device)

@@ -199,7 +199,10 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     warm_rows = default_warm if warm_rows is None else warm_rows
     if heldout_rows is not None:  # a caller with its own task (an empty list: no held-out accuracy here)
         heldout = heldout_rows or None
-    model = build_model(p, tokenizer, seed).to(state.device)  # the warm start runs where training will
+    # On this process's device from the start (a GPU where there is one): the warm start and the held-out
+    # evaluation run before the trainer would move the model, and on a CPU the evaluation took the
+    # gpu-qwen-small preset past the 110 s that benchmarks/gpu_trainer.sh allowed on an H200.
+    model = build_model(p, tokenizer, seed).to(state.device)
     summary: dict = {"preset": p.name, "algo": algo_name, "seed": seed}
 
     warm_dir = out / "warm_start"
@@ -208,7 +211,7 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
             # The run's initial weights (a fresh run re-uses them; a resumed one starts "before" from them).
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(warm_dir)
+            model = AutoModelForCausalLM.from_pretrained(warm_dir).to(state.device)
         elif p.model is None:
             if resume_from is not None or not main:  # _check_resume / the main process guarantee it
                 raise ValueError(f"{warm_dir} is missing")
@@ -219,10 +222,6 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
             tmp.rename(warm_dir)
-    # On this process's device from here on (a GPU where there is one): the held-out evaluation below runs
-    # before the trainer would move the model, and on a CPU it took the gpu-qwen-small preset (256-token greedy
-    # completions of a 0.5B model) past the 110 s that benchmarks/gpu_trainer.sh allowed on an H200.
-    model.to(state.device)
     if p.model is None:
         # TRL builds the KL reference model (beta > 0) from config._name_or_path: point it at the
         # initial policy's weights (the warm-started model), saved here.

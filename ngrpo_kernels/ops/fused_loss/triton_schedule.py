@@ -92,7 +92,7 @@ def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_options, w
     rows_out = torch.empty(4, sch.chunk, dtype=torch.float32, device=dev)  # lse, H, g_lp, g_H
     br = block_rows(dev)
     n_prog = triton.cdiv(sch.chunk, br)
-    stats = None  # the chunks' sums (allocated after the first GEMM: nothing small ahead of it)
+    stats = None  # the chunks' sums, formed after the first GEMM (nothing small ahead of it); N >= 1 is validated
     chunk_stats = torch.empty(n_prog, NUM_STATS, dtype=torch.float32, device=dev)
     inv_temp = row_options["inv_temp"]
     clip_c = row_options["clip_c"]
@@ -120,6 +120,4 @@ def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_options, w
                           h=h, g_h=g_h if row_options["entropy_coef"] != 0 else None, m_part=p[0],
                           zero_tail=sch.zero_tail, out_dtype=x.dtype)
             sch.backprop(dz, row0, xc)
-    if stats is None:  # no tokens at all
-        stats = torch.zeros(NUM_STATS, dtype=torch.float32, device=dev)
     return stats, sch.dx, sch.dw, sch.db
