@@ -465,8 +465,9 @@ def diagnose(reps, record, sizes) -> list[str]:
     """Where the time between the GEMM floor and an isolated call goes: the same call timed from an idle
     GPU (host latency included), queued behind GPU work (host latency hidden, as in training), replayed as
     a CUDA graph (no host work), and the host's enqueue time (a hidden synchronisation shows as ~10 ms).
-    Also the no-grad pass in 4096-token chunks (the schedule before 98315ce) against one launch, and its
-    Triton implementation called below the public function and the custom op (their dispatch cost)."""
+    Also the no-grad pass in 4096-token chunks (the schedule before 98315ce) against one launch, its
+    Triton implementation called below the public function, and both ops routed through their custom ops
+    (torch.compile's route; eager calls skip that dispatch): what the wrapper and the dispatcher cost."""
     from ngrpo_kernels.ops.head_schedule import row_bytes
 
     rows = []
@@ -487,9 +488,13 @@ def diagnose(reps, record, sizes) -> list[str]:
         cases = {"cuBLAS x @ W.T": (gemm_floor(x, 1), None),
                  "no-grad log-probs": (logprobs_no_grad(nk, x), "cuBLAS x @ W.T"),
                  "no-grad log-probs, Triton implementation called directly": (no_grad_impl, "cuBLAS x @ W.T"),
+                 "no-grad log-probs, through the custom op": (through_custom_op(logprobs_no_grad(nk, x)),
+                                                              "cuBLAS x @ W.T"),
                  "no-grad log-probs, 4096-token chunks": (no_grad_4k, "cuBLAS x @ W.T"),
                  "3 cuBLAS GEMMs": (gemm_floor(x, 3), None),
-                 "fused loss fwd+bwd": (fused_loss(nk, x), "3 cuBLAS GEMMs")}
+                 "fused loss fwd+bwd": (fused_loss(nk, x), "3 cuBLAS GEMMs"),
+                 "fused loss fwd+bwd, through the custom ops": (through_custom_op(fused_loss(nk, x)),
+                                                                "3 cuBLAS GEMMs")}
         fns = {k: f for k, (f, _) in cases.items()}
         iso = compare(fns, reps)
         que = compare(fns, reps, queued=True)
@@ -507,6 +512,21 @@ def diagnose(reps, record, sizes) -> list[str]:
     lines = table("Isolated call, queued behind GPU work, CUDA graph, host enqueue time (ms; x floor of the same mode)",
                   ["call", "isolated", "queued", "graph replay", "host enqueue"], rows)
     return lines + host_profile(min(sizes))
+
+
+def through_custom_op(fn):
+    """``fn`` with every ngrpo op dispatched through its ``torch.library`` custom op, as under torch.compile
+    (eager calls run the implementations directly: ``ngrpo_kernels._library._Op``)."""
+    from ngrpo_kernels import _library
+
+    def call():
+        plain = _library._traced
+        _library._traced = lambda args: True
+        try:
+            return fn()
+        finally:
+            _library._traced = plain
+    return call
 
 
 def host_profile(N: int) -> list[str]:

@@ -17,6 +17,14 @@ as extra outputs) and backward only multiplies them by the upstream gradient; th
 is the second op. The gradients are first order: a ``create_graph=True`` request is refused (see
 ``_first_order``), as in eager mode.
 
+Eager calls skip the dispatcher (``_Op``): with plain tensors and nothing tracing, the op's own Python
+implementation runs, under an ``autograd.Function`` built from the same setup and backward formulas. The
+custom op is for the systems that need one (torch.compile, export, FakeTensor, make_fx, torch.func,
+tensor subclasses): its dispatch (schema defaults, the aliasing check, the generated autograd wrapper) is
+host time an isolated call pays before its first kernel, several times per fused loss step
+(``benchmarks/gpu_head.py --diagnose`` prices both routes). Both routes run the same code and are tested
+against each other (tests/test_compile.py).
+
 Float options travel in one float64 **CPU** tensor (``scalars``, NaN for an absent option), not as Python
 floats: a custom op's graph is specialised on each float argument's value, so an adaptive entropy
 coefficient or a per-step normaliser would recompile every step, whereas a tensor's value is an input
@@ -59,6 +67,50 @@ def _split(normalizer) -> tuple[Tensor | None, float | None]:
     return (normalizer, None) if isinstance(normalizer, torch.Tensor) else (None, normalizer)
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _traced(args) -> bool:
+    """Must this call go through the dispatcher? Yes under torch.compile / export, while a dispatch mode
+    (FakeTensor, make_fx, functionalisation) or a torch.func transform is active, and for tensor subclasses
+    (DTensor, ...): they all rely on the custom op."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or any(isinstance(a, Tensor) and type(a) not in _PLAIN for a in args))
+
+
+class _Op:
+    """One operation, reachable two ways: ``op``, the ``torch.library`` custom op (with its fake
+    implementation and autograd formula), and, for plain eager calls, ``impl`` itself under an
+    ``autograd.Function`` made of the same setup and backward formulas."""
+
+    def __init__(self, name: str, impl):
+        self.name, self.impl = name, impl
+        self.op = torch.library.custom_op(name, impl, mutates_args=())
+        self.function = None
+
+    def register_fake(self, fn):
+        return self.op.register_fake(fn)
+
+    def register_autograd(self, backward, *, setup_context):
+        self.op.register_autograd(backward, setup_context=setup_context)
+        self.function = type(self.name.replace("::", "_"), (torch.autograd.Function,), dict(
+            forward=staticmethod(self.impl), setup_context=staticmethod(setup_context),
+            backward=staticmethod(backward)))
+
+    def __call__(self, *args):
+        if _traced(args):
+            return self.op(*args)
+        if self.function is not None and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return self.function.apply(*args)
+        return self.impl(*args)
+
+
+def _custom_op(name: str):
+    """Decorator: the function becomes an ``_Op`` named ``name`` (its annotations are the op's schema)."""
+    return lambda impl: _Op(name, impl)
+
+
 def _first_order():
     if torch.is_grad_enabled():  # autograd enables grad mode in backward only for create_graph=True
         raise RuntimeError(
@@ -69,7 +121,7 @@ def _first_order():
 
 # --- group advantages ------------------------------------------------------------------------------
 
-@torch.library.custom_op("ngrpo::group_advantages", mutates_args=())
+@_custom_op("ngrpo::group_advantages")
 def _group_advantages_op(rewards: Tensor, group_ids: Tensor, backend: str, estimator: str, num_virtual: int,
                          unbiased: bool, scalars: Tensor) -> Tensor:
     r_max, eps, w_lambda, correct_threshold = _unpack(scalars)
@@ -95,7 +147,7 @@ def group_advantages(backend: Backend, rewards, group_ids, *, estimator: Estimat
 
 # --- policy loss -----------------------------------------------------------------------------------
 
-@torch.library.custom_op("ngrpo::policy_loss", mutates_args=())
+@_custom_op("ngrpo::policy_loss")
 def _policy_loss_op(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                     ref_logprobs: Optional[Tensor], entropy: Optional[Tensor], rollout_is_weights: Optional[Tensor],
                     normalizer: Optional[Tensor], backend: str, loss_agg_mode: str, scalars: Tensor,
@@ -171,7 +223,7 @@ def policy_loss(backend: Backend, logprobs, old_logprobs, advantages, mask, *, e
 
 # --- fused linear -> log-probs ---------------------------------------------------------------------
 
-@torch.library.custom_op("ngrpo::linear_logprobs", mutates_args=())
+@_custom_op("ngrpo::linear_logprobs")
 def _linear_logprobs_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, backend: str,
                         scalars: Tensor, ignore_index: int, entropy: bool,
                         workspace_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -189,7 +241,7 @@ def _(x, weight, bias, targets, backend, scalars, ignore_index, entropy, workspa
             x.new_empty((n,), dtype=torch.float32))
 
 
-@torch.library.custom_op("ngrpo::linear_logprobs_backward", mutates_args=())
+@_custom_op("ngrpo::linear_logprobs_backward")
 def _linear_logprobs_backward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
                                  entropy: Tensor, g_lp: Tensor, g_ent: Optional[Tensor], backend: str, scalars: Tensor,
                                  ignore_index: int, need_x: bool, need_w: bool, need_b: bool,
@@ -253,7 +305,7 @@ def linear_logprobs(backend: Backend, hidden, weight, targets, *, bias, temperat
 
 # --- fused linear -> NGRPO loss --------------------------------------------------------------------
 
-@torch.library.custom_op("ngrpo::fused_linear_ngrpo_loss", mutates_args=())
+@_custom_op("ngrpo::fused_linear_ngrpo_loss")
 def _fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, mask: Tensor,
                    old_logprobs: Optional[Tensor], advantages: Tensor, ref_logprobs: Optional[Tensor],
                    rollout_is_weights: Optional[Tensor], normalizer: Optional[Tensor], backend: str,
@@ -285,7 +337,7 @@ def _(hidden, weight, bias, targets, mask, old_logprobs, advantages, ref_logprob
             hidden.new_empty((weight.shape[0],) if need_db else (0,), dtype=f32))
 
 
-@torch.library.custom_op("ngrpo::scaled_cast", mutates_args=())
+@_custom_op("ngrpo::scaled_cast")
 def _scaled_cast_op(g: Tensor, scale: Tensor, dtype: torch.dtype, backend: str) -> Tensor:
     return _fused_loss.scaled_cast(g, scale, dtype, Backend(backend))
 

@@ -259,3 +259,77 @@ def test_backward_allocates_no_zero_gradients_for_side_outputs():
     with Record() as record:
         lp.sum().backward()  # entropy and the logsumexp unused
     assert record.calls == ["ngrpo.linear_logprobs_backward.default"], record.calls
+
+
+# --- the eager route and the dispatcher route ----------------------------------------------------------
+
+class _PassThrough:
+    """A dispatch mode that only forwards: while it is active every ngrpo op goes through the dispatcher."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.ops = set()
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.namespace == "ngrpo":
+                    self.ops.add(func.name())
+                return func(*args, **(kwargs or {}))
+
+        return Mode()
+
+
+def _every_public_op(x):
+    """Each public op once, forward and backward: (outputs, gradients of the leaves)."""
+    hidden, weight, lp, ent = _leaves(x["hidden"], x["weight"], x["lp"], x["ent"])
+    loss, metrics = nk.fused_linear_ngrpo_loss(hidden, weight, x["targets"], x["mask"], x["old"], advantages=x["adv"],
+                                               entropy_coef=0.01)
+    logp, h = nk.fused_linear_logprobs(hidden, weight, x["targets"], return_entropy=True, temperature=0.7)
+    ploss, _ = nk.ngrpo_policy_loss(lp, x["old"], x["adv"], x["mask"], entropy=ent, entropy_coef=0.01)
+    adv = nk.ngrpo_advantages(x["rewards"], x["ids"])
+    (loss + (logp * x["mask"]).sum() + h.mean() + ploss).backward()
+    outputs = [loss, metrics["clip_frac"], logp, h, ploss, adv]
+    return [o.detach() for o in outputs], [hidden.grad, weight.grad, lp.grad, ent.grad]
+
+
+def test_eager_calls_skip_the_dispatcher(backend, device, monkeypatch):
+    """Plain eager calls run the ops' Python implementations directly (no custom-op dispatch: host time an
+    isolated call pays before its first kernel); every custom op is made unusable and everything still runs."""
+    def unusable(*args, **kwargs):
+        raise AssertionError("an eager call went through the dispatcher")
+
+    for op in (_library._fused_loss_op, _library._linear_logprobs_op, _library._linear_logprobs_backward_op,
+               _library._policy_loss_op, _library._group_advantages_op, _library._scaled_cast_op):
+        monkeypatch.setattr(op, "op", unusable)
+    with nk.use_backend(backend):
+        outputs, grads = _every_public_op(_inputs(device))
+    assert all(torch.isfinite(t).all() for t in outputs + grads)
+
+
+def test_both_routes_give_identical_results(backend, device):
+    """The eager route and the dispatcher route (taken under a dispatch mode, as by FakeTensor or make_fx) run
+    the same code: identical outputs and gradients, and the dispatcher route really reached every op."""
+    x = _inputs(device)
+    with nk.use_backend(backend):
+        eager_out, eager_grads = _every_public_op(x)
+        with _PassThrough() as mode:
+            op_out, op_grads = _every_public_op(x)
+    assert mode.ops == {"ngrpo::fused_linear_ngrpo_loss", "ngrpo::scaled_cast", "ngrpo::linear_logprobs",
+                        "ngrpo::linear_logprobs_backward", "ngrpo::policy_loss", "ngrpo::group_advantages"}, mode.ops
+    for a, b in zip(eager_out + eager_grads, op_out + op_grads):
+        assert torch.equal(a, b)
+
+
+def test_tensor_subclasses_and_transforms_take_the_dispatcher():
+    """What cannot run the Python implementation directly is routed to the custom op."""
+    t = torch.zeros(2)
+    assert not _library._traced((t, torch.nn.Parameter(t), "x", 1.0, None))
+    assert _library._traced((torch.Tensor._make_subclass(type("Sub", (torch.Tensor,), {}), t),))
+    with _PassThrough():
+        assert _library._traced((t,))
+    seen = []
+    torch.func.grad(lambda v: (seen.append(_library._traced((v,))), v.sum())[1])(t)
+    assert seen == [True]
