@@ -217,13 +217,18 @@ def _cases():
 
     from .ops import compaction
 
-    sig = {"VALID": "*i1", "COUNTS": "*i32", "N": "i32", "BLOCK": "constexpr"}
-    yield ("compaction_counts", f"BLOCK={compaction.BLOCK} w4", False, compaction._block_counts, sig,
+    sig = {"VALUES": "*i64", "ORDER": "*i64", "COUNT": "*i32", "N": "i32", "ignore": "i32", "BLOCK": "constexpr",
+           "SCAN": "constexpr"}
+    yield ("compact_1pass", f"targets, BLOCK={compaction.BLOCK}, SCAN={compaction.SCAN} w4", False,
+           compaction._compact_one_pass, sig, dict(BLOCK=compaction.BLOCK, SCAN=compaction.SCAN), 4, 1, 90, False,
+           False)
+    sig = {"VALUES": "*i1", "COUNTS": "*i32", "N": "i32", "ignore": "i32", "BLOCK": "constexpr"}
+    yield ("compact_counts", f"mask, BLOCK={compaction.BLOCK} w4", False, compaction._block_counts, sig,
            dict(BLOCK=compaction.BLOCK), 4, 1, 90, False, False)
-    sig = {"VALID": "*i1", "COUNTS": "*i32", "ORDER": "*i64", "COUNT": "*i32", "N": "i32", "n_blocks": "i32",
-           "BLOCK": "constexpr", "MAX_BLOCKS": "constexpr"}
-    yield ("compaction_order", f"BLOCK={compaction.BLOCK}, 64 blocks, w4", False, compaction._scatter_order, sig,
-           dict(BLOCK=compaction.BLOCK, MAX_BLOCKS=64), 4, 1, 90, False, False)
+    sig = {"VALUES": "*i1", "COUNTS": "*i32", "ORDER": "*i64", "COUNT": "*i32", "N": "i32", "ignore": "i32",
+           "n_blocks": "i32", "BLOCK": "constexpr", "MAX_BLOCKS": "constexpr"}
+    yield ("compact_rank", f"mask, BLOCK={compaction.BLOCK}, 128 blocks, w4", False,
+           compaction._compact_from_counts, sig, dict(BLOCK=compaction.BLOCK, MAX_BLOCKS=128), 4, 1, 90, False, False)
 
     sig = {"R": "*fp32", "ORDER": "*i64", "SORTED_IDS": "*i64", "SEG_END": "*i64", "OUT": "*fp32",
            "r_max": "fp32", "num_virtual": "fp32", "eps": "fp32"}

@@ -48,8 +48,9 @@ def test_gpu_shell_scripts_parse(script):
 
 
 def test_launches_before_the_first_gemm_stay_few():
-    """An isolated call pays every launch before its first GEMM in host latency (~30-40 us each on the H200
-    host measured, benchmarks/RESULTS_gpu.md). Today: 5 for the no-grad pass, 17 for the fused loss."""
+    """An isolated call pays every launch before its first GEMM in host latency (benchmarks/RESULTS_gpu.md:
+    the isolated-call excess at 4k tokens). Only the compaction (one launch, the predicate inside) and the
+    gather of the first chunk's hidden rows may come first; the per-token arrays follow the GEMM."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "launch_count.py")], env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -57,5 +58,5 @@ def test_launches_before_the_first_gemm_stay_few():
     for line in proc.stdout.splitlines():
         found = re.match(r"(.+): before the first GEMM (\d+) ATen \+ (\d+) Triton launches", line)
         counts[found.group(1)] = int(found.group(2)) + int(found.group(3))
-    assert counts["no-grad log-probs"] <= 5
-    assert counts["fused loss (forward, gradients formed)"] <= 17
+    assert counts["no-grad log-probs"] <= 2
+    assert counts["fused loss (forward, gradients formed)"] <= 2

@@ -127,12 +127,31 @@ def test_compaction_orders_valid_tokens_first_stably(impl):
     assert order.tolist() == [0, 1, 2] and count.item() == 3
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("n,frac", [(1, 0.5), (1023, 0.3), (1024, 1.0), (1025, 0.0), (5000, 0.6), (17000, 0.05)])
-def test_compaction_kernel_matches_the_reference_across_blocks(n, frac, gen):
-    """The Triton compaction ranks tokens block by block (1,024 a block): sizes around and across block
+def test_compaction_kernel_matches_the_reference_across_blocks(n, frac, one_pass, gen):
+    """The Triton compaction ranks tokens block by block (1,024 a block), in one launch (every block
+    re-counts the blocks before it) or two (block counts first): sizes around and across block
     boundaries, validity from none to all, against the PyTorch composition."""
     valid = (torch.rand(n, generator=gen) < frac).to(DEV)
     want_order, want_count = compact_torch(valid)
-    order, count = compact(valid.reshape(1, n))  # any leading shape: tokens are flattened
+    # any leading shape: tokens are flattened
+    order, count = compact(valid.reshape(1, n), one_pass_max=n if one_pass else 0)
     assert torch.equal(order, want_order) and torch.equal(count, want_count)
     assert sorted(order.tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_compaction_takes_the_predicate_itself(one_pass, gen):
+    """Targets with an ignore index, and numeric masks, are compacted without a separate comparison."""
+    n = 3000
+    targets = torch.randint(0, 50, (n,), generator=gen)
+    targets[torch.rand(n, generator=gen) < 0.4] = -100
+    targets = targets.to(DEV)
+    order, count = compact(targets, -100, one_pass_max=n if one_pass else 0)
+    want_order, want_count = compact_torch(targets != -100)
+    assert torch.equal(order, want_order) and torch.equal(count, want_count)
+    mask = (torch.rand(n, generator=gen) < 0.5).float().to(DEV)
+    order, count = compact(mask, one_pass_max=n if one_pass else 0)
+    want_order, want_count = compact_torch(mask.bool())
+    assert torch.equal(order, want_order) and torch.equal(count, want_count)

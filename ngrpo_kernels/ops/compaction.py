@@ -1,15 +1,18 @@
 """Device-side compaction of the tokens that count, with no host synchronisation.
 
-``compact(valid)`` returns ``order`` (int64 [N]: the valid tokens' indices in their original order,
-then the others) and ``count`` (int32 [1], on the device). The Triton schedules gather hidden rows in
-this order chunk by chunk and hand ``count`` to their kernels, which stop at it: padded and ignored
+``compact(values, ignore)`` returns ``order`` (int64 [N]: the indices of the tokens whose value is not
+``ignore``, in their original order, then the others) and ``count`` (int32 [1], on the device). ``values``
+is a mask (bool or numeric, ``ignore=0``) or the targets themselves (``ignore=ignore_index``): the
+predicate is taken inside the kernel, not by a separate launch. The Triton schedules gather hidden rows
+in this order chunk by chunk and hand ``count`` to their kernels, which stop at it: padded and ignored
 tokens cost no GEMM FLOPs and are never read, so they may hold anything, NaN included.
 
-Two Triton launches (``_block_counts`` then ``_scatter_order``: each block of 1,024 tokens ranks its
-valid tokens after those of the earlier blocks and its others after all valid ones). It runs before the
-first GEMM of every head pass, so its host cost is paid in full by an isolated call: the PyTorch
-composition it replaces (``compact_torch``, kept as the reference) was eleven launches. GPU time:
-microseconds.
+It runs before the first GEMM of every head pass, so its host cost is paid in full by an isolated call
+(the PyTorch composition it replaces, ``compact_torch``, kept as the reference, was eleven launches with
+the predicate). Up to ``ONE_PASS_MAX_TOKENS`` it is **one launch**: each block of 1,024 tokens counts the
+tokens of the blocks before it and the total itself (a re-read of at most a few hundred KB, from L2),
+then ranks its own. Above that, two launches (``_block_counts`` then ``_rank_block`` reading them).
+GPU time: microseconds.
 """
 
 from __future__ import annotations
@@ -19,50 +22,85 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
+SCAN = 4096  # tokens counted per step of the one-pass kernel's re-read
+ONE_PASS_MAX_TOKENS = 64 * BLOCK
 
 
 @triton.jit
-def _block_counts(VALID, COUNTS, N, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    v = tl.load(VALID + offs, mask=offs < N, other=0).to(tl.int32)
-    tl.store(COUNTS + pid, tl.sum(v, axis=0))
-
-
-@triton.jit
-def _scatter_order(VALID, COUNTS, ORDER, COUNT, N, n_blocks, BLOCK: tl.constexpr, MAX_BLOCKS: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.arange(0, MAX_BLOCKS)
-    per_block = tl.load(COUNTS + b, mask=b < n_blocks, other=0)
-    total = tl.sum(per_block, axis=0)
-    earlier = tl.sum(tl.where(b < pid, per_block, 0), axis=0)  # valid tokens in the blocks before this one
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+def _kept(VALUES, offs, N, ignore):
+    """1 where the token exists and its value is not ``ignore``, else 0 (int32)."""
     inside = offs < N
-    v = tl.load(VALID + offs, mask=inside, other=0).to(tl.int32)
-    valid_before = earlier + tl.cumsum(v, axis=0) - v  # valid tokens before each token (exclusive)
-    dest = tl.where(v != 0, valid_before, total + offs - valid_before)
-    tl.store(ORDER + dest, offs.to(tl.int64), mask=inside)
+    v = tl.load(VALUES + offs, mask=inside)
+    return ((v != ignore) & inside).to(tl.int32)
+
+
+@triton.jit
+def _rank_block(VALUES, ORDER, COUNT, N, ignore, pid, earlier, total, BLOCK: tl.constexpr):
+    """Block ``pid`` ranks its kept tokens after the ``earlier`` kept ones of the blocks before it, and its
+    others after all ``total`` kept tokens."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    v = _kept(VALUES, offs, N, ignore)
+    kept_before = earlier + tl.cumsum(v, axis=0) - v  # kept tokens before each token (exclusive)
+    dest = tl.where(v != 0, kept_before, total + offs - kept_before)
+    tl.store(ORDER + dest, offs.to(tl.int64), mask=offs < N)
     if pid == 0:
         tl.store(COUNT, total)
 
 
-def compact(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``valid``: bool, any shape, at least one token (the public ops reject empty batches)."""
-    v = valid.reshape(-1).contiguous()
+@triton.jit
+def _compact_one_pass(VALUES, ORDER, COUNT, N, ignore, BLOCK: tl.constexpr, SCAN: tl.constexpr):
+    pid = tl.program_id(0)
+    start = pid * BLOCK
+    earlier = 0
+    total = 0
+    for s in range(0, N, SCAN):
+        offs = s + tl.arange(0, SCAN)
+        v = _kept(VALUES, offs, N, ignore)
+        total += tl.sum(v, axis=0)
+        earlier += tl.sum(tl.where(offs < start, v, 0), axis=0)
+    _rank_block(VALUES, ORDER, COUNT, N, ignore, pid, earlier, total, BLOCK)
+
+
+@triton.jit
+def _block_counts(VALUES, COUNTS, N, ignore, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    v = _kept(VALUES, pid * BLOCK + tl.arange(0, BLOCK), N, ignore)
+    tl.store(COUNTS + pid, tl.sum(v, axis=0))
+
+
+@triton.jit
+def _compact_from_counts(VALUES, COUNTS, ORDER, COUNT, N, ignore, n_blocks, BLOCK: tl.constexpr,
+                         MAX_BLOCKS: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.arange(0, MAX_BLOCKS)
+    per_block = tl.load(COUNTS + b, mask=b < n_blocks, other=0)
+    total = tl.sum(per_block, axis=0)
+    earlier = tl.sum(tl.where(b < pid, per_block, 0), axis=0)
+    _rank_block(VALUES, ORDER, COUNT, N, ignore, pid, earlier, total, BLOCK)
+
+
+def compact(values: torch.Tensor, ignore: int = 0, *,
+            one_pass_max: int = ONE_PASS_MAX_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values``: any shape (flattened), at least one token (the public ops reject empty batches); a token
+    counts where ``values != ignore``."""
+    v = values.reshape(-1).contiguous()
     n = v.numel()
     n_blocks = triton.cdiv(n, BLOCK)
-    counts = torch.empty(n_blocks, dtype=torch.int32, device=v.device)
     order = torch.empty(n, dtype=torch.int64, device=v.device)
     count = torch.empty(1, dtype=torch.int32, device=v.device)
-    _block_counts[(n_blocks,)](v, counts, n, BLOCK=BLOCK, num_warps=4)
-    _scatter_order[(n_blocks,)](v, counts, order, count, n, n_blocks, BLOCK=BLOCK,
-                                MAX_BLOCKS=max(16, triton.next_power_of_2(n_blocks)), num_warps=4)
+    if n <= one_pass_max:
+        _compact_one_pass[(n_blocks,)](v, order, count, n, ignore, BLOCK=BLOCK, SCAN=SCAN, num_warps=4)
+        return order, count
+    counts = torch.empty(n_blocks, dtype=torch.int32, device=v.device)
+    _block_counts[(n_blocks,)](v, counts, n, ignore, BLOCK=BLOCK, num_warps=4)
+    _compact_from_counts[(n_blocks,)](v, counts, order, count, n, ignore, n_blocks, BLOCK=BLOCK,
+                                      MAX_BLOCKS=max(16, triton.next_power_of_2(n_blocks)), num_warps=4)
     return order, count
 
 
-def compact_torch(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compact_torch(values: torch.Tensor, ignore: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The same contract in PyTorch operations (the reference for ``compact``)."""
-    v = valid.reshape(-1)
+    v = values.reshape(-1) != ignore
     n = v.numel()
     positions = torch.arange(n, device=v.device, dtype=torch.int64)
     before_valid = torch.cumsum(v, 0, dtype=torch.int64)      # valid tokens up to and including i

@@ -64,15 +64,16 @@ def chunk_rows(N: int, per_row: int, workspace_bytes: int) -> int:
 
 
 class HeadSchedule:
-    """Buffers and per-chunk gradient GEMMs for x [N, H], weight [V, H] over the tokens ``valid`` [N]."""
+    """Buffers and per-chunk gradient GEMMs for x [N, H], weight [V, H] over the tokens where
+    ``values [N] != ignore`` (a mask, or the targets and their ignore index: ``compaction.compact``)."""
 
-    def __init__(self, x, weight, bias, valid, *, workspace_bytes, need_logits, need_dx=False, need_dw=False,
-                 need_db=False):
+    def __init__(self, x, weight, bias, values, ignore=0, *, workspace_bytes, need_logits, need_dx=False,
+                 need_dw=False, need_db=False):
         self.x, self.weight, self.bias = x, weight, bias
         N, H = x.shape
         V = weight.shape[0]
         self.N, self.V = N, V
-        self.order, self.count = compact(valid)
+        self.order, self.count = compact(values, ignore)
         if workspace_bytes is None:
             workspace_bytes = default_workspace_bytes(x.device)
         self.chunk = chunk_rows(N, row_bytes(V, H, x.dtype, x.device, need_logits), workspace_bytes)

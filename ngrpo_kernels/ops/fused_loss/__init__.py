@@ -53,6 +53,39 @@ def _per_token(x, valid, zero_invalid: bool):
     return x.reshape(-1).contiguous()
 
 
+def _token_inputs(backend: Backend, valid, computed, targets, old_logprobs, advantages, ref_logprobs,
+                  rollout_is_weights, *, loss_agg_mode, normalizer, length_budget, skip_zero_advantage):
+    """The per-token [N] arrays of the row kernels (target, w, adv, old, ref, isw; ``w`` carries the
+    aggregation and its denominator) and the counts: ``(arrays, n_tokens, computed_frac)``. ``valid`` is
+    the loss's mask, ``computed`` the tokens actually computed (fewer with ``skip_zero_advantage``)."""
+    row_scale, denominator, n_tokens = _row_scale_and_denominator(valid, loss_agg_mode, normalizer, length_budget)
+    computed_frac = None
+    if skip_zero_advantage:  # the aggregation keeps every valid token; only the computation skips some
+        n_computed = computed.sum(dtype=torch.float32)
+        computed_frac = n_computed * _safe_inverse(n_tokens)
+        n_tokens = n_computed
+    zero = backend != Backend.TRITON  # the CPU schedules read every token
+    target = targets.reshape(-1).to(torch.int64)
+    if old_logprobs is not None:
+        old = _per_token(old_logprobs, computed, zero)
+    elif zero:  # the CPU row kernels read an old log-prob for every token
+        old = computed.new_zeros(computed.numel(), dtype=torch.float32)
+    else:  # the Triton token kernel takes its own log-prob (ON_POLICY)
+        old = None
+    arrays = dict(
+        target=(torch.where(computed.reshape(-1), target, 0) if zero else target).contiguous(),
+        # The aggregation's denominator is folded into the per-token weights: the kernels then form the
+        # gradient of the loss itself, not of its unnormalised sum (which overflows fp16 dZ at a few
+        # thousand tokens).
+        w=_per_token(row_scale * _safe_inverse(denominator), computed, zero),
+        adv=_per_token(advantages, computed, zero),
+        old=old,
+        ref=None if ref_logprobs is None else _per_token(ref_logprobs, computed, zero),
+        isw=None if rollout_is_weights is None else _per_token(rollout_is_weights, computed, zero),
+    )
+    return arrays, n_tokens, computed_frac
+
+
 def forward(backend: Backend, hidden, weight, targets, mask, old_logprobs, advantages, *, bias, temperature,
             eps_neg, eps_pos, clip_ratio_c, ref_logprobs, beta, entropy_coef, loss_agg_mode, normalizer,
             length_budget, rollout_is_weights, workspace_bytes, skip_zero_advantage, need_dx, need_dw, need_db):
@@ -63,50 +96,35 @@ def forward(backend: Backend, hidden, weight, targets, mask, old_logprobs, advan
     in float32; None when not asked for)."""
     B, T, H = hidden.shape
     valid = mask if mask.dtype == torch.bool else mask != 0
-    row_scale, denominator, n_tokens = _row_scale_and_denominator(valid, loss_agg_mode, normalizer, length_budget)
-    computed_frac = None
-    if skip_zero_advantage:  # the aggregation keeps every valid token; only the computation skips some
-        nonzero = (advantages[:, None] if advantages.dim() == 1 else advantages) != 0
-        valid = valid & nonzero
-        computed = valid.sum(dtype=torch.float32)
-        computed_frac = computed * _safe_inverse(n_tokens)
-        n_tokens = computed
-    on_policy = old_logprobs is None
-    flat_valid = valid.reshape(-1).contiguous()
-    zero = backend != Backend.TRITON  # the CPU schedules read every token
-    target = targets.reshape(-1).to(torch.int64)
-    if not on_policy:
-        old = _per_token(old_logprobs, valid, zero)
-    elif zero:  # the CPU row kernels read an old log-prob for every token
-        old = flat_valid.new_zeros(flat_valid.shape, dtype=torch.float32)
-    else:  # the Triton token kernel takes its own log-prob (ON_POLICY)
-        old = None
-    per_token = dict(
-        target=(torch.where(flat_valid, target, 0) if zero else target).contiguous(),
-        valid=flat_valid,
-        # The aggregation's denominator is folded into the per-token weights: the kernels then form the
-        # gradient of the loss itself, not of its unnormalised sum (which overflows fp16 dZ at a few
-        # thousand tokens).
-        w=_per_token(row_scale * _safe_inverse(denominator), valid, zero),
-        adv=_per_token(advantages, valid, zero),
-        old=old,
-        ref=None if ref_logprobs is None else _per_token(ref_logprobs, valid, zero),
-        isw=None if rollout_is_weights is None else _per_token(rollout_is_weights, valid, zero),
-    )
+    computed = valid
+    if skip_zero_advantage:
+        computed = valid & ((advantages[:, None] if advantages.dim() == 1 else advantages) != 0)
+    flat_computed = computed.reshape(-1).contiguous()
+    counts = {}
+
+    def token_inputs():
+        arrays, counts["n_tokens"], counts["computed_frac"] = _token_inputs(
+            backend, valid, computed, targets, old_logprobs, advantages, ref_logprobs, rollout_is_weights,
+            loss_agg_mode=loss_agg_mode, normalizer=normalizer, length_budget=length_budget,
+            skip_zero_advantage=skip_zero_advantage)
+        return arrays
+
     row_options = dict(inv_temp=1.0 / temperature, eps_neg=eps_neg, eps_pos=eps_pos, clip_c=clip_ratio_c, beta=beta,
-                       entropy_coef=entropy_coef, on_policy=on_policy)
+                       entropy_coef=entropy_coef, on_policy=old_logprobs is None)
     x = hidden.reshape(B * T, H).contiguous()
     w_ = weight.contiguous()
     b_ = None if bias is None else bias.contiguous()
+    needs = dict(need_dx=need_dx, need_dw=need_dw, need_db=need_db)
     if backend == Backend.TRITON:
         from . import triton_schedule
 
-        run = functools.partial(triton_schedule.run, x, w_, b_, **per_token, row_options=row_options,
-                                workspace_bytes=workspace_bytes)
+        # The per-token arrays are formed once the first GEMM is queued (``token_inputs`` is called
+        # there): an isolated call then has only the compaction and one gather ahead of that GEMM.
+        stats, dx, dw, db = triton_schedule.run(x, w_, b_, flat_computed, token_inputs, row_options=row_options,
+                                                workspace_bytes=workspace_bytes, **needs)
     else:
         if workspace_bytes is None:
             workspace_bytes = schedule.default_workspace_bytes(x.device)
-        run = functools.partial(schedule.run, x, w_, b_, **per_token, row_op=_row_op(backend),
-                                row_options=row_options, workspace_bytes=workspace_bytes)
-    stats, dx, dw, db = run(need_dx=need_dx, need_dw=need_dw, need_db=need_db)
-    return stats, n_tokens, computed_frac, dx, dw, db
+        stats, dx, dw, db = schedule.run(x, w_, b_, valid=flat_computed, **token_inputs(), row_op=_row_op(backend),
+                                         row_options=row_options, workspace_bytes=workspace_bytes, **needs)
+    return stats, counts["n_tokens"], counts["computed_frac"], dx, dw, db

@@ -75,32 +75,36 @@ def _token_kernel(
                     k3, dual, lp, S_LOSS, S_CLIPPED, S_LOG_RATIO, S_ADV, S_ENTROPY, S_KL_REF, S_DUAL, S_LOGPROB)
 
 
-def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_options, workspace_bytes, need_dx, need_dw,
-        need_db):
+def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, need_dx, need_dw, need_db):
     """Same contract as ``schedule.run``: (stats [NUM_STATS], dX or None, dW float32 or None, db or None);
-    the per-token weights carry the aggregation and its denominator."""
+    the per-token weights carry the aggregation and its denominator. ``valid`` [N] are the tokens computed;
+    ``token_inputs()`` returns the per-token arrays (target, w, adv, old, ref, isw): it is called once the
+    first GEMM is queued, so that nothing small waits ahead of that GEMM."""
     need_grad = need_dx or need_dw or need_db
     sch = HeadSchedule(x, weight, bias, valid, workspace_bytes=workspace_bytes, need_logits=need_grad,
                        need_dx=need_dx, need_dw=need_dw, need_db=need_db)
-    order = sch.order
     on_policy = row_options["on_policy"]
-    per_token = [t.index_select(0, order) if t is not None else None for t in (target, w, adv, old, ref, isw)]
-    tgt_c, w_c, adv_c, old_c, ref_c, isw_c = per_token
     dev = x.device
     slices = pg.num_vocab_tiles(sch.V, x.dtype, dev)
     parts = torch.empty(3, slices, sch.chunk, dtype=torch.float32, device=dev)
     rows_out = torch.empty(4, sch.chunk, dtype=torch.float32, device=dev)  # lse, H, g_lp, g_H
     br = block_rows(dev)
     n_prog = triton.cdiv(sch.chunk, br)
-    stats = None  # the chunks' sums, formed after the first GEMM (nothing small ahead of it); N >= 1 is validated
+    stats = None  # the chunks' sums (N >= 1 is validated)
     chunk_stats = torch.empty(n_prog, NUM_STATS, dtype=torch.float32, device=dev)
     inv_temp = row_options["inv_temp"]
     clip_c = row_options["clip_c"]
+    per_token = None
     for row0, n, xc in sch.chunks():
         p = [t[:, :n] for t in parts]
         z = sch.logits[:n] if need_grad else None
         pg.logits(xc, weight, bias=bias, inv_temp=inv_temp, count=sch.count, row0=row0, partials=p, out=z,
                   entropy=True)
+        if per_token is None:
+            inputs = token_inputs()
+            per_token = [None if inputs[k] is None else inputs[k].index_select(0, sch.order)
+                         for k in ("target", "w", "adv", "old", "ref", "isw")]
+            tgt_c, w_c, adv_c, old_c, ref_c, isw_c = per_token
         lse, h, g_lp, g_h = (t[:n] for t in rows_out)
         grid = triton.cdiv(n, br)
         _token_kernel[(grid,)](

@@ -36,17 +36,19 @@ def forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, worksp
     """x [N, H], weight [V, H], bias [V] or None, targets [N] int64; all contiguous.
     Returns logprobs [N], entropy [N] or None, lse [N] (float32; 0 at ignored positions)."""
     N = x.shape[0]
-    valid = targets != ignore_index
-    schedule = HeadSchedule(x, weight, bias, valid, workspace_bytes=workspace_bytes, need_logits=False)
-    targets_c = targets.index_select(0, schedule.order)
+    schedule = HeadSchedule(x, weight, bias, targets, ignore_index, workspace_bytes=workspace_bytes,
+                            need_logits=False)
     buf = _partials(schedule, entropy)
     lp = torch.empty(N, dtype=torch.float32, device=x.device)
     ent = torch.empty(N, dtype=torch.float32, device=x.device) if entropy else None
     lse = torch.empty(N, dtype=torch.float32, device=x.device)
+    targets_c = None
     for row0, n, xc in schedule.chunks():
         parts = [p[:, :n] for p in buf] + ([] if entropy else [buf[0][:, :n]])
         pg.logits(xc, weight, bias=bias, inv_temp=inv_temp, count=schedule.count, row0=row0, partials=parts,
                   entropy=entropy)
+        if targets_c is None:  # after the first GEMM is queued: nothing small ahead of it
+            targets_c = targets.index_select(0, schedule.order)
         logprobs_finish(xc, weight, bias, targets_c, schedule.order, schedule.count, parts, row0=row0,
                         inv_temp=inv_temp, lp=lp, ent=ent, lse=lse)
     return lp, ent, lse
@@ -57,8 +59,7 @@ def backward(x, weight, bias, targets, lse, entropy, g_lp, g_ent, *, inv_temp, i
     """Gradients (dX in x's dtype, dW and db in float32) for upstream g_lp [N] and g_ent [N] or None.
     ``entropy`` is the forward's entropy (needed with g_ent). Always deterministic (fixed chunk order,
     no atomics); ``deterministic`` is accepted for compatibility."""
-    valid = targets != ignore_index
-    schedule = HeadSchedule(x, weight, bias, valid, workspace_bytes=workspace_bytes, need_logits=True,
+    schedule = HeadSchedule(x, weight, bias, targets, ignore_index, workspace_bytes=workspace_bytes, need_logits=True,
                             need_dx=need_x, need_dw=need_w, need_db=need_b)
     order = schedule.order
     targets_c = targets.index_select(0, order)
