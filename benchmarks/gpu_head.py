@@ -26,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -351,6 +352,10 @@ def main() -> int:
             x = make_inputs(N)
             fns = {floor_name: gemm_floor(x, n_gemms)}
             fns.update({name: factory(pkg, x) for name, pkg in pkgs})
+            if op != "logprobs_no_grad":  # the passes that store logits: TMA stores against pointer stores
+                ptr_store = replace(configs.config_for("logits", DT, torch.device(DEV)), tma_store=False)
+                fns[f"{pkgs[0][0]}, logits stored by pointer stores"] = with_config("logits", ptr_store,
+                                                                                   factory(nk, x))
             padded = op == "fused_loss" and N == op_sizes[len(op_sizes) // 2]
             if padded:
                 xp = make_inputs(N, padded=True)
@@ -417,17 +422,26 @@ def gemms(reps, record) -> list[str]:
         acc = torch.zeros(V, H, device=DEV)
         part = torch.empty(2, n, H, device=DEV)
         C = configs.GemmConfig
+        # Measured on an H200 (RESULTS_gpu.md, 2026-11-27) and dropped from this list as clearly slower:
+        # 128x256x128 s2 (1.29-1.59x cuBLAS for all three GEMMs), 256x128x64 for dW (1.13-1.14x), an
+        # unflattened logits / dW loop (1.11-1.14x).
         logit_cfgs = {
-            "g8 s3": configs.HOPPER, "g32 s3": C(128, 256, 64, 32, 8, 3, True), "g32 s4": C(128, 256, 64, 32, 8, 4, True),
-            "g8 s3 unflattened": C(128, 256, 64, 8, 8, 3, True, flatten=False),
-            "g16 k128 s2": C(128, 256, 128, 16, 8, 2, True),
+            "g32 s3": configs.HOPPER_LOGITS, "g32 s3 ptr-store": replace(configs.HOPPER_LOGITS, tma_store=False),
+            "g8 s3": configs.HOPPER, "g32 s4": C(128, 256, 64, 32, 8, 4, True),
         }
+        shift = torch.zeros(n, device=DEV)
 
         def logits(cfg, store):
             def run():
                 with configs.override(logits=cfg):
                     pg.logits(x, w, bias=None, inv_temp=1.0, count=count, partials=[p[:slices] for p in parts],
                               out=z if store else None, entropy=True)
+            return run
+
+        def shifted(cfg):
+            def run():
+                with configs.override(logits=cfg):
+                    pg.logits(x, w, bias=None, inv_temp=1.0, count=count, shift=shift, out=z)
             return run
 
         def dx_gemm(cfg, split):
@@ -438,18 +452,15 @@ def gemms(reps, record) -> list[str]:
 
         fns = {"cuBLAS x @ W.T": lambda: x @ w.T}
         fns.update({f"logits {k} stats+store": logits(c, True) for k, c in logit_cfgs.items()})
-        fns["logits g8 s3 stats only"] = logits(configs.HOPPER, False)
+        fns["logits g32 s3 stats only"] = logits(configs.HOPPER_LOGITS, False)
+        fns["logits g32 s3 shifted (log-prob backward)"] = shifted(configs.HOPPER_LOGITS)
+        fns["logits g32 s3 ptr-store shifted"] = shifted(replace(configs.HOPPER_LOGITS, tma_store=False))
         fns["cuBLAS dZ @ W"] = lambda: dz @ w
         fns["ours dX 128x256x64 split 2"] = dx_gemm(configs.HOPPER, 2)
-        fns["ours dX 128x256x128 s2 split 2"] = dx_gemm(C(128, 256, 128, 8, 8, 2, True), 2)
         fns["ours dX 128x256x64 split 2 unflattened"] = dx_gemm(C(128, 256, 64, 8, 8, 3, True, flatten=False), 2)
         fns["cuBLAS dW += dZ^T X (fp32)"] = lambda: addmm_fp32(acc, dz.T, x)
-        dw_cfgs = {"128x256x64 g8": configs.HOPPER, "256x128x64 g8": C(256, 128, 64, 8, 8, 3, True),
-                   "128x256x128 s2 g8": C(128, 256, 128, 8, 8, 2, True),
-                   "128x256x64 g8 unflattened": C(128, 256, 64, 8, 8, 3, True, flatten=False)}
-        for k, cfg in dw_cfgs.items():
-            fns[f"ours dW += dZ^T X {k}"] = with_config(
-                "dw", cfg, lambda: pg.accumulate_t(acc, dz, x, init=False, count=count))
+        fns["ours dW += dZ^T X 128x256x64 g8"] = with_config(
+            "dw", configs.HOPPER, lambda: pg.accumulate_t(acc, dz, x, init=False, count=count))
         ms = compare(fns, reps)
         base = {"log": ms["cuBLAS x @ W.T"], "dX": ms["cuBLAS dZ @ W"], "dW": ms["cuBLAS dW += dZ^T X (fp32)"]}
         for name, t in ms.items():

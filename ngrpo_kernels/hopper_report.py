@@ -140,7 +140,7 @@ def _gemm_cases():
             cfg = {"logits": configs.HOPPER_LOGITS}.get(role, configs.HOPPER)
             const = dict(const, USE_TMA=True, DOT_FP32=False, PRECISION="tf32", BLOCK_M=cfg.block_m,
                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=132,
-                         FLATTEN=cfg.flatten)
+                         FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store)
             sig = dict(GEMM_SIGNATURE, **ptrs)
             sig.update({k: "constexpr" for k in const})
             yield ("persistent_gemm", f"{dtype} {label} {cfg.label()}", True, persistent_gemm_kernel, sig, const,
@@ -151,7 +151,8 @@ def _gemm_cases():
         if role != "logits":  # on Ampere/Ada dX and dW are cuBLAS (configs.DENSE_OTHER)
             continue
         const = dict(const, USE_TMA=False, DOT_FP32=False, PRECISION="tf32", BLOCK_M=cfg.block_m,
-                     BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=108, FLATTEN=cfg.flatten)
+                     BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=108, FLATTEN=cfg.flatten,
+                     TMA_STORE=cfg.tma_store)
         sig = dict(GEMM_SIGNATURE, **ptrs)
         sig.update({k: "constexpr" for k in const})
         yield ("persistent_gemm", f"bf16 {label} {cfg.label()} (sm_80)", True, persistent_gemm_kernel, sig, const,

@@ -2,6 +2,8 @@
 device-side token count cutting rows (or K) anywhere, TMA and pointer loads, split-K. Outputs are
 poisoned with NaN first: rows past the count must stay untouched, everything else must be written."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -16,9 +18,13 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _configs(tma):
-    if DEV == "cuda":
-        return {}  # the shipped configs (TMA where the shapes allow it)
-    cfg = configs.GemmConfig(16, 32, 16, 2, 1, 1, tma=tma)
+    """tma: True (TMA loads and stores), False (pointer loads and stores) or "ptr-store" (TMA loads, the
+    logits stored from registers: ``GemmConfig.tma_store``)."""
+    if DEV == "cuda":  # the shipped configs (TMA where the shapes allow it)
+        if tma != "ptr-store":
+            return {}
+        return dict(logits=replace(configs.config_for("logits", torch.bfloat16, torch.device(DEV)), tma_store=False))
+    cfg = configs.GemmConfig(16, 32, 16, 2, 1, 1, tma=bool(tma), tma_store=tma is True)
     return dict(logits=cfg, dx=cfg, dw=cfg)
 
 
@@ -38,7 +44,7 @@ def _count(c):
 SHAPES = [(37, 40, 203), (20, 48, 64), (5, 16, 97), (1, 16, 10)]
 
 
-@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("tma", [True, False, "ptr-store"])
 @pytest.mark.parametrize("n,H,V", SHAPES)
 @pytest.mark.parametrize("count,row0", [(None, 0), (30, 0), (30, 11), (0, 0), (3, 5)])
 def test_logits_statistics_and_stored_logits(tma, n, H, V, count, row0, gen):
@@ -70,7 +76,7 @@ def test_logits_statistics_and_stored_logits(tma, n, H, V, count, row0, gen):
     torch.testing.assert_close(out[:lim].double(), shifted, rtol=2e-3, atol=4e-3)  # fp16 storage
 
 
-@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("tma", [True, False, "ptr-store"])
 @pytest.mark.parametrize("n,H,V", SHAPES)
 def test_shifted_logits(tma, n, H, V, gen):
     x, w, b = _inputs(n, H, V, torch.float16, gen)

@@ -37,7 +37,7 @@ def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=
     stored = epilogue == LOGITS_SHIFTED or store_z
     # TMA where every operand it touches allows it, and no tile box is larger than the matrix (tiny
     # shapes take the pointer path).
-    use_tma = (configs.tma_ok(cfg, a, b, *((c,) if stored else ()))
+    use_tma = (configs.tma_ok(cfg, a, b, *((c,) if stored and cfg.tma_store else ()))
                and K >= cfg.block_k and N >= cfg.block_n and (M >= cfg.block_m or a_t is False))
     if use_tma and a.is_cuda:
         _ensure_allocator()
@@ -54,7 +54,7 @@ def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=
         LIMIT_K=limit_k and count is not None, INIT=init, STORE_Z=store_z, HAS_BIAS=bias is not None,
         ENTROPY=entropy, USE_TMA=use_tma, DOT_FP32=interpreter_enabled(), PRECISION=_precision(a.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=sms,
-        SPLIT_K=split_k, FLATTEN=cfg.flatten,
+        SPLIT_K=split_k, FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return cfg

@@ -41,10 +41,16 @@ class GemmConfig:
     num_stages: int
     tma: bool
     flatten: bool = True  # tile loop flattened into the K loop (next tile's loads under this epilogue)
+    # With TMA, also store the logits through it. Triton 3.6 stages each quarter tile in one shared buffer
+    # and, before refilling it, waits for the previous store and syncs the CTA (four waits and eight
+    # barriers a tile, in the epilogue, the tensor cores idle); pointer stores leave the registers without
+    # waiting. Which is faster is for a GPU to say (gpu_head.py --gemms times both).
+    tma_store: bool = True
 
     def label(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} "
-                f"s{self.num_stages} {'tma' if self.tma else 'ptr'}{'' if self.flatten else ' unflattened'}")
+                f"s{self.num_stages} {'tma' if self.tma else 'ptr'}{'' if self.flatten else ' unflattened'}"
+                f"{' ptr-store' if self.tma and not self.tma_store else ''}")
 
 
 HOPPER = GemmConfig(128, 256, 64, 8, 8, 3, tma=True)

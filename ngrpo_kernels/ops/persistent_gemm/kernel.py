@@ -4,7 +4,8 @@ Schedule: grid = number of SMs; program ``p`` walks output tiles ``p, p + NUM_SM
 (``GROUP_M`` row tiles share each column tile, so a column tile of the weight is read from DRAM once per
 group and served from L2 to the rest). The tile loop is flattened into the K loop so that the compiler
 pipelines loads of the next tile under the epilogue of the current one. On Hopper the operands come
-through device-side TMA descriptors (``USE_TMA``); elsewhere (Ampere, Ada, unaligned shapes, the
+through device-side TMA descriptors (``USE_TMA``; the stored logits too unless ``TMA_STORE`` is off:
+then they leave the registers through pointer stores); elsewhere (Ampere, Ada, unaligned shapes, the
 interpreter's pointer variant) through masked pointer loads. Measured reasons for the configs are in
 ``configs.py`` and docs/kernels.md.
 
@@ -154,7 +155,7 @@ def persistent_gemm_kernel(
     INIT: tl.constexpr, STORE_Z: tl.constexpr, HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr,
     USE_TMA: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_SMS: tl.constexpr, SPLIT_K: tl.constexpr = 1, FLATTEN: tl.constexpr = True,
+    NUM_SMS: tl.constexpr, SPLIT_K: tl.constexpr = 1, FLATTEN: tl.constexpr = True, TMA_STORE: tl.constexpr = True,
 ):
     start = tl.program_id(0)
     m_lim = M
@@ -197,7 +198,7 @@ def persistent_gemm_kernel(
             b_desc = tl.make_tensor_descriptor(B, shape=[N, k_desc], strides=[ldb, 1], block_shape=[BLOCK_N, BLOCK_K])
         else:
             b_desc = tl.make_tensor_descriptor(B, shape=[k_desc, N], strides=[ldb, 1], block_shape=[BLOCK_K, BLOCK_N])
-        if (EPILOGUE == LOGITS_SHIFTED) or STORE_Z:
+        if ((EPILOGUE == LOGITS_SHIFTED) or STORE_Z) and TMA_STORE:
             c_desc = tl.make_tensor_descriptor(C, shape=[m_desc, N], strides=[ldc, 1],
                                                block_shape=[BLOCK_M, C_BLOCK_N])
 
@@ -268,12 +269,13 @@ def persistent_gemm_kernel(
             _accumulate_half(c_split, acc1, rows, row_ok, off_n + HALF, N, ldc, INIT, BLOCK_M, HALF)
         elif EPILOGUE == LOGITS_STATS:
             _stats_half(acc0, C, c_desc, BIAS, M_PART, S_PART, U_PART, rows, row_ok, off_m, off_n, 2 * pid_n,
-                        N, ld_part, ldc, inv_temp, HAS_BIAS, ENTROPY, STORE_Z, USE_TMA, BLOCK_M, HALF)
+                        N, ld_part, ldc, inv_temp, HAS_BIAS, ENTROPY, STORE_Z, USE_TMA and TMA_STORE, BLOCK_M, HALF)
             _stats_half(acc1, C, c_desc, BIAS, M_PART, S_PART, U_PART, rows, row_ok, off_m, off_n + HALF,
-                        2 * pid_n + 1, N, ld_part, ldc, inv_temp, HAS_BIAS, ENTROPY, STORE_Z, USE_TMA, BLOCK_M, HALF)
+                        2 * pid_n + 1, N, ld_part, ldc, inv_temp, HAS_BIAS, ENTROPY, STORE_Z, USE_TMA and TMA_STORE,
+                        BLOCK_M, HALF)
         else:  # LOGITS_SHIFTED
             shift = tl.load(SHIFT + rows, mask=row_ok, other=0.0)[:, None]
             z0 = _logits(acc0, BIAS, cols0, ok0, inv_temp, HAS_BIAS)
-            _store(C, c_desc, z0 - shift, off_m, off_n, rows, cols0, row_ok, ok0, ldc, USE_TMA)
+            _store(C, c_desc, z0 - shift, off_m, off_n, rows, cols0, row_ok, ok0, ldc, USE_TMA and TMA_STORE)
             z1 = _logits(acc1, BIAS, cols1, ok1, inv_temp, HAS_BIAS)
-            _store(C, c_desc, z1 - shift, off_m, off_n + HALF, rows, cols1, row_ok, ok1, ldc, USE_TMA)
+            _store(C, c_desc, z1 - shift, off_m, off_n + HALF, rows, cols1, row_ok, ok1, ldc, USE_TMA and TMA_STORE)
