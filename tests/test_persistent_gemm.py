@@ -122,6 +122,35 @@ def test_dw_accumulation_over_chunks(tma, n, H, V, count, gen):
     torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("n,H,V", SHAPES)
+@pytest.mark.parametrize("count", [None, 0, 1, 9])
+def test_dw_cast_on_the_way_out(tma, n, H, V, count, gen):
+    """The last chunk's dW leaves in bf16 (``out``): after an fp32 first chunk (read, not written), and
+    alone (no accumulator at all). A last chunk past the count still casts what the first one summed."""
+    x, _, _ = _inputs(2 * n, H, V, torch.bfloat16, gen)
+    dz = torch.randn(2 * n, V, generator=gen).to(torch.bfloat16).to(DEV)
+    acc = torch.full((V, H), float("nan"), device=DEV)
+    out = torch.full((V, H), float("nan"), dtype=torch.bfloat16, device=DEV)
+    alone = torch.full((V, H), float("nan"), dtype=torch.bfloat16, device=DEV)
+    c = None if count is None else _count(count)
+    with configs.override(**_configs(tma)):
+        pg.accumulate_t(acc, dz[:n], x[:n], init=True, count=c, row0=0)
+        first = acc.clone()
+        pg.accumulate_t(acc, dz[n:], x[n:], init=False, count=c, row0=n, out=out)
+        pg.accumulate_t(None, dz[:n], x[:n], init=True, count=c, row0=0, out=alone)
+    assert torch.equal(acc, first), "the accumulator was written"
+    k = 2 * n if count is None else count
+    want = dz[:k].double().T @ x[:k].double()
+    torch.testing.assert_close(out.double(), want, rtol=8e-3, atol=1e-3)  # bf16 rounding of the sum
+    torch.testing.assert_close(out, (first.double() + dz[n:k].double().T @ x[n:k].double()).to(torch.bfloat16)
+                               if k > n else first.to(torch.bfloat16), rtol=8e-3, atol=1e-3)
+    k1 = min(k, n)
+    torch.testing.assert_close(alone.double(), dz[:k1].double().T @ x[:k1].double(), rtol=8e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="accumulator"):
+        pg.accumulate_t(None, dz[:n], x[:n], init=False, out=alone)
+
+
 @pytest.mark.parametrize("impl", [compact, compact_torch])
 def test_compaction_orders_valid_tokens_first_stably(impl):
     valid = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1], dtype=torch.bool, device=DEV)

@@ -6,7 +6,8 @@ them) and visited in chunks of ``chunk`` rows. For each chunk the hidden rows ar
 [chunk, V] (2 bytes a logit for half inputs, 4 for float32) and hands back dZ; ``backprop`` then forms
 
     dX[rows] = dZ W          (bf16/fp16/fp32, scattered back to the tokens' positions)
-    dW      += dZ^T X_chunk  (float32 accumulator; the first chunk writes instead of adding)
+    dW      += dZ^T X_chunk  (float32 accumulator; the first chunk writes instead of adding; a one-chunk
+                              pass may write dW in the weight's dtype directly: ``dw_dtype``)
     db      += sum_rows dZ
 
 with the persistent Triton GEMM (stops at the count) or cuBLAS (whole chunks), per
@@ -68,7 +69,7 @@ class HeadSchedule:
     ``values [N] != ignore`` (a mask, or the targets and their ignore index: ``compaction.compact``)."""
 
     def __init__(self, x, weight, bias, values, ignore=0, *, workspace_bytes, need_logits, need_dx=False,
-                 need_dw=False, need_db=False):
+                 need_dw=False, need_db=False, dw_dtype=torch.float32):
         self.x, self.weight, self.bias = x, weight, bias
         N, H = x.shape
         V = weight.shape[0]
@@ -89,7 +90,13 @@ class HeadSchedule:
             self.dx_buf = torch.empty(splits, self.chunk, H, dtype=torch.float32, device=dev)
         elif need_dx:
             self.dx_buf = torch.empty(self.chunk, H, dtype=x.dtype, device=dev)
-        self.dw = torch.empty(V, H, dtype=torch.float32, device=dev) if need_dw else None
+        # ``dw_dtype`` other than float32 (the log-prob backward asks for the weight's dtype): a pass of one
+        # chunk forms dW in that dtype straight from the GEMM, with no float32 [V, H] (2.2 GB at the 7B
+        # head) and no cast pass; longer passes accumulate in float32 and the caller casts.
+        self.dw_in_gemm_dtype = (need_dw and dw_dtype != torch.float32 and self.dense == "triton"
+                                 and self.chunk >= N)
+        dw_dt = dw_dtype if self.dw_in_gemm_dtype else torch.float32
+        self.dw = torch.empty(V, H, dtype=dw_dt, device=dev) if need_dw else None
         self.db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
 
     @property
@@ -124,7 +131,9 @@ class HeadSchedule:
             torch.matmul(dz, self.weight, out=out)
             self.dx.index_copy_(0, self.order[row0:row0 + n], out)
         if self.need_dw:
-            if triton_gemms:
+            if self.dw_in_gemm_dtype:
+                pg.accumulate_t(None, dz, xc, init=True, count=self.count, row0=row0, out=self.dw)
+            elif triton_gemms:
                 pg.accumulate_t(self.dw, dz, xc, init=row0 == 0, count=self.count, row0=row0)
             elif row0 == 0:
                 mm_fp32(dz.T, xc, self.dw)

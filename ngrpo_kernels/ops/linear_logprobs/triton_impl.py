@@ -10,7 +10,7 @@ Forward (``forward``), per chunk of compacted tokens (ignored ones are skipped o
 Backward (``backward``), per chunk (the logits are recomputed: 6*N*H*V more FLOPs, 8*N*H*V in all):
 1. the same GEMM with the shift epilogue stores ``z - lse`` (= log p) in fp16 into the workspace;
 2. ``_dlogits_kernel`` turns it into dZ in place (one read, one write, 2 bytes each);
-3. dX = dZ W and dW += dZ^T X (``ops/head_schedule.py``).
+3. dX = dZ W and dW += dZ^T X (``ops/head_schedule.py``; one chunk: dW written in the weight's dtype).
 
 The bound on memory is the workspace (``workspace_bytes``, default 1.25 GiB on a GPU) plus O(chunk * H)
 buffers and the fp32 dW accumulator. ``docs/kernels.md`` has the cost model and the measurements.
@@ -56,11 +56,12 @@ def forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, worksp
 
 def backward(x, weight, bias, targets, lse, entropy, g_lp, g_ent, *, inv_temp, ignore_index, need_x, need_w,
              need_b, workspace_bytes=None, deterministic=True):
-    """Gradients (dX in x's dtype, dW and db in float32) for upstream g_lp [N] and g_ent [N] or None.
+    """Gradients (dX in x's dtype, db in float32, dW in float32 or, when the pass is one chunk, already in
+    the weight's dtype) for upstream g_lp [N] and g_ent [N] or None.
     ``entropy`` is the forward's entropy (needed with g_ent). Always deterministic (fixed chunk order,
     no atomics); ``deterministic`` is accepted for compatibility."""
     schedule = HeadSchedule(x, weight, bias, targets, ignore_index, workspace_bytes=workspace_bytes, need_logits=True,
-                            need_dx=need_x, need_dw=need_w, need_db=need_b)
+                            need_dx=need_x, need_dw=need_w, need_db=need_b, dw_dtype=weight.dtype)
     order = schedule.order
     targets_c = targets.index_select(0, order)
     lse_c, g_lp_c = lse.index_select(0, order), g_lp.index_select(0, order)
