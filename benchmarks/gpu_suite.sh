@@ -12,8 +12,10 @@
 #
 #   benchmarks/gpu_suite.sh OUTDIR [--no-peers] [--no-tests]
 #
-# It writes more files than the device tool brings back (8): write them elsewhere and pack them, e.g.
-#   bash benchmarks/gpu_suite.sh /tmp/s; tar czf $OUT/suite.tgz -C /tmp s; sed -n '/^###/,$p' /tmp/s/head.md
+# It writes more files than the device tool brings back (8): write them elsewhere and pack them, under an
+# outer timeout so that the packing runs even if the steps' own limits (240 + 200 + 150 + 90 s) add up
+# past the device tool's 600 s a call:
+#   timeout 540 bash benchmarks/gpu_suite.sh /tmp/s; tar czf $OUT/suite.tgz -C /tmp s; sed -n '/^###/,$p' /tmp/s/head.md
 #
 # The GPU image has torch, triton, pytest, pytest-xdist and pytest-benchmark but nothing from outside:
 # carry the peers as wheels (downloaded here, .whl/ is git-ignored) and name .whl in the device tool's
