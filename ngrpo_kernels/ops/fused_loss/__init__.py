@@ -7,8 +7,6 @@ Inputs arrive validated from ``ngrpo_kernels.functional``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ...backend import Backend
