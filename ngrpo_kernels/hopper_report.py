@@ -101,7 +101,8 @@ def _inspect(kernel, config, gemm, compiled, arch=90, persistent=False, tma_expe
 
 
 GEMM_SIGNATURE = {"A": "*bf16", "B": "*bf16", "C": "*fp16", "OUT": "*bf16", "BIAS": "*bf16", "SHIFT": "*fp32",
-                  "M_PART": "*fp32", "S_PART": "*fp32", "U_PART": "*fp32", "COUNT": "*i32", "M": "i32", "N": "i32", "K": "i32",
+                  "M_PART": "*fp32", "S_PART": "*fp32", "U_PART": "*fp32", "COUNT": "*i32",
+                  "M": "i32", "N": "i32", "K": "i32",
                   "row0": "i32", "lda": "i32", "ldb": "i32", "ldc": "i32", "ld_part": "i32", "ld_split": "i32",
                   "inv_temp": "fp32"}
 

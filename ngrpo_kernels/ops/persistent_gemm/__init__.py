@@ -1,9 +1,10 @@
 """The persistent GEMM behind every head pass (``kernel.py``), and its launchers.
 
 ``logits(...)`` computes a chunk of head logits with the statistics or shift epilogue, ``matmul(...)``
-is dX = dZ W (split-K partials), ``accumulate_t(...)`` is dW (+)= dZ^T X (optionally cast on the way out). All take an optional device-side token count
-(``count``, an int32 [1] tensor; rows ``row0 + i`` with ``row0 + i >= count`` do not exist), so padded
-tokens, compacted to the end, cost no FLOPs and no host synchronisation.
+is dX = dZ W (split-K partials), ``accumulate_t(...)`` is dW (+)= dZ^T X (optionally cast on the way out).
+All take an optional device-side token count (``count``, an int32 [1] tensor; rows ``row0 + i`` with
+``row0 + i >= count`` do not exist), so padded tokens, compacted to the end, cost no FLOPs and no host
+synchronisation.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=
     dummy = a
     m_part, s_part, u_part = partials if partials is not None else (dummy, dummy, dummy)
     persistent_gemm_kernel[(max(1, min(sms, tiles)),)](
-        a, b, c, dummy if out is None else out, dummy if bias is None else bias, dummy if shift is None else shift, m_part, s_part, u_part,
+        a, b, c, dummy if out is None else out, dummy if bias is None else bias, dummy if shift is None else shift,
+        m_part, s_part, u_part,
         dummy if count is None else count,
         M, N, K, row0, a.stride(0), b.stride(-2), c.stride(-2), m_part.stride(0) if partials is not None else M,
         c.stride(0) if split_k > 1 else 0, inv_temp,
