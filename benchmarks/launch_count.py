@@ -1,17 +1,25 @@
 """How many device operations the head passes issue before their first GEMM: the host work an isolated call
 pays before the GPU has anything large to do (docs/kernels.md, "Measured against the targets").
 
-    python benchmarks/launch_count.py
+    python benchmarks/launch_count.py [--host]
 
 Runs on the CPU under the Triton interpreter at a tiny shape and calls the Triton implementations directly
 (below the custom-op layer, whose dispatch is not counted). Counts ATen operations that launch work (views,
 allocations and the interpreter's own argument copies excluded) and Triton kernel launches, up to the first
 persistent-GEMM launch and over the whole call.
+
+``--host`` also times the Python around the launches (every Triton launch a no-op, the compaction's result
+cached, CPU tensors; median of 300 calls): the public op, its implementation called directly, and the
+public op routed through the custom op (torch.compile's route). This CPU's figures, not a GPU host's: a
+GPU adds its own launch and allocation costs (``gpu_head.py --diagnose`` measures those).
 """
 
 from __future__ import annotations
 
 import os
+import statistics
+import sys
+import time
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -19,7 +27,10 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
+import ngrpo_kernels as nk  # noqa: E402
+from ngrpo_kernels import _library  # noqa: E402
 from ngrpo_kernels.backend import Backend  # noqa: E402
+from ngrpo_kernels.ops import head_schedule  # noqa: E402
 from ngrpo_kernels.ops import fused_loss  # noqa: E402
 from ngrpo_kernels.ops import persistent_gemm as pg  # noqa: E402
 from ngrpo_kernels.ops.linear_logprobs import triton_impl  # noqa: E402
@@ -91,6 +102,59 @@ def main() -> None:
         aten, tri = c.before_gemm
         print(f"{name}: before the first GEMM {aten} ATen + {tri} Triton launches; "
               f"whole call {c.aten} ATen + {c.triton} Triton")
+    if "--host" in sys.argv[1:]:
+        host_times(x, w, t, mask, old, adv, no_grad, loss)
+
+
+def _median_us(fn, reps=300) -> float:
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def host_times(x, w, t, mask, old, adv, no_grad, loss) -> None:
+    real_compact, real_run, real_traced = head_schedule.compact, InterpretedFunction.run, _library._traced
+    cache = {}
+
+    def cached_compact(values, ignore=0):  # the real result once per input, then no kernel at all
+        key = (values.data_ptr(), values.shape, ignore)
+        if key not in cache:
+            cache[key] = real_compact(values, ignore)
+        return cache[key]
+
+    def public_no_grad():
+        with torch.no_grad():
+            nk.fused_linear_logprobs(x, w, t, validate=False)
+
+    def public_loss():
+        h = x.detach().requires_grad_()
+        ws = w.detach().requires_grad_()
+        value, _ = nk.fused_linear_ngrpo_loss(h, ws, t, mask, old, advantages=adv, validate=False)
+        value.backward()
+
+    head_schedule.compact = cached_compact
+    for fn in (no_grad, loss, public_no_grad, public_loss):
+        fn()  # compile under the interpreter and fill the cache before the launches become no-ops
+    InterpretedFunction.run = lambda self, *a, **k: None
+    try:
+        with nk.use_backend("triton"):
+            for name, impl, public in (("no-grad log-probs", no_grad, public_no_grad),
+                                       ("fused loss forward + backward", loss, public_loss)):
+                direct = _median_us(impl)
+                eager = _median_us(public)
+                _library._traced = lambda args: True
+                through_op = _median_us(public)
+                _library._traced = real_traced
+                print(f"{name}: host us around the launches (Triton stubbed): public op {eager:.0f}, "
+                      f"implementation alone {direct:.0f}{' (forward only)' if impl is loss else ''}, "
+                      f"public op through the custom op {through_op:.0f}")
+    finally:
+        head_schedule.compact, InterpretedFunction.run, _library._traced = real_compact, real_run, real_traced
 
 
 if __name__ == "__main__":
