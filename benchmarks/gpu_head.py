@@ -528,15 +528,11 @@ def diagnose(reps, record, sizes) -> list[str]:
 def through_custom_op(fn):
     """``fn`` with every ngrpo op dispatched through its ``torch.library`` custom op, as under torch.compile
     (eager calls run the implementations directly: ``ngrpo_kernels._library._Op``)."""
-    from ngrpo_kernels import _library
+    from ngrpo_kernels._library import dispatcher_route
 
     def call():
-        plain = _library._traced
-        _library._traced = lambda args: True
-        try:
+        with dispatcher_route():
             return fn()
-        finally:
-            _library._traced = plain
     return call
 
 

@@ -34,6 +34,7 @@ come back as empty tensors (a custom op cannot return None); the wrappers here t
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -104,6 +105,19 @@ class _Op:
         if self.function is not None and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return self.function.apply(*args)
         return self.impl(*args)
+
+
+@contextlib.contextmanager
+def dispatcher_route():
+    """Every ngrpo op through its custom op, as under torch.compile, also in eager mode: for benchmarks that
+    price the dispatch (``benchmarks/gpu_head.py --diagnose``, ``benchmarks/launch_count.py --host``)."""
+    global _traced
+    eager_route = _traced
+    _traced = lambda args: True  # noqa: E731
+    try:
+        yield
+    finally:
+        _traced = eager_route
 
 
 def _custom_op(name: str):

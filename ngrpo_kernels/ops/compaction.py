@@ -11,7 +11,7 @@ It runs before the first GEMM of every head pass, so its host cost is paid in fu
 (the PyTorch composition it replaces, ``compact_torch``, kept as the reference, was eleven launches with
 the predicate). Up to ``ONE_PASS_MAX_TOKENS`` it is **one launch**: each block of 1,024 tokens counts the
 tokens of the blocks before it and the total itself (a re-read of at most a few hundred KB, from L2),
-then ranks its own. Above that, two launches (``_block_counts`` then ``_rank_block`` reading them).
+then ranks its own. Above that, two launches (``_block_counts``, then ``_compact_from_counts`` reading them).
 GPU time: microseconds.
 """
 

@@ -93,10 +93,8 @@ class HeadSchedule:
         # ``dw_dtype`` other than float32 (the log-prob backward asks for the weight's dtype): a pass of one
         # chunk forms dW in that dtype straight from the GEMM, with no float32 [V, H] (2.2 GB at the 7B
         # head) and no cast pass; longer passes accumulate in float32 and the caller casts.
-        self.dw_in_gemm_dtype = (need_dw and dw_dtype != torch.float32 and self.dense == "triton"
-                                 and self.chunk >= N)
-        dw_dt = dw_dtype if self.dw_in_gemm_dtype else torch.float32
-        self.dw = torch.empty(V, H, dtype=dw_dt, device=dev) if need_dw else None
+        one_pass = self.dense == "triton" and self.chunk >= N
+        self.dw = torch.empty(V, H, dtype=dw_dtype if one_pass else torch.float32, device=dev) if need_dw else None
         self.db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
 
     @property
@@ -131,9 +129,7 @@ class HeadSchedule:
             torch.matmul(dz, self.weight, out=out)
             self.dx.index_copy_(0, self.order[row0:row0 + n], out)
         if self.need_dw:
-            if self.dw_in_gemm_dtype:
-                pg.accumulate_t(None, dz, xc, init=True, count=self.count, row0=row0, out=self.dw)
-            elif triton_gemms:
+            if triton_gemms:  # one chunk with dw_dtype: the GEMM writes dW in that dtype (init)
                 pg.accumulate_t(self.dw, dz, xc, init=row0 == 0, count=self.count, row0=row0)
             elif row0 == 0:
                 mm_fp32(dz.T, xc, self.dw)

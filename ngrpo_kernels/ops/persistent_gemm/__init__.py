@@ -1,7 +1,7 @@
 """The persistent GEMM behind every head pass (``kernel.py``), and its launchers.
 
 ``logits(...)`` computes a chunk of head logits with the statistics or shift epilogue, ``matmul(...)``
-is dX = dZ W (split-K partials), ``accumulate_t(...)`` is dW (+)= dZ^T X (optionally cast on the way out).
+is dX = dZ W (split-K partials), ``accumulate_t(...)`` is dW (+)= dZ^T X.
 All take an optional device-side token count (``count``, an int32 [1] tensor; rows ``row0 + i`` with
 ``row0 + i >= count`` do not exist), so padded tokens, compacted to the end, cost no FLOPs and no host
 synchronisation.
@@ -33,7 +33,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=False, limit_k=False, init=False,
-            bias=None, shift=None, partials=None, inv_temp=1.0, entropy=False, store_z=False, split_k=1, out=None):
+            bias=None, shift=None, partials=None, inv_temp=1.0, entropy=False, store_z=False, split_k=1):
     cfg = configs.config_for(role, a.dtype, a.device)
     stored = epilogue == LOGITS_SHIFTED or store_z
     # TMA where every operand it touches allows it, and no tile box is larger than the matrix (tiny
@@ -47,8 +47,7 @@ def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=
     dummy = a
     m_part, s_part, u_part = partials if partials is not None else (dummy, dummy, dummy)
     persistent_gemm_kernel[(max(1, min(sms, tiles)),)](
-        a, b, c, dummy if out is None else out, dummy if bias is None else bias, dummy if shift is None else shift,
-        m_part, s_part, u_part,
+        a, b, c, dummy if bias is None else bias, dummy if shift is None else shift, m_part, s_part, u_part,
         dummy if count is None else count,
         M, N, K, row0, a.stride(0), b.stride(-2), c.stride(-2), m_part.stride(0) if partials is not None else M,
         c.stride(0) if split_k > 1 else 0, inv_temp,
@@ -56,7 +55,7 @@ def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=
         LIMIT_K=limit_k and count is not None, INIT=init, STORE_Z=store_z, HAS_BIAS=bias is not None,
         ENTROPY=entropy, USE_TMA=use_tma, DOT_FP32=interpreter_enabled(), PRECISION=_precision(a.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=sms,
-        SPLIT_K=split_k, FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store, CAST_OUT=out is not None,
+        SPLIT_K=split_k, FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return cfg
@@ -98,15 +97,11 @@ def matmul(dz, weight, out, *, count=None, row0=0):
                    count=count, row0=row0, limit_m=True, init=True, split_k=out.shape[0])
 
 
-def accumulate_t(acc, dz, x, *, init, count=None, row0=0, out=None):
-    """acc [V, H] (float32) (+)= dz[n, V]^T @ x[n, H]; ``init`` overwrites instead of adding. With ``out``
-    ([V, H], contiguous like acc) the result goes there in out's dtype and acc is only read (not at all
-    with ``init``: acc may then be None)."""
+def accumulate_t(acc, dz, x, *, init, count=None, row0=0):
+    """acc [V, H] (+)= dz[n, V]^T @ x[n, H], summed in fp32 and stored in acc's dtype: float32 to add chunks
+    up; with ``init`` (overwrite instead of adding) any float dtype, rounded once."""
+    if not init and acc.dtype != torch.float32:
+        raise ValueError(f"accumulate_t: adding into {acc.dtype} would round every chunk; use float32")
     n, V = dz.shape
-    c = out if acc is None else acc
-    if acc is None and not init:
-        raise ValueError("accumulate_t: adding needs the accumulator")
-    if out is not None and out.stride() != c.stride():
-        raise ValueError("accumulate_t: out must have the accumulator's layout")
-    return _launch(ACCUMULATE, dz, x, c, V, x.shape[1], n, role="dw", a_t=True, b_t=False, count=count,
-                   row0=row0, limit_k=True, init=init, out=out)
+    return _launch(ACCUMULATE, dz, x, acc, V, x.shape[1], n, role="dw", a_t=True, b_t=False, count=count,
+                   row0=row0, limit_k=True, init=init)

@@ -42,9 +42,9 @@ class GemmConfig:
     tma: bool
     flatten: bool = True  # tile loop flattened into the K loop (next tile's loads under this epilogue)
     # With TMA, also store the logits through it. Triton 3.6 stages each quarter tile in one shared buffer
-    # and, before refilling it, waits for the previous store and syncs the CTA (four waits and eight
-    # barriers a tile, in the epilogue, the tensor cores idle); pointer stores leave the registers without
-    # waiting. Which is faster is for a GPU to say (gpu_head.py --gemms times both).
+    # and, before refilling it, waits for the previous store to have read it, between CTA barriers (four
+    # waits a tile, in the epilogue); pointer stores need no such wait. Which is faster is for a GPU to say:
+    # gpu_head.py times both ("logits stored by pointer stores", and per GEMM under --gemms).
     tma_store: bool = True
 
     def label(self) -> str:

@@ -27,9 +27,8 @@ Epilogues (``EPILOGUE``), all on the fp32 accumulator tile in registers:
   dot product (``linear_logprobs.triton_rows``) reads one weight row per token instead.
 - ``LOGITS_SHIFTED``: stores ``z - SHIFT[row]`` (backward of the log-probs, SHIFT = logsumexp: the
   stored value is the log-probability itself).
-- ``ACCUMULATE``: ``C += acc`` in fp32, or ``C = acc`` with ``INIT`` (dW, chunk by chunk); with
-  ``CAST_OUT`` the result goes to ``OUT`` in OUT's dtype instead (the last chunk of the log-prob
-  backward's dW: no fp32 round trip and no separate cast). With
+- ``ACCUMULATE``: ``C += acc`` in fp32, or ``C = acc`` with ``INIT`` (dW, chunk by chunk), stored in C's
+  dtype (a one-chunk log-prob backward writes dW in the weight's dtype: no fp32 copy, no cast pass). With
   ``SPLIT_K > 1`` (only with ``INIT``) split ``s`` writes its partial product over the ``s``-th part of K
   to ``C + s * ld_split``: dX = dZ W has K = V but only ~450 output tiles per 4k-token chunk, 3.4 waves
   of 132 SMs; two splits make 6.8 waves and the caller sums the two partials.
@@ -131,39 +130,33 @@ def _quarter_sums(z, m, ENTROPY: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_half(C, OUT, acc, rows, row_ok, off_h, N, ldc, INIT: tl.constexpr, CAST_OUT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, HALF: tl.constexpr):
+def _accumulate_half(C, acc, rows, row_ok, off_h, N, ldc, INIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     HALF: tl.constexpr):
     """C[rows, off_h : off_h + HALF] (+)= acc, a quarter tile at a time (the loaded fp32 tile and the
-    accumulator are live together: quarters keep that under the register budget). With CAST_OUT the sum
-    goes to OUT (same layout, OUT's dtype) instead of C: the last chunk's dW leaves in the weight's dtype
-    with no separate cast pass (C is then only read, and not at all with INIT)."""
+    accumulator are live together: quarters keep that under the register budget). The sum is stored in
+    C's dtype: float32 when chunks add up, the weight's dtype when one chunk writes dW once (``INIT``)."""
     QUARTER: tl.constexpr = HALF // 2
     acc_a, acc_b = _halves(acc, BLOCK_M, HALF)
     cols = off_h + tl.arange(0, QUARTER)
-    offs = rows[:, None].to(tl.int64) * ldc + cols[None, :]
+    ptr = C + rows[:, None].to(tl.int64) * ldc + cols[None, :]
     ok_a = row_ok[:, None] & (cols < N)[None, :]
     ok_b = row_ok[:, None] & (cols + QUARTER < N)[None, :]
     if not INIT:
-        acc_a += tl.load(C + offs, mask=ok_a, other=0.0)
-        acc_b += tl.load(C + offs + QUARTER, mask=ok_b, other=0.0)
-    if CAST_OUT:
-        tl.store(OUT + offs, acc_a.to(OUT.dtype.element_ty), mask=ok_a)
-        tl.store(OUT + offs + QUARTER, acc_b.to(OUT.dtype.element_ty), mask=ok_b)
-    else:
-        tl.store(C + offs, acc_a, mask=ok_a)
-        tl.store(C + offs + QUARTER, acc_b, mask=ok_b)
+        acc_a += tl.load(ptr, mask=ok_a, other=0.0)
+        acc_b += tl.load(ptr + QUARTER, mask=ok_b, other=0.0)
+    tl.store(ptr, acc_a.to(C.dtype.element_ty), mask=ok_a)
+    tl.store(ptr + QUARTER, acc_b.to(C.dtype.element_ty), mask=ok_b)
 
 
 @triton.jit
 def persistent_gemm_kernel(
-    A, B, C, OUT, BIAS, SHIFT, M_PART, S_PART, U_PART, COUNT,
+    A, B, C, BIAS, SHIFT, M_PART, S_PART, U_PART, COUNT,
     M, N, K, row0, lda, ldb, ldc, ld_part, ld_split, inv_temp,
     EPILOGUE: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr, LIMIT_M: tl.constexpr, LIMIT_K: tl.constexpr,
     INIT: tl.constexpr, STORE_Z: tl.constexpr, HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr,
     USE_TMA: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr, SPLIT_K: tl.constexpr = 1, FLATTEN: tl.constexpr = True, TMA_STORE: tl.constexpr = True,
-    CAST_OUT: tl.constexpr = False,
 ):
     start = tl.program_id(0)
     m_lim = M
@@ -181,8 +174,8 @@ def persistent_gemm_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     tiles_per_split = num_pid_m * num_pid_n
     if EPILOGUE == ACCUMULATE:
-        if not INIT and not CAST_OUT:
-            num_tiles = tl.where(k_lim > 0, num_tiles, 0)  # nothing to add (a cast must still run)
+        if not INIT:
+            num_tiles = tl.where(k_lim > 0, num_tiles, 0)  # nothing to add
     # Every split runs the same number of K steps (the last one reads zeros past k_lim): a uniform
     # trip count keeps the flattened loop pipelined.
     # At least one step, so that a tile whose K is empty (dW of a chunk with no valid token, INIT) still
@@ -273,8 +266,8 @@ def persistent_gemm_kernel(
         ok1 = cols1 < N
         if EPILOGUE == ACCUMULATE:
             c_split = C + split.to(tl.int64) * ld_split  # split-K: one fp32 partial per split
-            _accumulate_half(c_split, OUT, acc0, rows, row_ok, off_n, N, ldc, INIT, CAST_OUT, BLOCK_M, HALF)
-            _accumulate_half(c_split, OUT, acc1, rows, row_ok, off_n + HALF, N, ldc, INIT, CAST_OUT, BLOCK_M, HALF)
+            _accumulate_half(c_split, acc0, rows, row_ok, off_n, N, ldc, INIT, BLOCK_M, HALF)
+            _accumulate_half(c_split, acc1, rows, row_ok, off_n + HALF, N, ldc, INIT, BLOCK_M, HALF)
         elif EPILOGUE == LOGITS_STATS:
             _stats_half(acc0, C, c_desc, BIAS, M_PART, S_PART, U_PART, rows, row_ok, off_m, off_n, 2 * pid_n,
                         N, ld_part, ldc, inv_temp, HAS_BIAS, ENTROPY, STORE_Z, USE_TMA and TMA_STORE, BLOCK_M, HALF)
