@@ -189,6 +189,12 @@ def ngrpo_policy_loss(
     )
 
 
+def _check_skip_zero_advantage(skip_zero_advantage, entropy_coef, beta):
+    if skip_zero_advantage and (entropy_coef != 0 or beta != 0):
+        raise ValueError(f"skip_zero_advantage=True needs entropy_coef == 0 and beta == 0 (a zero-advantage token "
+                         f"still has an entropy / KL gradient), got entropy_coef={entropy_coef!r}, beta={beta!r}")
+
+
 def _loss_options(loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, has_ref, entropy_coef, has_entropy,
                   length_budget, normalizer, device):
     """Checks the scalar options shared by the policy-loss entry points; returns them normalised."""
@@ -448,9 +454,7 @@ def fused_linear_ngrpo_loss(
     eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, length_budget, normalizer = _loss_options(
         loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, ref_logprobs is not None, entropy_coef, True,
         length_budget, normalizer, device)
-    if skip_zero_advantage and (entropy_coef != 0 or beta != 0):
-        raise ValueError(f"skip_zero_advantage=True needs entropy_coef == 0 and beta == 0 (a zero-advantage token "
-                         f"still has an entropy / KL gradient), got entropy_coef={entropy_coef!r}, beta={beta!r}")
+    _check_skip_zero_advantage(skip_zero_advantage, entropy_coef, beta)
     if workspace_bytes is not None:
         if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
             raise TypeError(f"workspace_bytes must be an int, got {workspace_bytes!r}")

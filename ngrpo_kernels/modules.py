@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import _loss_options, fused_linear_ngrpo_loss
+from .functional import _check_skip_zero_advantage, _loss_options, fused_linear_ngrpo_loss
 from .variants import AggMode
 
 
@@ -19,16 +19,17 @@ class NGRPOLoss(nn.Module):
                  clip_ratio_c: float | None = None, beta: float = 0.0, entropy_coef: float = 0.0,
                  loss_agg_mode: str | AggMode = "token-mean", length_budget: float | None = None,
                  r_max: float = 1.0, num_virtual: int = 1, workspace_bytes: int | None = None,
-                 validate: bool = True):
+                 skip_zero_advantage: bool = False, validate: bool = True):
         super().__init__()
         mode = AggMode.parse(loss_agg_mode)
         # beta > 0 needs ref_logprobs at call time; that pairing is checked per call.
         eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, length_budget, _ = _loss_options(
             mode, eps_neg, eps_pos, clip_ratio_c, beta, True, entropy_coef, True, length_budget, None, "cpu")
+        _check_skip_zero_advantage(skip_zero_advantage, entropy_coef, beta)
         self.options = dict(temperature=temperature, eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c,
                             beta=beta, entropy_coef=entropy_coef, loss_agg_mode=mode, length_budget=length_budget,
                             r_max=r_max, num_virtual=num_virtual, workspace_bytes=workspace_bytes,
-                            validate=validate)
+                            skip_zero_advantage=skip_zero_advantage, validate=validate)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v.value if isinstance(v, AggMode) else v}" for k, v in self.options.items())

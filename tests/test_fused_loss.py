@@ -1,6 +1,8 @@
 """The fused linear -> NGRPO loss: every backend against the float64 composition of the reference ops
 (advantages -> log-probs -> policy loss), Liger-Kernel's chunked GRPO loss, micro-batching, bad input."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -287,6 +289,27 @@ def test_module_and_rewards_path(device, loss_backend, gen):
     assert "entropy_coef=0.001" in repr(module)
     with pytest.raises(ValueError, match="eps_pos"):
         nk.NGRPOLoss(eps_pos=1.5)
+    with pytest.raises(ValueError, match="skip_zero_advantage"):
+        nk.NGRPOLoss(skip_zero_advantage=True, entropy_coef=0.001)
+    put["adv"][:3] = 0.0
+    skip = nk.NGRPOLoss(skip_zero_advantage=True)
+    with nk.use_backend(loss_backend):
+        loss, metrics = skip(put["x"], put["w"], put["targets"], put["mask"], put["old"], advantages=put["adv"])
+        want, want_metrics = nk.fused_linear_ngrpo_loss(put["x"], put["w"], put["targets"], put["mask"], put["old"],
+                                                        advantages=put["adv"], skip_zero_advantage=True)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(metrics["computed_frac"], want_metrics["computed_frac"])
+
+
+def test_module_takes_every_option():
+    """NGRPOLoss's constructor holds every keyword option of the functional loss that is not a per-call
+    tensor, with the same default: a new option cannot reach one and not the other."""
+    per_call = set(inspect.signature(nk.NGRPOLoss.forward).parameters) - {"self"}
+    functional = {name: p.default for name, p in inspect.signature(nk.fused_linear_ngrpo_loss).parameters.items()
+                  if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in per_call}
+    module = {name: p.default for name, p in inspect.signature(nk.NGRPOLoss.__init__).parameters.items()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert module == functional
 
 
 @pytest.mark.parametrize("loss_type", ["bnpo", "dapo", "grpo", "dr_grpo"])
