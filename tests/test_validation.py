@@ -178,6 +178,26 @@ def test_liger_adapter_refuses_kl_without_reference_logprobs():
            torch.randn(2), old_per_token_logps=-torch.rand(2, 3))
 
 
+def test_liger_adapter_takes_ligers_constructor():
+    """The drop-in's positional parameters are Liger's, in Liger's order, so a call written for Liger binds
+    the same way; options for behaviour NGRPO lacks are refused, not ignored."""
+    import inspect
+
+    from ngrpo_kernels.integrations.liger import LigerFusedLinearNGRPOLoss
+
+    liger = pytest.importorskip("liger_kernel.chunked_loss").LigerFusedLinearGRPOLoss
+    positional = [name for name, p in inspect.signature(LigerFusedLinearNGRPOLoss.__init__).parameters.items()
+                  if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    assert positional == list(inspect.signature(liger.__init__).parameters)
+    assert LigerFusedLinearNGRPOLoss(0.0, True, False, 1, 0.1, 0.3).options["eps_pos"] == 0.3
+    with pytest.raises(ValueError, match="delta"):
+        LigerFusedLinearNGRPOLoss(delta=4.0)
+    with pytest.raises(ValueError, match="use_bias_correction_kl"):
+        LigerFusedLinearNGRPOLoss(use_bias_correction_kl=True)
+    with pytest.raises(ValueError, match="sequence|token"):
+        LigerFusedLinearNGRPOLoss(importance_sampling_level="sequence")
+
+
 def test_micro_batching_pitfalls_warn():
     args = _loss_args()
     pos = (args["logprobs"], args["old_logprobs"], args["advantages"], args["mask"])

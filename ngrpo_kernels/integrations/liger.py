@@ -21,11 +21,19 @@ from ..functional import fused_linear_ngrpo_loss
 
 
 class LigerFusedLinearNGRPOLoss(nn.Module):
+    """Liger's constructor parameters in Liger's order (0.8.5), NGRPO's clip bounds and no KL by default;
+    this package's own options come after them, keyword-only. Liger options for behaviour NGRPO does not
+    have are refused when set (``delta``, ``use_bias_correction_kl``, sequence-level ratios); the SAPO / VESPO
+    temperatures only act with those loss types, which are refused."""
+
     def __init__(self, beta: float = 0.0, compiled: bool = True, use_ref_model: bool = False, chunk_size: int = 1,
                  epsilon_low: float = 0.16, epsilon_high: float = 0.24, loss_type: str = "dapo",
                  max_completion_length: int | None = None, importance_sampling_level: str = "token",
-                 temperature: float = 1.0, entropy_coef: float = 0.0, clip_ratio_c: float | None = None,
-                 workspace_bytes: int | None = None, validate: bool = False):
+                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
+                 delta: float | None = None, use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0,
+                 vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, *,
+                 entropy_coef: float = 0.0, clip_ratio_c: float | None = None, workspace_bytes: int | None = None,
+                 validate: bool = False):
         super().__init__()
         if loss_type not in ("bnpo", "dapo", "grpo", "dr_grpo"):
             raise ValueError(f"loss_type={loss_type!r} is not supported here (bnpo, dapo, grpo, dr_grpo)")
@@ -33,7 +41,14 @@ class LigerFusedLinearNGRPOLoss(nn.Module):
             raise ValueError("loss_type='dr_grpo' needs max_completion_length")
         if importance_sampling_level != "token":
             raise ValueError("only importance_sampling_level='token' is supported (NGRPO clips per token)")
-        del compiled, use_ref_model, chunk_size  # Liger's tuning knobs; the fused schedule needs none
+        if delta is not None:
+            raise ValueError(f"delta={delta!r} (two-sided ratio clipping) is not NGRPO's loss; for a bound on the "
+                             "ratio of negative-advantage tokens use clip_ratio_c= (dual clip)")
+        if use_bias_correction_kl:
+            raise ValueError("use_bias_correction_kl=True is not supported (NGRPO's KL term is the k3 estimator)")
+        # Liger's tuning knobs (the fused schedule needs none) and the SAPO / VESPO loss types' parameters.
+        del compiled, use_ref_model, chunk_size, sapo_temperature_pos, sapo_temperature_neg
+        del vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg
         self.beta, self.loss_type, self.max_completion_length = beta, loss_type, max_completion_length
         self.validate = validate  # Liger does not read tensor values back: neither does the drop-in by default
         self.options = dict(eps_neg=epsilon_low, eps_pos=epsilon_high, temperature=temperature,
