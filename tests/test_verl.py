@@ -402,6 +402,12 @@ def test_recipe_launch_dry_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "verl.trainer.main_ppo" in out and "trainer.n_gpus_per_node=4" in out
     assert out.rstrip().endswith("trainer.total_epochs=1")  # extra overrides come last (Hydra: last one wins)
+    # No data prepared yet: validation still names only held-out files, and a real launch refuses to start.
+    val = next(o for o in verl_recipe.recipe_overrides("m", str(tmp_path)) if o.startswith("data.val_files="))
+    assert "train.parquet" not in val and all(f"{name}.parquet" in val for name in verl_recipe.HELD_OUT)
+    (tmp_path / "train.parquet").write_bytes(b"")
+    with pytest.raises(SystemExit, match="no held-out set"):
+        verl_recipe.main(["launch", "--data", str(tmp_path)])
 
 
 def test_import_verl_loads_the_plugin_through_its_entry_point():

@@ -87,11 +87,17 @@ def compute_score(data_source=None, solution_str="", ground_truth="", extra_info
         return 0.0
 
 
+def held_out_files(data_dir: Path) -> list[str]:
+    return [str(data_dir / f"{name}.parquet") for name in HELD_OUT if (data_dir / f"{name}.parquet").exists()]
+
+
 def recipe_overrides(model: str, data: str, *, gpus: int = 8, nodes: int = 1, rollout_tp: int = 2,
                      project: str = "ngrpo", experiment: str = "qwen2.5-math-7b-ngrpo") -> list[str]:
     """Hydra overrides of verl's ppo_trainer config for the recipe (docs/algorithm.md §6)."""
     data_dir = Path(data)
-    val = [str(data_dir / f"{name}.parquet") for name in HELD_OUT if (data_dir / f"{name}.parquet").exists()]
+    # Validation only ever reads held-out sets: those present, else the ones ``prepare`` writes (``launch``
+    # refuses to start without at least one of them).
+    val = held_out_files(data_dir) or [str(data_dir / f"{name}.parquet") for name in HELD_OUT]
     batch = 1024
     actor, rollout, model_key = "actor_rollout_ref.actor", "actor_rollout_ref.rollout", "actor_rollout_ref.model"
     overrides = [
@@ -104,7 +110,7 @@ def recipe_overrides(model: str, data: str, *, gpus: int = 8, nodes: int = 1, ro
         "+trainer.v1.sampler.sampler_kwargs.correct_reward=1.0",
         # data
         f"data.train_files={data_dir / 'train.parquet'}",
-        f"data.val_files=[{','.join(val)}]" if val else f"data.val_files={data_dir / 'train.parquet'}",
+        f"data.val_files=[{','.join(val)}]",
         f"data.train_batch_size={batch}", "data.max_prompt_length=1024", "data.max_response_length=3072",
         "data.filter_overlong_prompts=True", "data.truncation=error",
         # model: the plugin in every process, the fused log-prob / entropy head
@@ -163,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not (Path(args.data) / "train.parquet").exists():
         raise SystemExit(f"{args.data}/train.parquet is missing: run `python -m ngrpo_train.verl_recipe prepare` first")
+    if not held_out_files(Path(args.data)):
+        raise SystemExit(f"{args.data} holds no held-out set ({', '.join(n + '.parquet' for n in HELD_OUT)}): "
+                         "validation never runs on the training file; run `prepare` with a --src that has them")
     return subprocess.call(command, env={**os.environ, "VERL_USE_EXTERNAL_MODULES": "ngrpo_kernels.integrations.verl"})
 
 
