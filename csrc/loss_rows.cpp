@@ -7,8 +7,11 @@
 // same contract as ngrpo_kernels/ops/fused_loss/row_triton.py and row_torch.py (see there for the
 // algebra); registered as torch.ops.ngrpo_kernels.loss_rows.
 //
-// This file is compiled with -ffast-math so that GCC vectorises expf through glibc's libmvec; nothing
-// here relies on inf or NaN (masked rows are skipped before any arithmetic).
+// This file is compiled with -ffast-math so that GCC vectorises expf through glibc's libmvec. The compiler
+// may then assume no inf or NaN, so a comparison or max cannot be trusted to see them: a token whose
+// statistics or inputs are not finite (NaN or inf in hidden states or weights, validate=False) is found
+// by testing the bits (`finite`) and gets a NaN loss and gradient, never a finite value. Masked rows
+// are skipped before any arithmetic; a target outside [0, V) is never read or written.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -16,6 +19,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 
@@ -30,6 +35,17 @@ struct Options {
 
 template <typename OutT>
 inline OutT cast_out(float v) { return static_cast<OutT>(v); }
+
+// Neither NaN nor +-inf, read from the bits behind a compiler barrier (-ffinite-math-only would fold
+// std::isfinite to true).
+inline bool finite(float x) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  asm volatile("" : "+r"(bits));
+  return (bits & 0x7f800000u) != 0x7f800000u;
+}
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // The row loops. Each exists with and without a bias (a per-element `bias ? ... : 0` stops GCC from
 // vectorising under -fopenmp), and is compiled twice (AVX2+FMA and baseline x86-64), picked at load
@@ -106,18 +122,23 @@ void one_row(const float* z, OutT* dz, const float* bias, int64_t V, int64_t tar
   row_softmax_stats(z, bias, V, it, msu);
   const float lse = msu[0] + std::log(msu[1]);
   const float mean_z = msu[2] / msu[1];
-  const float H = std::max(lse - mean_z, 0.0f);  // rounding can leave a hair below 0: entropy is >= 0
-  const float zt = (z[target] + (bias ? bias[target] : 0.f)) * it;
-  const float lp = zt - lse;
+  const bool target_ok = target >= 0 && target < V;  // outside [0, V) only with validate=False
+  const float zt = target_ok ? (z[target] + (bias ? bias[target] : 0.f)) * it : kNaN;
+  const bool ok = finite(lse) && finite(mean_z) && finite(zt) && finite(A) && (o.on_policy || finite(old_lp)) &&
+                  (!o.has_ref || finite(ref_lp)) && (!o.has_isw || finite(isw));
+  // Rounding can leave lse - E[z] a hair below 0 for a near one-hot softmax: entropy is >= 0.
+  const float H = finite(lse) && finite(mean_z) ? std::max(lse - mean_z, 0.0f) : kNaN;
+  const float lp = ok ? zt - lse : kNaN;
   const float old = o.on_policy ? lp : old_lp;
 
-  // The per-token loss (SPEC §3), same branch rules as the Triton and PyTorch paths.
+  // The per-token loss (SPEC §3), same branch rules as the Triton and PyTorch paths. A = 0 gives 0 even where
+  // the ratio overflows to inf.
   const float ratio = std::exp(lp - old);
-  const float pg_unclipped = -A * ratio;
+  const float pg_unclipped = A == 0.f ? 0.f : -A * ratio;
   const float pg_clipped = -A * std::min(std::max(ratio, 1.f - o.eps_neg), 1.f + o.eps_pos);
   const bool clipped = pg_clipped > pg_unclipped;
   float loss = std::max(pg_unclipped, pg_clipped);
-  float dloss = clipped ? 0.f : -A * ratio;
+  float dloss = clipped ? 0.f : pg_unclipped;
   bool dual = false;
   if (o.dual_clip) {
     const float bound = -A * o.clip_c;
@@ -134,6 +155,7 @@ void one_row(const float* z, OutT* dz, const float* bias, int64_t V, int64_t tar
     dloss += o.beta * (1.f - e);
   }
   loss -= o.entropy_coef * H;
+  if (!ok) loss = dloss = kNaN;  // the comparisons above may have dropped a NaN
 
   stats[LOSS] += static_cast<double>(w) * loss;
   stats[CLIPPED] += clipped ? 1.0 : 0.0;
@@ -148,7 +170,7 @@ void one_row(const float* z, OutT* dz, const float* bias, int64_t V, int64_t tar
   // On policy (old = logp, ratio == 1 exactly) the ratio's own dependence on logp is what dloss holds.
   const float g_lp = w * dloss;
   row_grad(z, bias, dz, V, it, lse, mean_z, g_lp, -o.entropy_coef * w);
-  dz[target] = cast_out<OutT>(static_cast<float>(dz[target]) + g_lp * it);
+  if (target_ok) dz[target] = cast_out<OutT>(static_cast<float>(dz[target]) + g_lp * it);
 }
 
 template <typename OutT>

@@ -175,7 +175,8 @@ def _cases():
 
     sig = {"XC": "*bf16", "W": "*bf16", "BIAS": "*bf16", "TGT_C": "*i64", "ORDER": "*i64", "COUNT": "*i32",
            "M_PART": "*fp32", "S_PART": "*fp32", "U_PART": "*fp32", "LP": "*fp32", "ENT": "*fp32", "LSE": "*fp32",
-           "n": "i32", "H": "i32", "row0": "i32", "ld_part": "i32", "n_slices": "i32", "inv_temp": "fp32"}
+           "n": "i32", "H": "i32", "V": "i32", "row0": "i32", "ld_part": "i32", "n_slices": "i32",
+           "inv_temp": "fp32"}
     const = dict(HAS_BIAS=True, ENTROPY=True, BLOCK_R=rows.BLOCK_ROWS, BLOCK_T=rows.BLOCK_SLICES,
                  BLOCK_H=rows.BLOCK_H)
     sig.update({k: "constexpr" for k in const})
@@ -198,8 +199,9 @@ def _cases():
     sig = {"XC": "*bf16", "W": "*bf16", "BIAS": "*bf16", "COUNT": "*i32", "M_PART": "*fp32", "S_PART": "*fp32",
            "U_PART": "*fp32", "TGT": "*i64", "W_TOK": "*fp32", "ADV": "*fp32", "OLD": "*fp32", "REF": "*fp32",
            "ISW": "*fp32", "LSE_OUT": "*fp32", "H_OUT": "*fp32", "G_LP": "*fp32", "G_H": "*fp32", "STATS": "*fp32",
-           "n": "i32", "H": "i32", "row0": "i32", "ld_part": "i32", "n_slices": "i32", "inv_temp": "fp32",
-           "eps_neg": "fp32", "eps_pos": "fp32", "clip_c": "fp32", "beta": "fp32", "entropy_coef": "fp32"}
+           "n": "i32", "H": "i32", "V": "i32", "row0": "i32", "ld_part": "i32", "n_slices": "i32",
+           "inv_temp": "fp32", "eps_neg": "fp32", "eps_pos": "fp32", "clip_c": "fp32", "beta": "fp32",
+           "entropy_coef": "fp32"}
     const = dict(HAS_BIAS=True, HAS_REF=True, HAS_ISW=True, DUAL_CLIP=True, ON_POLICY=False, NUM_STATS=NUM_STATS,
                  BLOCK_R=rows.BLOCK_ROWS, BLOCK_T=rows.BLOCK_SLICES, BLOCK_H=rows.BLOCK_H, **stat_constexprs())
     sig.update({k: "constexpr" for k in const})

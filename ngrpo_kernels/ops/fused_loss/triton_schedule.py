@@ -25,7 +25,8 @@ import triton.language as tl
 from ...variants import NUM_STATS
 from .. import persistent_gemm as pg
 from ..head_schedule import HeadSchedule
-from ..linear_logprobs.triton_rows import BLOCK_H, BLOCK_SLICES, block_rows, combine_partials, dlogits_, target_logit
+from ..linear_logprobs.triton_rows import (BLOCK_H, BLOCK_SLICES, block_rows, combine_partials, dlogits_, entropy_from,
+                                            target_logit)
 from ..persistent_gemm.kernel import row_limit
 from ..policy_loss.triton_impl import stat_constexprs, store_stat_sums, token_loss
 
@@ -34,7 +35,7 @@ from ..policy_loss.triton_impl import stat_constexprs, store_stat_sums, token_lo
 def _token_kernel(
     XC, W, BIAS, COUNT, M_PART, S_PART, U_PART, TGT, W_TOK, ADV, OLD, REF, ISW,
     LSE_OUT, H_OUT, G_LP, G_H, STATS,
-    n, H, row0, ld_part, n_slices, inv_temp, eps_neg, eps_pos, clip_c, beta, entropy_coef,
+    n, H, V, row0, ld_part, n_slices, inv_temp, eps_neg, eps_pos, clip_c, beta, entropy_coef,
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_ISW: tl.constexpr, DUAL_CLIP: tl.constexpr,
     ON_POLICY: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -48,9 +49,9 @@ def _token_kernel(
     tok = row0 + rows
     lse, mean_z = combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, True, BLOCK_R, BLOCK_T)
     tgt = tl.load(TGT + tok, mask=row_ok, other=0)
-    zt = target_logit(XC, W, BIAS, tgt, rows, row_ok, H, inv_temp, HAS_BIAS, BLOCK_R, BLOCK_H)
+    zt = target_logit(XC, W, BIAS, tgt, rows, row_ok, H, V, inv_temp, HAS_BIAS, BLOCK_R, BLOCK_H)
     lp = tl.where(row_ok, zt - lse, 0.0)
-    ent = tl.where(row_ok, tl.maximum(lse - mean_z, 0.0), 0.0)
+    ent = tl.where(row_ok, entropy_from(lse, mean_z), 0.0)
     A = tl.load(ADV + tok, mask=row_ok, other=0.0)
     w = tl.load(W_TOK + tok, mask=row_ok, other=0.0)
     if ON_POLICY:
@@ -111,8 +112,8 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
             xc, weight, xc if bias is None else bias, sch.count, *p, tgt_c, w_c, adv_c,
             w_c if on_policy else old_c, w_c if ref_c is None else ref_c, w_c if isw_c is None else isw_c,
             lse, h, g_lp, g_h, chunk_stats,
-            n, x.shape[1], row0, p[0].stride(0), slices, inv_temp, row_options["eps_neg"], row_options["eps_pos"],
-            float(clip_c or 0.0), row_options["beta"], row_options["entropy_coef"],
+            n, x.shape[1], sch.V, row0, p[0].stride(0), slices, inv_temp, row_options["eps_neg"],
+            row_options["eps_pos"], float(clip_c or 0.0), row_options["beta"], row_options["entropy_coef"],
             HAS_BIAS=bias is not None, HAS_REF=ref_c is not None, HAS_ISW=isw_c is not None,
             DUAL_CLIP=clip_c is not None, ON_POLICY=on_policy, NUM_STATS=NUM_STATS, BLOCK_R=br,
             BLOCK_T=BLOCK_SLICES, BLOCK_H=BLOCK_H, num_warps=4 if x.is_cuda else 1, **stat_constexprs(),
@@ -120,8 +121,8 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
         chunk_sum = chunk_stats[:grid].sum(0)
         stats = chunk_sum if stats is None else stats + chunk_sum
         if need_grad:
-            dz = dlogits_(z, count=sch.count, row0=row0, inv_temp=inv_temp, lse=lse, g_lp=g_lp, targets=tgt_c[row0:row0 + n],
-                          h=h, g_h=g_h if row_options["entropy_coef"] != 0 else None, m_part=p[0],
+            dz = dlogits_(z, count=sch.count, row0=row0, inv_temp=inv_temp, lse=lse, g_lp=g_lp,
+                          targets=tgt_c[row0:row0 + n], h=h, g_h=g_h if row_options["entropy_coef"] != 0 else None, m_part=p[0],
                           zero_tail=sch.zero_tail, out_dtype=x.dtype)
             sch.backprop(dz, row0, xc)
     return stats, sch.dx, sch.dw, sch.db

@@ -57,27 +57,35 @@ def combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, EN
 
 
 @triton.jit
-def target_logit(X, W, BIAS, tgt, rows, row_ok, H, inv_temp, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+def target_logit(X, W, BIAS, tgt, rows, row_ok, H, V, inv_temp, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_H: tl.constexpr):
-    """(X[rows] . W[tgt] + b[tgt]) * inv_temp in float32; X is [n, H] row-major."""
+    """(X[rows] . W[tgt] + b[tgt]) * inv_temp in float32; X is [n, H] row-major. A target outside [0, V)
+    (possible only with validate=False) reads nothing and gives NaN, so the log-prob and loss say so."""
+    tgt_ok = row_ok & (tgt >= 0) & (tgt < V)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     x_row = X + rows.to(tl.int64)[:, None] * H
     w_row = W + tgt.to(tl.int64)[:, None] * H
     for h0 in range(0, H, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
-        ok = row_ok[:, None] & (hs < H)[None, :]
+        ok = tgt_ok[:, None] & (hs < H)[None, :]
         x = tl.load(x_row + hs[None, :], mask=ok, other=0.0).to(tl.float32)
         w = tl.load(w_row + hs[None, :], mask=ok, other=0.0).to(tl.float32)
         acc += tl.sum(x * w, axis=1)
     if HAS_BIAS:
-        acc += tl.load(BIAS + tgt, mask=row_ok, other=0.0).to(tl.float32)
-    return acc * inv_temp
+        acc += tl.load(BIAS + tgt, mask=tgt_ok, other=0.0).to(tl.float32)
+    return tl.where(tgt_ok | ~row_ok, acc * inv_temp, float("nan"))
+
+
+@triton.jit
+def entropy_from(lse, mean_z):
+    """lse - E_p[z], at least 0 (rounding can leave it a hair below 0 for a near one-hot softmax); NaN stays NaN."""
+    return tl.maximum(lse - mean_z, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
 def _logprobs_kernel(
     XC, W, BIAS, TGT_C, ORDER, COUNT, M_PART, S_PART, U_PART, LP, ENT, LSE,
-    n, H, row0, ld_part, n_slices, inv_temp,
+    n, H, V, row0, ld_part, n_slices, inv_temp,
     HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -87,13 +95,12 @@ def _logprobs_kernel(
     lse, mean_z = combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, ENTROPY, BLOCK_R,
                                    BLOCK_T)
     tgt = tl.load(TGT_C + row0 + rows, mask=row_ok, other=0)
-    zt = target_logit(XC, W, BIAS, tgt, rows, row_ok, H, inv_temp, HAS_BIAS, BLOCK_R, BLOCK_H)
+    zt = target_logit(XC, W, BIAS, tgt, rows, row_ok, H, V, inv_temp, HAS_BIAS, BLOCK_R, BLOCK_H)
     dest = tl.load(ORDER + row0 + rows, mask=in_chunk, other=0)
     tl.store(LP + dest, tl.where(row_ok, zt - lse, 0.0), mask=in_chunk)
     tl.store(LSE + dest, tl.where(row_ok, lse, 0.0), mask=in_chunk)
     if ENTROPY:
-        # Rounding can leave lse - E[z] a hair below 0 for a near one-hot softmax: entropy is >= 0.
-        tl.store(ENT + dest, tl.where(row_ok, tl.maximum(lse - mean_z, 0.0), 0.0), mask=in_chunk)
+        tl.store(ENT + dest, tl.where(row_ok, entropy_from(lse, mean_z), 0.0), mask=in_chunk)
 
 
 @triton.jit
@@ -177,7 +184,7 @@ def logprobs_finish(xc, weight, bias, targets_c, order, count, partials, *, row0
     m_part, s_part, u_part = partials
     _logprobs_kernel[(triton.cdiv(n, br),)](
         xc, weight, xc if bias is None else bias, targets_c, order, count, m_part, s_part, u_part, lp,
-        lp if ent is None else ent, lse, n, H, row0, m_part.stride(0), m_part.shape[0], inv_temp,
+        lp if ent is None else ent, lse, n, H, weight.shape[0], row0, m_part.stride(0), m_part.shape[0], inv_temp,
         HAS_BIAS=bias is not None, ENTROPY=ent is not None, BLOCK_R=br, BLOCK_T=BLOCK_SLICES, BLOCK_H=BLOCK_H,
         num_warps=4 if xc.is_cuda else 1,
     )

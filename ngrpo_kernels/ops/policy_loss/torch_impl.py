@@ -16,12 +16,15 @@ def token_terms(lp, old, A, valid, w, ref, H, isw, *, eps_neg, eps_pos, clip_rat
     """Per-token loss terms. All inputs the same shape, already zero where not ``valid``; ``w`` is the
     aggregation weight (0 where not valid). Returns (stats [1, NUM_STATS], g_lp, g_H)."""
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
-    ratio = torch.exp(lp - old)
-    pg_unclipped = -A * ratio
+    log_ratio = lp - old
+    ratio = torch.exp(log_ratio)
+    # A = 0: the term is 0 even where the ratio overflows to inf (0 * inf would be NaN); 0 * log_ratio keeps a
+    # NaN input NaN.
+    pg_unclipped = torch.where(A == 0, 0 * log_ratio, -A * ratio)
     pg_clipped = -A * ratio.clamp(1.0 - eps_neg, 1.0 + eps_pos)
     clipped = pg_clipped > pg_unclipped
     loss = torch.maximum(pg_unclipped, pg_clipped)
-    dloss = torch.where(clipped, zero, -A * ratio)
+    dloss = torch.where(clipped, zero, pg_unclipped)
     stats = torch.zeros(1, NUM_STATS, dtype=lp.dtype, device=lp.device)
     if clip_ratio_c is not None:
         bound = -A * clip_ratio_c

@@ -34,12 +34,18 @@ def token_loss(lp, old, A, valid, ref, H, isw, eps_neg, eps_pos, clip_c, beta, e
     """Per-token NGRPO loss and d loss / d logp (docs/algorithm.md §3), on tensors or scalars already zeroed where
     not valid. Returns (loss, dloss, clipped, dual_clipped, k3). Shared by the policy-loss kernel and
     the fused linear -> loss row kernel, so the two cannot drift apart."""
-    ratio = tl.exp(lp - old)
-    pg_unclipped = -A * ratio
-    pg_clipped = -A * tl.minimum(tl.maximum(ratio, 1.0 - eps_neg), 1.0 + eps_pos)
+    log_ratio = lp - old
+    ratio = tl.exp(log_ratio)
+    # A = 0: the term is 0 even where the ratio overflows to inf (0 * inf would be NaN); 0 * log_ratio keeps a
+    # NaN input NaN.
+    pg_unclipped = tl.where(A == 0.0, 0.0 * log_ratio, -A * ratio)
+    # A NaN input must give a NaN loss, never a finite clip bound: min / max propagate NaN.
+    clamped = tl.minimum(tl.maximum(ratio, 1.0 - eps_neg, propagate_nan=tl.PropagateNan.ALL), 1.0 + eps_pos,
+                         propagate_nan=tl.PropagateNan.ALL)
+    pg_clipped = -A * clamped
     clipped = pg_clipped > pg_unclipped
-    loss = tl.maximum(pg_unclipped, pg_clipped)
-    dloss = tl.where(clipped, 0.0, -A * ratio)
+    loss = tl.maximum(pg_unclipped, pg_clipped, propagate_nan=tl.PropagateNan.ALL)
+    dloss = tl.where(clipped, 0.0, pg_unclipped)
     dual = clipped & False
     if DUAL_CLIP:
         bound = -A * clip_c
