@@ -96,6 +96,20 @@ def positive(name: str, v) -> float:
     return v
 
 
+def flag(name: str, v) -> bool:
+    """A Python or NumPy bool: a string such as "False" would otherwise read as True."""
+    if not _is_bool(v):
+        raise TypeError(f"{name} must be a bool, got {v!r}")
+    return bool(v)
+
+
+def workspace(name: str, v) -> int | None:
+    """None (the default) or a positive int of bytes."""
+    if v is not None and (_is_bool(v) or not isinstance(v, numbers.Integral) or v <= 0):
+        raise ValueError(f"{name} must be a positive int (bytes) or None, got {v!r}")
+    return None if v is None else int(v)
+
+
 def nonnegative_int(name: str, v) -> int:
     if _is_bool(v) or not isinstance(v, numbers.Integral) or v < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {v!r}")

@@ -69,7 +69,7 @@ def group_advantages(
         values.run()
     return _library.group_advantages(
         selected_backend(device), rewards, group_ids, estimator=estimator, r_max=r_max,
-        num_virtual=num_virtual, eps=eps, unbiased=bool(unbiased), w_lambda=w_lambda,
+        num_virtual=num_virtual, eps=eps, unbiased=check.flag("unbiased", unbiased), w_lambda=w_lambda,
         correct_threshold=correct_threshold,
     )
 
@@ -189,6 +189,15 @@ def ngrpo_policy_loss(
     )
 
 
+def _head_value_checks(values: check.ValueChecks, weight, bias) -> None:
+    """The lm_head's values: a NaN or inf there reaches every token's logsumexp. -inf is refused too: a banned
+    token is a large negative finite bias (-1e4 here is exp(-1e4) = 0), which every backend handles alike."""
+    values.finite("weight", weight)
+    if bias is not None:
+        values.add(torch.isfinite(bias), "bias has NaN or inf values (to ban tokens, use a large negative finite bias "
+                   "such as -1e4, not -inf)", lambda: check.describe(bias))
+
+
 def _check_skip_zero_advantage(skip_zero_advantage, entropy_coef, beta):
     if skip_zero_advantage and (entropy_coef != 0 or beta != 0):
         raise ValueError(f"skip_zero_advantage=True needs entropy_coef == 0 and beta == 0 (a zero-advantage token "
@@ -279,8 +288,10 @@ def fused_linear_logprobs(
             which stores none, its statistics and gathered rows: ~21 KB a token at the 7B head, one GEMM
             launch up to ~60k tokens; 64 MiB on CPU). Ignored positions cost no GEMM FLOPs on a GPU and
             are never read.
-        validate: check that targets lie in [0, V) or equal ``ignore_index`` and that hidden states are
-            finite where they are not ignored (one sync).
+        validate: check that targets lie in [0, V) or equal ``ignore_index``, that hidden states are
+            finite where they are not ignored and that weight and bias are finite (one sync). Without the
+            checks nothing is hidden: a NaN or inf input gives NaN results, and a target outside [0, V)
+            is never read (NaN log-prob, or an error on the PyTorch paths).
 
     Returns:
         ``logprobs`` float32 with the leading shape, or ``(logprobs, entropy)``. Gradients flow to
@@ -318,8 +329,8 @@ def fused_linear_logprobs(
     temperature = check.positive("temperature", temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or workspace_bytes <= 0):
-        raise ValueError(f"workspace_bytes must be a positive int, got {workspace_bytes!r}")
+    workspace_bytes = check.workspace("workspace_bytes", workspace_bytes)
+    return_entropy = check.flag("return_entropy", return_entropy)
     if validate:
         values = check.ValueChecks()
         V = weight.shape[0]
@@ -327,6 +338,7 @@ def fused_linear_logprobs(
                    "targets must lie in [0, V) or equal ignore_index",
                    lambda: f"here [0, {V}) or {ignore_index}; {check.describe(targets)}")
         values.finite("hidden", hidden, (targets != ignore_index)[..., None])
+        _head_value_checks(values, weight, bias)
         values.run()
     return _library.linear_logprobs(
         selected_backend(device), hidden, weight, targets, bias=bias, temperature=temperature,
@@ -390,7 +402,9 @@ def fused_linear_ngrpo_loss(
             metrics then cover only the computed tokens; ``metrics["computed_frac"]`` says which share of
             the valid tokens that is.
         validate: value checks (targets in range, finite hidden states and other inputs at valid
-            positions, 0/1 mask, finite rewards) with one sync; ``False`` skips them.
+            positions, finite weight and bias, 0/1 mask, finite rewards) with one sync; ``False`` skips
+            them, and a non-finite input or an out-of-range target then gives a NaN loss (or an error on
+            the PyTorch paths), never a finite one.
 
     Returns:
         ``(loss, metrics)``: 0-dim loss; metrics (0-dim, means over valid tokens): ``clip_frac``,
@@ -455,9 +469,11 @@ def fused_linear_ngrpo_loss(
         loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, ref_logprobs is not None, entropy_coef, True,
         length_budget, normalizer, device)
     _check_skip_zero_advantage(skip_zero_advantage, entropy_coef, beta)
+    r_max = check.finite_number("r_max", r_max)
+    num_virtual = check.nonnegative_int("num_virtual", num_virtual)
+    skip_zero_advantage = check.flag("skip_zero_advantage", skip_zero_advantage)
+    workspace_bytes = check.workspace("workspace_bytes", workspace_bytes)
     if workspace_bytes is not None:
-        if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
-            raise TypeError(f"workspace_bytes must be an int, got {workspace_bytes!r}")
         from .ops.fused_loss.schedule import bytes_per_row
 
         need = bytes_per_row(V, hidden.dtype, hidden.requires_grad or weight.requires_grad)
@@ -477,6 +493,7 @@ def fused_linear_ngrpo_loss(
                    "targets must lie in [0, V) at valid (mask != 0) positions",
                    lambda: f"here [0, {V}); {check.describe(targets)}")
         values.finite("hidden", hidden, (mask != 0)[..., None])
+        _head_value_checks(values, weight, bias)
         values.run()
 
     return _library.fused_linear_ngrpo_loss(

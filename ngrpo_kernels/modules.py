@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _checks as check
 from .functional import _check_skip_zero_advantage, _loss_options, fused_linear_ngrpo_loss
 from .variants import AggMode
 
@@ -22,6 +23,11 @@ class NGRPOLoss(nn.Module):
                  skip_zero_advantage: bool = False, validate: bool = True):
         super().__init__()
         mode = AggMode.parse(loss_agg_mode)
+        temperature = check.positive("temperature", temperature)
+        r_max = check.finite_number("r_max", r_max)
+        num_virtual = check.nonnegative_int("num_virtual", num_virtual)
+        workspace_bytes = check.workspace("workspace_bytes", workspace_bytes)
+        skip_zero_advantage = check.flag("skip_zero_advantage", skip_zero_advantage)
         # beta > 0 needs ref_logprobs at call time; that pairing is checked per call.
         eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, length_budget, _ = _loss_options(
             mode, eps_neg, eps_pos, clip_ratio_c, beta, True, entropy_coef, True, length_budget, None, "cpu")

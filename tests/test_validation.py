@@ -213,3 +213,86 @@ def test_micro_batching_pitfalls_warn():
         warnings.simplefilter("error")  # the safe forms stay silent
         nk.ngrpo_policy_loss(*pos, loss_agg_mode="seq-mean-token-sum-norm", normalizer=4, length_budget=3)
         nk.ngrpo_policy_loss(*pos, normalizer=4)
+
+
+NAN_BACKENDS = ["torch", "triton", "reference"] + (["cpp"] if nk.cpp_available() else [])
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+def test_non_finite_values_are_never_hidden(backend, device):
+    """With validate=False nothing is checked, but nothing is hidden either: a NaN weight, a NaN log-prob or
+    an out-of-range target at a valid position gives a NaN result (or an error), never a finite loss; a
+    target outside [0, V) is never read."""
+    if device.type == "cuda" and backend != "triton":
+        pytest.skip("CPU backend")
+    gen = torch.Generator().manual_seed(7)
+    h = torch.randn(2, 3, 8, generator=gen).to(device)
+    w = (torch.randn(11, 8, generator=gen) / 3).to(device)
+    t = torch.randint(0, 11, (2, 3), generator=gen).to(device)
+    m = torch.ones(2, 3, dtype=torch.bool, device=device)
+    old, adv = torch.full((2, 3), -2.5, device=device), torch.tensor([1.0, -0.5], device=device)
+    w_nan = w.clone()
+    w_nan[3, 3] = float("nan")
+    t_out = t.clone()
+    t_out[0, 1] = 11
+    with nk.use_backend(backend):
+        loss, metrics = nk.fused_linear_ngrpo_loss(h, w_nan, t, m, old, advantages=adv, validate=False)
+        assert loss.isnan() and metrics["entropy"].isnan()
+        lp, ent = nk.fused_linear_logprobs(h, w_nan, t, return_entropy=True, validate=False)
+        assert lp.isnan().all() and ent.isnan().all()
+        for call in (lambda: nk.fused_linear_ngrpo_loss(h, w, t_out, m, old, advantages=adv, validate=False)[0],
+                     lambda: nk.fused_linear_logprobs(h, w, t_out, validate=False)[0, 1]):
+            try:
+                assert call().isnan()
+            except (RuntimeError, IndexError):  # the PyTorch paths' gather refuses the index: also loud
+                assert backend != "triton"
+        lp = torch.tensor([[float("nan"), -0.5]], device=device)
+        loss, _ = nk.ngrpo_policy_loss(lp, torch.tensor([[-1.0, -0.7]], device=device), adv[:1], m[:1, :2],
+                                       validate=False)
+        assert loss.isnan()
+        # A = 0 with a ratio that overflows float32 (log-ratio 199.9): the term is 0, as in float64
+        if backend != "reference":  # the literal formula in float32 gives 0 * inf = NaN
+            loss, _ = nk.ngrpo_policy_loss(torch.tensor([[-0.1, -0.5]], device=device),
+                                           torch.tensor([[-200.0, -0.7]], device=device),
+                                           torch.zeros(1, device=device), m[:1, :2], validate=False)
+            assert loss.item() == 0.0
+
+
+def test_non_finite_weight_and_bias_are_refused():
+    h, w, t = torch.randn(2, 3, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 3))
+    m, adv = torch.ones(2, 3, dtype=torch.bool), torch.tensor([1.0, -0.5])
+    bad_w = w.clone()
+    bad_w[2, 5] = float("inf")
+    bias = torch.zeros(11)
+    bias[4] = float("-inf")
+    with pytest.raises(ValueError, match="weight has NaN or inf"):
+        nk.fused_linear_logprobs(h, bad_w, t)
+    with pytest.raises(ValueError, match="weight has NaN or inf"):
+        nk.fused_linear_ngrpo_loss(h, bad_w, t, m, None, advantages=adv)
+    with pytest.raises(ValueError, match="bias has NaN or inf.*-1e4"):
+        nk.fused_linear_logprobs(h, w, t, bias=bias)
+    with pytest.raises(ValueError, match="bias has NaN or inf"):
+        nk.fused_linear_ngrpo_loss(h, w, t, m, None, advantages=adv, bias=bias)
+    bias[4] = -1e4  # the advised way to ban a token: probability 0, every output finite
+    lp, ent = nk.fused_linear_logprobs(h, w, t, bias=bias, return_entropy=True)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+
+
+def test_options_are_checked_where_they_are_given():
+    """Module options fail at construction; flags refuse strings ("False" would read as True); options the
+    call does not use (r_max with given advantages) are still checked."""
+    for bad in (dict(temperature=0.0), dict(temperature=-1.0), dict(num_virtual=-1), dict(r_max=float("nan")),
+                dict(workspace_bytes=-5), dict(workspace_bytes=True)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            nk.NGRPOLoss(**bad)
+    with pytest.raises(TypeError, match="skip_zero_advantage"):
+        nk.NGRPOLoss(skip_zero_advantage="False")
+    with pytest.raises(TypeError, match="unbiased"):
+        nk.ngrpo_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), unbiased="False")
+    h, w, t = torch.randn(1, 2, 4), torch.randn(5, 4), torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(TypeError, match="return_entropy"):
+        nk.fused_linear_logprobs(h, w, t, return_entropy="yes")
+    m, adv = torch.ones(1, 2), torch.ones(1)
+    for bad in (dict(r_max=float("inf")), dict(num_virtual=-1), dict(workspace_bytes=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            nk.fused_linear_ngrpo_loss(h, w, t, m, None, advantages=adv, **bad)
