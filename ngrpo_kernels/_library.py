@@ -71,6 +71,22 @@ def _split(normalizer) -> tuple[Tensor | None, float | None]:
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
+def _reference_inputs(hidden, weight, bias, valid):
+    """The REFERENCE backend under the public contract: half inputs computed in float32 (the precision the
+    kernels' statistics have; bf16 arithmetic would be the naive path's, not the specification's), and rows
+    that do not count zeroed, so padding is never read into a result or a gradient (it may hold NaN)."""
+    def widen(t):
+        return t.float() if t is not None and t.dtype in (torch.bfloat16, torch.float16) else t
+
+    hidden, weight, bias = widen(hidden), widen(weight), widen(bias)
+    return torch.where(valid[..., None], hidden, 0), weight, bias
+
+
+def _detached(*tensors):
+    """Inputs the ops give no gradient (behaviour / reference log-probs, advantages, importance weights)."""
+    return [None if t is None else t.detach() for t in tensors]
+
+
 def _traced(args) -> bool:
     """Must this call go through the dispatcher? Yes under torch.compile / export, while a dispatch mode
     (FakeTensor, make_fx, functionalisation) or a torch.func transform is active, and for tensor subclasses
@@ -220,6 +236,8 @@ def policy_loss(backend: Backend, logprobs, old_logprobs, advantages, mask, *, e
                 rollout_is_weights):
     options = dict(eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, beta=beta, entropy_coef=entropy_coef)
     if backend == Backend.REFERENCE:
+        old_logprobs, advantages, ref_logprobs, rollout_is_weights = _detached(
+            old_logprobs, advantages, ref_logprobs, rollout_is_weights)
         return _policy_loss.policy_loss_naive(
             logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, entropy=entropy,
             loss_agg_mode=loss_agg_mode, normalizer=normalizer, length_budget=length_budget,
@@ -305,6 +323,8 @@ def linear_logprobs(backend: Backend, hidden, weight, targets, *, bias, temperat
                     deterministic, workspace_bytes):
     del deterministic  # every backward is deterministic (fixed chunk order, no atomics)
     if backend == Backend.REFERENCE:
+        targets = targets.long()
+        hidden, weight, bias = _reference_inputs(hidden, weight, bias, targets != ignore_index)
         lp, ent = _linear_logprobs.linear_logprobs_naive(hidden, weight, targets, bias=bias, temperature=temperature,
                                                          ignore_index=ignore_index)
         lp, ent = lp.float(), ent.float()
@@ -381,6 +401,27 @@ def _fused_loss_backward(ctx, grad_loss, *_unused):
 _fused_loss_op.register_autograd(_fused_loss_backward, setup_context=_fused_loss_setup)
 
 
+def _fused_loss_reference(hidden, weight, targets, mask, old_logprobs, advantages, *, bias, temperature,
+                          skip_zero_advantage, **options):
+    """The specification computes every token; with ``skip_zero_advantage`` its metrics cover the tokens the
+    other backends compute (``computed_frac``), as theirs do, while the loss keeps every valid token."""
+    valid = mask != 0
+    hidden, weight, bias = _reference_inputs(hidden, weight, bias, valid)
+    old_logprobs, advantages, options["ref_logprobs"], options["rollout_is_weights"] = _detached(
+        old_logprobs, advantages, options["ref_logprobs"], options["rollout_is_weights"])
+    args = (hidden, weight, targets.long())
+    loss, metrics = _fused_loss.fused_linear_ngrpo_loss_naive(*args, mask, old_logprobs, advantages=advantages,
+                                                              bias=bias, temperature=temperature, **options)
+    if skip_zero_advantage:
+        computed = valid & ((advantages if advantages.dim() == 2 else advantages[:, None]) != 0)
+        with torch.no_grad():
+            _, metrics = _fused_loss.fused_linear_ngrpo_loss_naive(*args, computed, old_logprobs, advantages=advantages,
+                                                                   bias=bias, temperature=temperature, **options)
+        n_valid = valid.sum(dtype=torch.float32)
+        metrics["computed_frac"] = torch.where(n_valid > 0, computed.sum(dtype=torch.float32) / n_valid.clamp_min(1), 0)
+    return loss, metrics
+
+
 def fused_linear_ngrpo_loss(backend: Backend, hidden, weight, targets, mask, old_logprobs, advantages, *, bias,
                             temperature, eps_neg, eps_pos, clip_ratio_c, ref_logprobs, beta, entropy_coef,
                             loss_agg_mode: AggMode, normalizer, length_budget, rollout_is_weights, workspace_bytes,
@@ -388,10 +429,9 @@ def fused_linear_ngrpo_loss(backend: Backend, hidden, weight, targets, mask, old
     options = dict(eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, beta=beta, entropy_coef=entropy_coef,
                    loss_agg_mode=loss_agg_mode, normalizer=normalizer, length_budget=length_budget,
                    ref_logprobs=ref_logprobs, rollout_is_weights=rollout_is_weights)
-    if backend == Backend.REFERENCE:  # the specification computes every token (skip_zero_advantage is moot)
-        return _fused_loss.fused_linear_ngrpo_loss_naive(hidden, weight, targets, mask, old_logprobs,
-                                                         advantages=advantages, bias=bias, temperature=temperature,
-                                                         **options)
+    if backend == Backend.REFERENCE:
+        return _fused_loss_reference(hidden, weight, targets, mask, old_logprobs, advantages, bias=bias,
+                                     temperature=temperature, skip_zero_advantage=skip_zero_advantage, **options)
     grad = torch.is_grad_enabled()
     tensor_normalizer, number = _split(normalizer)
     loss, stats, n_tokens, computed_frac, _, _, _ = _fused_loss_op(

@@ -213,8 +213,10 @@ def test_padding_is_never_read_and_changes_nothing(dtype, device, loss_backend, 
     assert torch.isfinite(gx).all() and torch.isfinite(gw).all() and torch.isfinite(gb).all()
     assert (gx[~pad_mask] == 0).all()
     torch.testing.assert_close(gx[:B, :T], want[2][0], **tol)
-    torch.testing.assert_close(gw, want[2][1], **tol)
-    torch.testing.assert_close(gb, want[2][2], **tol)
+    # dW and db sum over tokens in chunks whose boundaries differ between the runs: float32 rounding of
+    # sums whose terms reach the gradient's largest entries, so the absolute tolerance scales with them.
+    for g, ref in zip((gw, gb), want[2][1:]):
+        torch.testing.assert_close(g, ref, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, ref.abs().max().item()))
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or interpreter_enabled()), reason="Triton schedule")
@@ -394,3 +396,36 @@ def test_mixed_devices_are_rejected():
     pos = [args.pop(k) for k in ("hidden", "weight", "targets", "mask", "old_logprobs")]
     with pytest.raises(ValueError, match="one device"):
         nk.fused_linear_ngrpo_loss(*pos, **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_backend_keeps_the_public_contract(dtype, gen):
+    """The reference backend is selectable too: masked rows holding NaN never reach a gradient, inputs
+    documented without gradient get none, any integer targets work, half inputs give a float32 loss as
+    precise as the kernels', and skip_zero_advantage reports the same metrics as the other backends."""
+    batch = _batch(4, 5, 16, 37, gen, masked_row=2)
+    batch["adv"][1] = 0.0
+    batch["x"][2] = float("nan")  # the masked row
+    results = {}
+    for backend in ("torch", "reference"):
+        x = batch["x"].to(dtype).requires_grad_()
+        w = batch["w"].to(dtype).requires_grad_()
+        old, adv, ref, isw = (batch[k].clone().requires_grad_() for k in ("old", "adv", "ref", "isw"))
+        with nk.use_backend(backend):
+            loss, metrics = nk.fused_linear_ngrpo_loss(
+                x, w, batch["targets"].to(torch.int16 if backend == "reference" else torch.int64), batch["mask"],
+                old, advantages=adv, ref_logprobs=ref, beta=0.0, rollout_is_weights=isw, skip_zero_advantage=True,
+                validate=False)
+        loss.backward()
+        assert loss.dtype == torch.float32
+        assert all(t.grad is None for t in (old, adv, ref, isw))
+        assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all() and (x.grad[2] == 0).all()
+        results[backend] = loss.detach(), metrics, x.grad.float(), w.grad.float()
+    (loss_t, met_t, gx_t, gw_t), (loss_r, met_r, gx_r, gw_r) = results["torch"], results["reference"]
+    torch.testing.assert_close(loss_r, loss_t, rtol=1e-5, atol=1e-6)
+    assert met_r.keys() == met_t.keys()
+    for k in met_t:
+        torch.testing.assert_close(met_r[k], met_t[k], rtol=1e-5, atol=1e-6)
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(gx_r, gx_t, **tol)
+    torch.testing.assert_close(gw_r, gw_t, **tol)

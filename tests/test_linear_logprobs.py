@@ -195,6 +195,24 @@ def test_ignored_positions_are_never_read(all_ignored, device, backend, gen):
         assert all(not g.any() for g in results[1][2:])
 
 
+def test_reference_backend_never_reads_ignored_rows(gen):
+    """The selectable reference backend keeps the same contract: NaN at ignored positions reaches no output
+    or gradient, small integer targets work, and bf16 inputs are computed in float32."""
+    x, w, b, t = _make((3, 5), 16, 40, torch.bfloat16, gen, bias=True, ignore_frac=0.3)
+    x[t == -100] = float("nan")
+    outs = {}
+    for backend, targets in (("reference", t.to(torch.int16)), ("torch", t)):
+        leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+        with nk.use_backend(backend):
+            lp, ent = nk.fused_linear_logprobs(*leaves[:2], targets, bias=leaves[2], return_entropy=True,
+                                               validate=False)
+        (lp.sum() + ent.sum()).backward()
+        outs[backend] = [lp.detach(), ent.detach()] + [a.grad.float() for a in leaves]
+    for ref, fast in zip(outs["reference"], outs["torch"]):
+        assert torch.isfinite(ref).all()
+        torch.testing.assert_close(ref, fast, rtol=2e-2, atol=2e-3)
+
+
 def test_no_grad_pass_in_several_launches(device, backend, gen):
     """Without gradients the workspace holds the statistics partials and the gathered hidden rows, not
     logits (``head_schedule.row_bytes``): a workspace of 16 such rows splits 65 tokens (some ignored) into
