@@ -135,6 +135,11 @@ def test_preset_options_and_trl_config():
     assert (args["epsilon"], args["epsilon_high"], args["beta"], args["entropy_coef"], args["learning_rate"]) \
         == (0.16, 0.24, 0.0, 0.001, 1e-6)
     assert args["use_vllm"] and args["vllm_mode"] == "colocate"
+    assert args["vllm_importance_sampling_correction"] is False  # the recipe reweights no sequence
+    from ngrpo_kernels.integrations.trl import NGRPOConfig
+
+    assert NGRPOConfig(**dict(args, output_dir="x", use_vllm=False, bf16=False, use_cpu=True, report_to=[])) \
+        .vllm_importance_sampling_correction is False  # a name TRL 1.16's config has
     grpo = trl_args(preset("tiny"), algo("grpo"), output_dir="x", seed=0)
     assert (grpo["advantage_estimator"], grpo["epsilon_high"], grpo["beta"]) == ("grpo", 0.2, 0.001)
     dapo = trl_args(preset("tiny"), algo("dapo"), output_dir="x", seed=0)
@@ -297,6 +302,10 @@ def test_synthetic_splits_are_disjoint():
     held = {r["prompt"] for r in tasks.heldout_problems(max_operand=50)}
     assert len(held) == len(sets["heldout"]) and not (held & drawn["train"]) and not (held & drawn["warm"])
     assert not (drawn["train"] & drawn["warm"])
+    # b+a is the same problem as a+b: it lies in the same split (a held-out problem's twin is never trained on)
+    assert all(tasks.split_of(a, b) == tasks.split_of(b, a) for a in range(100) for b in range(100))
+    swapped = {"{1}+{0}=".format(*p[:-1].split("+")) for p in held}
+    assert not (swapped & drawn["train"]) and not (swapped & drawn["warm"])
 
 
 def test_preset_sizes_its_heldout_set():
@@ -417,6 +426,37 @@ def test_logit_scaling_folds_into_the_temperature_and_softcapping_is_refused():
         _logit_scale(SimpleNamespace(final_logit_softcapping=30.0))
 
 
+def test_scaled_head_loss_and_old_logprobs_share_the_temperature():
+    """A model whose head scales its logits (Granite divides by logits_scaling): on identical weights the
+    loss's log-probs equal TRL's old log-probs from the same patched head (ratio 1: no clip, no KL), and
+    both equal the model's own scaled logits."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from ngrpo_kernels.integrations.trl import _add_ngrpo_head, _logit_scale
+
+    torch.manual_seed(0)
+    cfg = GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, logits_scaling=8.0, tie_word_embeddings=False)
+    model = GraniteForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # logits that the scale really changes
+    T, K = 0.7, 4
+    _add_ngrpo_head(model, T / _logit_scale(model.config))  # as NGRPOTrainer.__init__ does
+    ids = torch.randint(0, 64, (2, 8))
+    labels = ids.clone()
+    labels[:, :-K] = -100
+    with torch.no_grad():
+        old = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs[:, -K:]  # TRL's old-logp call
+        hf = torch.log_softmax(GraniteForCausalLM.forward(model, input_ids=ids).logits[:, -K - 1:-1] / T, -1)
+    torch.testing.assert_close(old, hf.gather(-1, ids[:, -K:, None])[..., 0], rtol=1e-5, atol=1e-5)
+    request = dict(targets=ids[:, -K:], mask=torch.ones(2, K), old_logprobs=old, advantages=torch.tensor([1.0, -1.0]),
+                   eps_neg=0.16, eps_pos=0.24, beta=0.0, ref_logprobs=None, entropy_coef=0.0,
+                   normalizer=torch.tensor(8.0), rollout_is_weights=None)  # as NGRPOTrainer._compute_loss builds it
+    metrics = model(input_ids=ids, ngrpo_loss=request).metrics
+    assert float(metrics["clip_frac"]) == 0.0 and abs(float(metrics["approx_kl"])) < 1e-5
+    torch.testing.assert_close(metrics["logprob_mean"], old.mean(), rtol=1e-5, atol=1e-5)
+
+
 def test_sequence_level_weights_broadcast_and_tool_tokens_are_not_counted():
     from ngrpo_kernels.integrations.trl import _loss_tokens, _per_token
 
@@ -450,6 +490,15 @@ def test_resume_is_safe(tmp_path, monkeypatch):
     # another algorithm (or preset, or seed) in the same folder is refused, not mixed into metrics.jsonl
     with pytest.raises(ValueError, match="grpo"):
         run(p, algo("grpo"), "grpo", str(out), seed=1, quiet=True, resume="auto")
+    # a fresh run does not start over a run's weights (a later --resume auto would pick the old checkpoints)
+    with pytest.raises(ValueError, match="holds a previous run's weights"):
+        run(p, algo("grpo"), "grpo", str(out), seed=1, quiet=True)
+    assert json.loads((out / "config.json").read_text())["algo_name"] == "ngrpo"  # untouched
+    # a warm start made by another recipe (here: another seed) is not re-used as this run's initial weights
+    other = tmp_path / "other"
+    shutil.copytree(out / "warm_start", other / "warm_start")
+    with pytest.raises(ValueError, match="another warm start"):
+        run(p, algo("ngrpo"), "ngrpo", str(other), seed=2, quiet=True)
     # a half-written checkpoint (killed while saving: no trainer_state.json) is skipped
     (out / "checkpoint-6").mkdir()
     assert last_checkpoint(out).endswith("checkpoint-4")

@@ -153,7 +153,7 @@ class NGRPOTrainer(GRPOTrainer):
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         request = dict(
             targets=completion_ids, mask=mask, old_logprobs=inputs.get("old_per_token_logps"),
-            advantages=inputs["advantages"], temperature=self.temperature, eps_neg=self.epsilon_low,
+            advantages=inputs["advantages"], eps_neg=self.epsilon_low,
             eps_pos=self.epsilon_high, beta=self.beta, ref_logprobs=inputs.get("ref_per_token_logps"),
             entropy_coef=self._entropy_coef_now(mode), normalizer=normalizer.float(),
             rollout_is_weights=_per_token(inputs.get("importance_sampling_ratio"), completion_ids),
@@ -241,8 +241,11 @@ def _add_ngrpo_head(model, temperature: float) -> None:
         # ZeRO-3: gather the partitioned head for the forward; our gradients are formed right here, in the
         # forward, so nothing needs the gathered weight in backward.
         with maybe_gather_lm_head_ctx(*(p for p in (weight, bias) if p is not None)):
+            # The head's temperature (the sampling temperature with the model's logit scale folded in), the
+            # same as the old and reference log-probs' (_token_logprobs).
             loss, metrics = fused_linear_ngrpo_loss(hidden, weight, targets, request.pop("mask"),
-                                                    request.pop("old_logprobs"), bias=bias, validate=False, **request)
+                                                    request.pop("old_logprobs"), bias=bias, temperature=temperature,
+                                                    validate=False, **request)
         return types.SimpleNamespace(loss=loss, metrics=metrics)
 
     model.forward = types.MethodType(forward, model)

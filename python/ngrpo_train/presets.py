@@ -184,6 +184,10 @@ def trl_args(p: Preset, a: Algo, *, output_dir: str, seed: int, num_processes: i
         beta=a.beta, filter_all_correct=a.filter_all_correct, filter_all_wrong=a.filter_all_wrong,
         entropy_coef=a.entropy_coef, loss_type="dapo", num_iterations=1, shuffle_dataset=True,
         use_bias_correction_kl=False,  # the fused k3 KL is not ratio-weighted (NGRPOConfig refuses the mix)
+        # The published recipe has no rollout importance correction (its ratio is to the trainer's own old
+        # log-probs); TRL's default with vLLM reweights, or zeroes above a cap, whole sequences by the
+        # trainer / vLLM probability ratio. A preset may ask for it in ``extra``.
+        vllm_importance_sampling_correction=False,
         disable_tqdm=True,
     )
     args.update(p.extra)
