@@ -23,7 +23,7 @@ setup: $(STAMP)
 
 # The main job on its embedded default: the tiny preset (CPU, a few minutes), then its pass@k evaluation.
 demo: setup
-	$(PY) -m ngrpo_train --preset tiny --algo ngrpo --output-dir outputs/tiny-ngrpo
+	$(PY) -m ngrpo_train --preset tiny --algo ngrpo --output-dir outputs/tiny-ngrpo --resume auto
 	$(PY) -m ngrpo_train.evaluate --model outputs/tiny-ngrpo/final --n 16 --limit 64
 
 # The library on small examples (advantage table, one policy-loss call, one fused loss call).

@@ -164,6 +164,29 @@ def _check_resume(out: Path, resume_from: str, p: Preset, algo_name: str, seed: 
         raise ValueError(f"--resume: {out / 'warm_start'} is missing: the run's initial weights are not there")
 
 
+def _check_fresh(out: Path) -> None:
+    """A fresh run does not start over another run's weights: its checkpoints would be what a later
+    ``--resume auto`` picks up, whatever algorithm wrote them."""
+    left = sorted(d.name for d in out.glob("checkpoint-*")) + (["final"] if (out / "final").exists() else [])
+    if left:
+        raise ValueError(f"--output-dir {out} holds a previous run's weights ({', '.join(left[:3])}"
+                         f"{', ...' if len(left) > 3 else ''}): continue it with --resume auto, or use another "
+                         "--output-dir (or delete that one)")
+
+
+def _warm_start_record(p: Preset, seed: int, warm_rows) -> dict:
+    """What a warm start was made from, stored beside its weights: a run re-uses the weights only if
+    they came from the same recipe (preset, seed, steps, learning rate, batch and the very problems)."""
+    import hashlib
+
+    problems = hashlib.sha256(json.dumps(warm_rows, sort_keys=True).encode()).hexdigest()[:16]
+    return {"preset": p.name, "seed": seed, "steps": p.warm_start_steps, "lr": p.warm_start_lr,
+            "batch": p.warm_start_batch, "problems": problems}
+
+
+WARM_START_RECORD = "ngrpo_warm_start.json"
+
+
 def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, resume: str | None = None,
         quiet: bool = False, train_rows=None, warm_rows=None, heldout_rows=None, plot: bool = True,
         trainer_impl: str = "ngrpo") -> dict:
@@ -192,6 +215,8 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
         if checkpoint_step(resume_from) >= p.max_steps and (out / "summary.json").exists():
             log(f"{out}: already trained to step {checkpoint_step(resume_from)} (max_steps {p.max_steps}); nothing to do")
             return json.loads((out / "summary.json").read_text())
+    else:
+        _check_fresh(out)
     tokenizer = build_tokenizer(p)
     rows, default_warm, heldout, reward = build_data(p, seed)
     if train_rows is not None:
@@ -206,9 +231,15 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     summary: dict = {"preset": p.name, "algo": algo_name, "seed": seed}
 
     warm_dir = out / "warm_start"
+    record = _warm_start_record(p, seed, warm_rows) if p.model is None else None
     with state.main_process_first():  # the main process warm-starts; the others then load its weights
         if p.model is None and (warm_dir / "config.json").exists():
-            # The run's initial weights (a fresh run re-uses them; a resumed one starts "before" from them).
+            # The run's initial weights (a fresh run re-uses them; a resumed one starts "before" from them),
+            # if they were made by this recipe (weights saved before the record existed are taken as they are).
+            stored = warm_dir / WARM_START_RECORD
+            if stored.exists() and json.loads(stored.read_text()) != record:
+                raise ValueError(f"{warm_dir} was made by another warm start ({stored.read_text().strip()}), not "
+                                 f"{json.dumps(record)}: use another --output-dir, or delete {warm_dir}")
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(warm_dir).to(state.device)
@@ -221,6 +252,7 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
             tmp = out / "warm_start.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
+            (tmp / WARM_START_RECORD).write_text(json.dumps(record))
             tmp.rename(warm_dir)
     if p.model is None:
         # TRL builds the KL reference model (beta > 0) from config._name_or_path: point it at the
