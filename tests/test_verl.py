@@ -376,6 +376,21 @@ def test_recipe_composes_validates_and_resolves(tmp_path):
     assert load_extern_object(reward.path, reward.name).__qualname__ == "compute_score"
 
 
+def test_prepare_leaves_training_problems_out_of_the_held_out_sets(tmp_path, capsys):
+    """A held-out problem that the training file also holds (here in other case and spacing, as MATH's test
+    repeats one training problem) is left out of the held-out set, and the count is said."""
+    import pandas as pd
+    from ngrpo_train import tasks, verl_recipe
+
+    src = _toy_math_dir(tmp_path)
+    pd.DataFrame({"problem": ["what is  $3+1$?", "What is $9+9$?"], "solution": [r"\boxed{4}", r"\boxed{18}"]}
+                 ).to_parquet(src / "math_test.parquet")
+    written = verl_recipe.prepare(str(src), str(tmp_path / "verl"))
+    assert written["math_test"] == 1 and "1 problem(s) also in" in capsys.readouterr().out
+    held = tasks.load_math_parquet(str(tmp_path / "verl" / "math_test.parquet"))
+    assert [r["answer"] for r in held] == ["18"]
+
+
 def test_recipe_reward_and_data(tmp_path):
     import pandas as pd
     from ngrpo_train import verl_recipe

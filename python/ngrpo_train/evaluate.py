@@ -3,7 +3,7 @@ the pass@k AUC of docs/algorithm.md §7, as a table (eval.md), JSON (eval.json) 
 
     ngrpo-eval --model outputs/tiny-ngrpo/final --task arithmetic --n 16
     ngrpo-eval --model outputs/7b/final --task math --data data/aime2025.parquet --n 256 \\
-        --temperature 0.6 --top-p 0.95 --max-new-tokens 4096          # vLLM when installed (GPU)
+        --exclude data/math_train.parquet --temperature 0.6 --top-p 0.95 --max-new-tokens 4096  # vLLM (GPU)
 
 Generation uses vLLM when it is installed and a GPU is present, else HF ``generate`` (CPU works for
 the tiny model). math-verify grading runs in this (main) thread: its timeouts use ``signal.alarm``.
@@ -111,6 +111,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", required=True)
     ap.add_argument("--task", choices=("arithmetic", "math"), default="arithmetic")
     ap.add_argument("--data", help="parquet (math task); arithmetic problems are generated")
+    ap.add_argument("--exclude", action="append", default=[], metavar="PARQUET",
+                    help="math task: leave out problems that also occur in this file (the training data), repeatable")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=0.6)
@@ -143,8 +145,13 @@ def main(argv=None) -> dict:
     else:
         if not args.data:
             ap.error("--task math needs --data PARQUET")
-        rows = tasks.load_math_parquet(args.data, limit=args.limit)
-        problem_set = args.data
+        rows = tasks.load_math_parquet(args.data)
+        dropped = 0
+        for path in args.exclude:
+            rows, n = tasks.without_seen(rows, tasks.load_math_parquet(path))
+            dropped += n
+        rows = rows[:args.limit]
+        problem_set = args.data + (f" less {dropped} problem(s) in {', '.join(args.exclude)}" if args.exclude else "")
     out_dir = args.output_dir or str(Path(args.model).parent / "eval")
     result = evaluate(args.model, rows, args.task, n=args.n, temperature=args.temperature, top_p=args.top_p,
                       max_new_tokens=args.max_new_tokens, out_dir=out_dir, tokenizer=tokenizer,

@@ -42,12 +42,14 @@ HELD_OUT = ("math_test", "aime2025", "amc23")
 
 def prepare(src: str, out: str) -> dict[str, int]:
     """Write train.parquet (from ``src``/math_train.parquet) and the held-out sets present in ``src`` in
-    verl's layout. Returns {file stem: rows}."""
+    verl's layout, each held-out set less the problems the training file also holds (MATH's test repeats
+    one of its training problems). Returns {file stem: rows}."""
     import pandas as pd
 
     src_dir, out_dir = Path(src), Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
+    train_rows = None
     for stem, split in [("math_train", "train"), *[(name, "test") for name in HELD_OUT]]:
         path = src_dir / f"{stem}.parquet"
         if not path.exists():
@@ -55,6 +57,12 @@ def prepare(src: str, out: str) -> dict[str, int]:
                 raise FileNotFoundError(f"{path} is needed (MATH train in any layout tasks.load_math_parquet reads)")
             continue
         rows = tasks.load_math_parquet(str(path))
+        if split == "train":
+            train_rows = rows
+        else:
+            rows, dropped = tasks.without_seen(rows, train_rows)
+            if dropped:
+                print(f"{stem}: {dropped} problem(s) also in {src_dir / 'math_train.parquet'} left out of the held-out set")
         frame = pd.DataFrame({
             "data_source": [f"{DATA_SOURCE}/{stem}"] * len(rows),
             "prompt": [r["prompt"] for r in rows],
