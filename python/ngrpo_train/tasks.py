@@ -17,9 +17,11 @@ def split_of(a: int, b: int) -> str:
     """The fixed split of the problem ``a+b=``: every pair belongs to exactly one of the warm-start set
     (35 %), the RL training set (50 %) and the held-out set (15 %), whatever the seed, so a number
     reported as held-out comes from problems the model never saw, in supervised or RL training. The
-    pair is hashed (a multiplicative hash of a * 1000 + b), not its sum, so every split covers every sum
-    range."""
-    h = ((a * 1000 + b) * 2654435761) % 2**32 % 100
+    *unordered* pair is hashed (a multiplicative hash of min * 1000 + max; operands below 1000), so
+    ``b+a=``, the same problem, lies in the same split; hashing the pair rather than its sum lets every
+    split cover every sum range."""
+    lo, hi = min(a, b), max(a, b)
+    h = ((lo * 1000 + hi) * 2654435761) % 2**32 % 100
     return "heldout" if h < 15 else "warm" if h < 50 else "train"
 
 
@@ -82,6 +84,21 @@ def load_math_parquet(path: str, limit: int | None = None):
         if limit is not None and len(rows) >= limit:
             break
     return rows
+
+
+def _question_key(row) -> str:
+    """A problem's question with case and whitespace normalised: the same problem in two files."""
+    question = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+    return " ".join(question.removesuffix(MATH_SUFFIX).split()).lower()
+
+
+def without_seen(rows, seen) -> tuple[list, int]:
+    """``rows`` less the problems that also occur in ``seen`` (e.g. a held-out set less what the training
+    file holds: MATH's own train and test share a problem), and how many were dropped. Rows as
+    ``load_math_parquet`` returns them."""
+    keys = {_question_key(r) for r in seen}
+    kept = [r for r in rows if _question_key(r) not in keys]
+    return kept, len(rows) - len(kept)
 
 
 def question_and_answer(row) -> tuple[str, str]:
