@@ -19,8 +19,9 @@ with ``g_lp = w dl/dlogp``, ``g_H = -entropy_coef w``, written to ``dz`` (float3
 or a separate half-precision buffer); rows that are not valid get dZ = 0. Returns the NUM_STATS sums
 (``variants.Stat``) over the chunk.
 
-GEMMs go through torch.matmul (cuBLAS on GPU, with float32 outputs for bf16 inputs where torch offers
-``out_dtype``); the chunk order is fixed, so the result is deterministic. Without gradients (the
+On the CPU the valid tokens are gathered first, so padding costs no FLOPs there either. GEMMs go through
+torch.matmul (cuBLAS on GPU, with float32 outputs for bf16 inputs where torch offers ``out_dtype``); the
+chunk order is fixed, so the result is deterministic. Without gradients (the
 no-grad pass, 2*N*H*V) step 3 and the dZ writes are skipped.
 """
 
@@ -55,6 +56,22 @@ def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_op, row_op
     and the gradients are the loss's (the autograd backward only multiplies them by the upstream grad)."""
     N, H = x.shape
     V = weight.shape[0]
+    if x.device.type == "cpu":
+        # Padding costs nothing here either: the valid tokens are gathered first (on the CPU, reading their
+        # count synchronises with nothing), so masked rows cost no GEMM FLOPs and are never read.
+        keep = valid.nonzero().squeeze(1)
+        if keep.numel() < N:
+            def pick(t):
+                return None if t is None else t.index_select(0, keep)
+            stats, dx_c, dw, db = run(pick(x), weight, bias, pick(target), pick(valid), pick(w), pick(adv), pick(old),
+                                      pick(ref), pick(isw), row_op=row_op, row_options=row_options,
+                                      workspace_bytes=workspace_bytes, need_dx=need_dx, need_dw=need_dw,
+                                      need_db=need_db)
+            dx = None
+            if need_dx:
+                dx = torch.zeros_like(x)
+                dx.index_copy_(0, keep, dx_c)
+            return stats, dx, dw, db
     need_grad = need_dx or need_dw or need_db
     chunk = max(1, min(N, workspace_bytes // bytes_per_row(V, x.dtype, need_grad)))
     z_buf = torch.empty(chunk, V, dtype=torch.float32, device=x.device)
