@@ -16,6 +16,8 @@ import datetime
 import gc
 import os
 import platform
+import statistics
+import time
 
 import pytest
 import torch
@@ -83,8 +85,20 @@ def machine_info() -> dict:
             "date": datetime.date.today().isoformat(), "host_cores": os.cpu_count()}
 
 
+def _timed(fn) -> float:
+    """Seconds of one call (every benchmark callable returns only when its device is done)."""
+    if CUDA:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def run_benchmark(benchmark, factory, case, *, op: str, impl: str, flops: float | None, rounds: int,
-                  extra: dict | None = None):
+                  extra: dict | None = None, floor=None):
+    """Times ``factory(case)`` with pytest-benchmark; with ``floor`` (the GEMM floor's factory), the floor is
+    timed right before every round of it (round-robin: clock and temperature drift hit both alike, which a
+    floor timed minutes apart in its own test would not), and its median goes into ``floor_median``."""
     from impls import Unavailable
 
     try:
@@ -102,7 +116,18 @@ def run_benchmark(benchmark, factory, case, *, op: str, impl: str, flops: float 
     peak = peak_memory_bytes(fn)
     benchmark.extra_info.update(op=op, impl=impl, case=case.label, flops=flops, peak_mem_bytes=peak,
                                 **(extra or {}), **machine_info())
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+    floor_times = []
+
+    def time_floor():  # built per round and dropped: its operands (a [N, V] dZ) never sit beside the call's
+        step = floor(case)
+        floor_times.append(_timed(step))
+
+    if floor is not None and floor is not factory:
+        floor(case)()  # warm-up
+        benchmark.pedantic(fn, setup=time_floor, rounds=rounds, warmup_rounds=0, iterations=1)
+        benchmark.extra_info["floor_median"] = statistics.median(floor_times)
+    else:
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
     _append_row(op, impl, case.label, benchmark, peak)
 
 
@@ -115,8 +140,10 @@ def _append_row(op, impl, case, benchmark, peak):
         return
     import json
 
+    floor = benchmark.extra_info.get("floor_median")
     row = dict(op=op, impl=impl, case=case, median_ms=stats.median * 1e3, min_ms=stats.min * 1e3,
-               rounds=len(stats.data), peak_gib=None if peak is None else peak / 2**30)
+               rounds=len(stats.data), peak_gib=None if peak is None else peak / 2**30,
+               floor_median_ms=None if floor is None else floor * 1e3)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 

@@ -304,23 +304,28 @@ def main() -> int:
     ap.add_argument("--diagnose", action="store_true",
                     help="each op isolated, queued behind GPU work, as a CUDA graph, and its host enqueue time")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--sizes", default="4096,16384")
-    ap.add_argument("--loss-sizes", default="4096,16384,32768")
+    ap.add_argument("--sizes", default=None, help="token counts (default 4096,16384; 32 with --smoke)")
+    ap.add_argument("--loss-sizes", default=None, help="fused-loss token counts (default 4096,16384,32768; "
+                                                        "32 with --smoke)")
     ap.add_argument("--smoke", action="store_true", help="CPU, interpreter, tiny shapes: checks the script")
     args = ap.parse_args()
     if args.smoke:
         global H, V, DEV, DT
         H, V, DEV, DT = 32, 300, "cpu", torch.float32
+    args.sizes = args.sizes or ("32" if args.smoke else "4096,16384")
+    args.loss_sizes = args.loss_sizes or ("32" if args.smoke else "4096,16384,32768")
+    dtype = str(DT).replace("torch.", "")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     global OUT_DIR
     OUT_DIR = out_dir
     t_start = time.time()
     base = load_baseline(args.baseline)
-    info = dict(device=torch.cuda.get_device_name() if DEV == "cuda" else "CPU (smoke run, interpreter)", torch=torch.__version__, triton=triton.__version__,
-                date=time.strftime("%Y-%m-%d"), reps=args.reps, H=H, V=V, dtype="bf16")
+    device = torch.cuda.get_device_name() if DEV == "cuda" else "CPU (smoke run, interpreter)"
+    info = dict(device=device, torch=torch.__version__, triton=triton.__version__, date=time.strftime("%Y-%m-%d"),
+                reps=args.reps, H=H, V=V, dtype=dtype)
     md = [f"Device: {info['device']}; torch {info['torch']}; triton {info['triton']}; {info['date']}; "
-          f"median of {args.reps} calls; H={H}, V={V}, bf16."]
+          f"median of {args.reps} calls; H={H}, V={V}, {dtype}."]
     results: dict = dict(info=info, rows=[])
 
     def record(op, impl, N, ms, floor_ms, peak=None, **extra):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import ngrpo_kernels as nk
+from ngrpo_kernels.backend import interpreter_enabled
 from ngrpo_kernels.ops.policy_loss.naive import policy_loss_naive
 
 
@@ -49,7 +50,7 @@ class Case:
     dtype: torch.dtype
     device: str
     sequences: int = 8
-    padded: bool = False  # response lengths uniform in [T/4, T] (about 37 % padding), as in RL batches
+    padded: bool = False  # response lengths uniform in [T/4, T] (37.5 % padding in expectation), as in RL batches
 
     @property
     def label(self) -> str:
@@ -118,7 +119,7 @@ def loss_torch_compile(case):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_full_logprobs():
-    return torch.compile(_full_logprobs, dynamic=True)
+    return torch.compile(_full_logprobs)  # its defaults: each benchmark shape compiles once, in the warm-up
 
 
 def _chunked_logprobs(h, w, targets, chunk=1024):
@@ -152,9 +153,9 @@ def loss_liger_triton(case):
     triton_grpo_loss = _peer("liger_kernel.transformers.grpo_loss", "triton_grpo_loss", "liger-kernel")
 
     def loss(h, w, x):
-        logits = h @ w.T
-        # Liger's kernel reads logits[:, :-1] as the predictions of completion_ids: pad one position.
-        logits = torch.cat([logits, logits[:, -1:]], dim=1)
+        # Liger's kernel reads logits[:, :-1] as the predictions of completion_ids: one more position, added
+        # to the hidden states (a [B, 1, H] copy) rather than to the logits (a [B, T, V] copy).
+        logits = torch.cat([h, h[:, -1:]], dim=1) @ w.T
         loss, _ = triton_grpo_loss(logits, x["old"], None, x["targets"], x["adv"], x["mask"].long(),
                                    temperature=1.0, beta=0.0, eps_low=0.16, eps_high=0.24, inplace=True,
                                    loss_type="bnpo", reduce=True)
@@ -162,26 +163,47 @@ def loss_liger_triton(case):
     return _train_step(case, loss)
 
 
+def _cce_logprobs_of(linear_cross_entropy, h, w, targets, mask=None):
+    """CCE skips the tokens whose target is its ignore_index (-100): padding, given that way, costs it nothing."""
+    if mask is not None:
+        targets = targets.masked_fill(~mask, -100)
+    return -linear_cross_entropy(h, w, targets, reduction="none", ignore_index=-100)
+
+
 def loss_cce(case):
     _gpu_only(case)
     linear_cross_entropy = _peer("cut_cross_entropy", "linear_cross_entropy", "cut-cross-entropy")
 
     def loss(h, w, x):
-        lp = -linear_cross_entropy(h, w, x["targets"], reduction="none")
+        lp = _cce_logprobs_of(linear_cross_entropy, h, w, x["targets"], x["mask"])
         return _policy_loss(lp.float(), x)
     return _train_step(case, loss)
 
 
-def _trl_logprobs(h, w, targets):
+def _only_valid(logprobs):
+    """A head computed over the valid tokens only (``h[mask]``), as TRL's and verl's (remove-padding) trainers
+    call theirs; the log-probs are scattered back to [B, T] (0 at padding) for the same policy loss."""
+    def wrapped(h, w, targets, mask=None):
+        if mask is None:
+            return logprobs(h, w, targets)
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+        return out.masked_scatter(mask, logprobs(h[mask][None], w, targets[mask][None]).float())
+    return wrapped
+
+
+def _trl_flat_logprobs(h, w, targets):
     ChunkedLogProbFunction = _peer("trl.kernels.chunked_logprob", "ChunkedLogProbFunction", "trl >= 1.15")
     flat = h.reshape(-1, h.shape[-1])
     lp, *_ = ChunkedLogProbFunction.apply(flat, w, None, targets.reshape(-1), 1.0, 32768, None, 1.0, ())
     return lp.view(targets.shape)
 
 
+_trl_logprobs = _only_valid(_trl_flat_logprobs)
+
+
 def loss_trl_fused(case):
     _peer("trl.kernels.chunked_logprob", "ChunkedLogProbFunction", "trl >= 1.15")  # fail early, not mid-timing
-    return _train_step(case, lambda h, w, x: _policy_loss(_trl_logprobs(h, w, x["targets"]), x))
+    return _train_step(case, lambda h, w, x: _policy_loss(_trl_logprobs(h, w, x["targets"], x["mask"]), x))
 
 
 @functools.lru_cache(maxsize=None)
@@ -223,7 +245,8 @@ def _verl_heads():
 
 
 def _verl_logprobs(kind):
-    """verl's head as its patched model forward calls it: (log-probs, entropy) at temperature 1."""
+    """verl's head as its patched model forward calls it: (log-probs, entropy) at temperature 1, over the
+    valid tokens only when a mask is given (verl's remove-padding layout)."""
     def logprobs(h, w, targets):
         lce, head = _verl_heads()
         flat_h, flat_t = h.reshape(-1, h.shape[-1]).contiguous(), targets.reshape(-1)
@@ -232,7 +255,7 @@ def _verl_logprobs(kind):
         else:
             lp, _ent = head(impl_backend="torch").forward(flat_h, w, flat_t, 1.0)
         return lp.view(targets.shape)
-    return logprobs
+    return _only_valid(logprobs)
 
 
 def loss_verl(kind):
@@ -241,7 +264,7 @@ def loss_verl(kind):
             _gpu_only(case)
         _verl_heads()  # fail early, not mid-timing
         fn = _verl_logprobs(kind)
-        return _train_step(case, lambda h, w, x: _policy_loss(fn(h, w, x["targets"]).float(), x))
+        return _train_step(case, lambda h, w, x: _policy_loss(fn(h, w, x["targets"], x["mask"]).float(), x))
     return factory
 
 
@@ -269,6 +292,9 @@ def _ngrpo_loss(backend):
 def loss_ngrpo_compiled(case):
     """Ours inside torch.compile(fullgraph=True), on this device's default backend: what a user who compiles
     the training step gets (the ops are custom ops; the graph around them is compiled)."""
+    if case.device != "cuda" and interpreter_enabled():
+        raise Unavailable("the default CPU backend is the Triton interpreter here (it is for tests)")
+
     @torch.compile(fullgraph=True)
     def loss(h, w, x):
         out, _ = nk.fused_linear_ngrpo_loss(h, w, x["targets"], x["mask"], x["old"], advantages=x["adv"],
@@ -340,7 +366,7 @@ def _ngrpo_logprobs(backend):
 def _cce_logprobs(case):
     _gpu_only(case)
     linear_cross_entropy = _peer("cut_cross_entropy", "linear_cross_entropy", "cut-cross-entropy")
-    return _no_grad(case, lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none"))
+    return _no_grad(case, lambda h, w, t: _cce_logprobs_of(linear_cross_entropy, h, w, t))
 
 
 def _trl_nograd(case):
