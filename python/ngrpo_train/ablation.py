@@ -13,7 +13,7 @@ Reported: pass@k (k = 1 ... 16, 16 samples at temperature 0.6, top-p 0.95, as do
 its AUC on held-out carry and no-carry problems, per arm: mean over seeds with a 95 % confidence
 interval (Student t), a table and a plot.
 
-    python -m ngrpo_train.ablation --output-dir outputs/ablation   # 10 seeds x 5 arms, ~15 min on 2 cores
+    python -m ngrpo_train.ablation --output-dir outputs/ablation   # 10 seeds x 5 arms, ~11 min on 2 cores
 """
 
 from __future__ import annotations
