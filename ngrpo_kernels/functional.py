@@ -468,10 +468,10 @@ def fused_linear_ngrpo_loss(
     eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, length_budget, normalizer = _loss_options(
         loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, ref_logprobs is not None, entropy_coef, True,
         length_budget, normalizer, device)
+    skip_zero_advantage = check.flag("skip_zero_advantage", skip_zero_advantage)
     _check_skip_zero_advantage(skip_zero_advantage, entropy_coef, beta)
     r_max = check.finite_number("r_max", r_max)
     num_virtual = check.nonnegative_int("num_virtual", num_virtual)
-    skip_zero_advantage = check.flag("skip_zero_advantage", skip_zero_advantage)
     workspace_bytes = check.workspace("workspace_bytes", workspace_bytes)
     if workspace_bytes is not None:
         from .ops.fused_loss.schedule import bytes_per_row
