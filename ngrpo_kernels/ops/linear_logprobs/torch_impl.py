@@ -1,7 +1,8 @@
 """Fused linear -> log-prob, chunked PyTorch (CPU without the Triton interpreter).
 
-Same schedule as the Triton path, in plain torch: tokens in chunks whose logits fit a bounded
-workspace (never [N, V] at once); backward recomputes each chunk's logits. GEMMs run in the inputs'
+Same schedule as the Triton path, in plain torch: the positions that count gathered first (ignored ones
+cost no FLOPs), then tokens in chunks whose logits fit a bounded workspace (never [N, V] at once);
+backward recomputes each chunk's logits. GEMMs run in the inputs'
 dtype when it is float32; bf16 / fp16 inputs are multiplied in float32 (the weight upcast once per
 call: CPUs have no half-precision GEMM with a float32 output, and rounding every logit and dZ to half
 precision would cost accuracy for no speed). Everything after the GEMM is float32.
@@ -30,7 +31,33 @@ def _logits(x, weight, bias, inv_temp):
     return z if inv_temp == 1.0 else z * inv_temp
 
 
+def _valid_rows(x, targets, ignore_index):
+    """The positions that count, when some do not (on the CPU, where reading their count syncs with
+    nothing): ignored positions then cost no GEMM FLOPs, as on the GPU. None: compute every row."""
+    if x.device.type != "cpu":
+        return None
+    keep = (targets != ignore_index).nonzero().squeeze(1)
+    return keep if keep.numel() < targets.numel() else None
+
+
+def _scatter(values, keep, N):
+    if values is None:
+        return None
+    out = values.new_zeros((N, *values.shape[1:]))
+    return out.index_copy_(0, keep, values)
+
+
 def forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, workspace_bytes=None):
+    keep = _valid_rows(x, targets, ignore_index)
+    if keep is not None:
+        outs = _forward(x.index_select(0, keep), weight, bias, targets.index_select(0, keep), inv_temp=inv_temp,
+                        ignore_index=ignore_index, entropy=entropy, workspace_bytes=workspace_bytes)
+        return tuple(_scatter(o, keep, x.shape[0]) for o in outs)
+    return _forward(x, weight, bias, targets, inv_temp=inv_temp, ignore_index=ignore_index, entropy=entropy,
+                    workspace_bytes=workspace_bytes)
+
+
+def _forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, workspace_bytes=None):
     N = x.shape[0]
     lse = torch.empty(N, dtype=torch.float32, device=x.device)
     logprobs = torch.empty(N, dtype=torch.float32, device=x.device)
@@ -55,6 +82,21 @@ def forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, worksp
 
 def backward(x, weight, bias, targets, lse, entropy, g_lp, g_ent, *, inv_temp, ignore_index,
              need_x, need_w, need_b, workspace_bytes=None, deterministic=True):
+    keep = _valid_rows(x, targets, ignore_index)
+    if keep is not None:
+        def pick(t):  # per-position arrays; an absent one may come as an empty placeholder
+            return t if t is None or t.shape[0] != x.shape[0] else t.index_select(0, keep)
+        dx, dw, db = _backward(pick(x), weight, bias, pick(targets), pick(lse), pick(entropy), pick(g_lp), pick(g_ent),
+                               inv_temp=inv_temp, ignore_index=ignore_index, need_x=need_x, need_w=need_w,
+                               need_b=need_b, workspace_bytes=workspace_bytes)
+        return _scatter(dx, keep, x.shape[0]), dw, db
+    return _backward(x, weight, bias, targets, lse, entropy, g_lp, g_ent, inv_temp=inv_temp,
+                     ignore_index=ignore_index, need_x=need_x, need_w=need_w, need_b=need_b,
+                     workspace_bytes=workspace_bytes)
+
+
+def _backward(x, weight, bias, targets, lse, entropy, g_lp, g_ent, *, inv_temp, ignore_index,
+              need_x, need_w, need_b, workspace_bytes=None):
     N, V = x.shape[0], weight.shape[0]
     dx = torch.empty_like(x) if need_x else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
