@@ -443,5 +443,5 @@ def fused_linear_ngrpo_loss(backend: Backend, hidden, weight, targets, mask, old
     metrics = _policy_loss.metrics_from_stats(stats, n_tokens, entropy=True, logprob=True, kl=ref_logprobs is not None,
                                               dual_clip=clip_ratio_c is not None)
     if skip_zero_advantage:
-        metrics["computed_frac"] = computed_frac
+        metrics["computed_frac"] = computed_frac.detach()
     return loss, metrics

@@ -211,6 +211,22 @@ def test_fully_masked_batch(device, backend):
         assert all(float(v) == 0.0 for v in metrics.values())
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_float64_inputs_keep_float64_precision(mode, gen):
+    """The PyTorch backends compute in float64 for float64 inputs, aggregation weights included (they were float32,
+    which left the loss 1e-7 from the float64 truth)."""
+    B, T = 5, 33
+    lp = -torch.rand(B, T, generator=gen, dtype=torch.float64) * 3
+    old = lp + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    adv = torch.randn(B, generator=gen, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=gen) < 0.7
+    want, _ = policy_loss_naive(lp, old, adv, mask, loss_agg_mode=nk.AggMode(mode))
+    with nk.use_backend("torch"):
+        loss, _ = nk.ngrpo_policy_loss(lp, old, adv, mask, loss_agg_mode=mode)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, want, rtol=1e-13, atol=1e-15)
+
+
 def test_upstream_gradient_and_dtypes(device, backend, gen):
     x = _inputs(3, 5, gen, garbage_padding=False)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -250,11 +250,61 @@ def test_non_finite_values_are_never_hidden(backend, device):
         loss, _ = nk.ngrpo_policy_loss(lp, torch.tensor([[-1.0, -0.7]], device=device), adv[:1], m[:1, :2],
                                        validate=False)
         assert loss.isnan()
-        # A = 0 with a ratio that overflows float32 (log-ratio 199.9): the term is 0, as in float64
-        if backend != "reference":  # the literal formula in float32 gives 0 * inf = NaN
-            loss, _ = nk.ngrpo_policy_loss(torch.tensor([[-0.1, -0.5]], device=device),
-                                           torch.tensor([[-200.0, -0.7]], device=device),
-                                           torch.zeros(1, device=device), m[:1, :2], validate=False)
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("where", ["old", "adv", "ref", "isw", "entropy"])
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
+def test_non_finite_per_token_inputs_give_nan(backend, where, value, device):
+    """An infinite (or NaN) old log-prob, advantage, reference log-prob, importance weight or entropy at a valid
+    position gives a NaN loss on every backend, never the finite value a clip bound or the A = 0 rule would
+    make of it (old log-prob +inf once gave -0.5 on all backends, and the C++ fused loss NaN)."""
+    if device.type == "cuda" and backend != "triton":
+        pytest.skip("CPU backend")
+    gen = torch.Generator().manual_seed(3)
+    m = torch.ones(2, 3, dtype=torch.bool, device=device)
+    lp = (-torch.rand(2, 3, generator=gen)).to(device).requires_grad_()
+    ins = dict(old=(-torch.rand(2, 3, generator=gen)).to(device), adv=torch.tensor([1.0, -0.5], device=device),
+               ref=(-torch.rand(2, 3, generator=gen)).to(device), isw=torch.ones(2, 3, device=device),
+               entropy=torch.rand(2, 3, generator=gen).to(device))
+    bad = dict(ins)
+    bad[where] = ins[where].clone()
+    if where == "adv":
+        bad[where][0] = value
+    else:
+        bad[where][0, 1] = value
+    kw = dict(ref_logprobs=bad["ref"], beta=0.1, rollout_is_weights=bad["isw"], validate=False)
+    with nk.use_backend(backend):
+        loss, _ = nk.ngrpo_policy_loss(lp, bad["old"], bad["adv"], m, entropy=bad["entropy"], entropy_coef=0.01, **kw)
+        assert loss.isnan()
+        loss.backward()
+        assert lp.grad[0, 1].isnan() or where == "adv"  # a NaN advantage reaches the whole row
+        if where != "entropy":  # the fused loss computes its own entropy
+            h = torch.randn(2, 3, 8, generator=gen).to(device)
+            w = (torch.randn(11, 8, generator=gen) / 3).to(device)
+            t = torch.randint(0, 11, (2, 3), generator=gen).to(device)
+            loss, _ = nk.fused_linear_ngrpo_loss(h, w, t, m, bad["old"], advantages=bad["adv"], **kw)
+            assert loss.isnan()
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+def test_an_overflowing_ratio_where_the_term_is_constant_gives_finite_values(backend, device):
+    """A ratio that overflows float32 (log-ratio ~200) where A = 0, where the clip binds (A > 0) or where the
+    dual clip binds (A < 0): the token's term is constant, so loss and gradient are finite and the gradient
+    is exactly 0 there, as in float64 (the reference backend's autograd once gave 0 * inf = NaN)."""
+    if device.type == "cuda" and backend != "triton":
+        pytest.skip("CPU backend")
+    m = torch.ones(1, 2, dtype=torch.bool, device=device)
+    old = torch.tensor([[-200.0, -0.7]], device=device)
+    for adv, clip_c in ((0.0, None), (1.0, None), (-1.0, 3.0)):
+        lp = torch.tensor([[-0.1, -0.5]], device=device, requires_grad=True)
+        with nk.use_backend(backend):
+            loss, _ = nk.ngrpo_policy_loss(lp, old, torch.tensor([adv], device=device), m, clip_ratio_c=clip_c,
+                                           validate=False)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+        assert lp.grad[0, 0].item() == 0.0
+        if adv == 0.0:
             assert loss.item() == 0.0
 
 

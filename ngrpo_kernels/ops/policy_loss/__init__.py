@@ -24,26 +24,28 @@ def _safe_inverse(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x.reciprocal(), 0.0)
 
 
-def _row_scale_and_denominator(valid, mode: AggMode, normalizer, length_budget):
-    n_b = valid.sum(-1, dtype=torch.float32)
+def _row_scale_and_denominator(valid, mode: AggMode, normalizer, length_budget, dtype=torch.float32):
+    """Per-row aggregation factor [B], the aggregation's denominator and the valid-token count, in ``dtype``
+    (float64 for float64 inputs on the PyTorch backends: the weights must not be the loss's weakest link)."""
+    n_b = valid.sum(-1, dtype=dtype)
     n_tokens = n_b.sum()
     ones = torch.ones_like(n_b)
     if mode == AggMode.TOKEN_MEAN:
         row_scale, denominator = ones, n_tokens
     elif mode == AggMode.SEQ_MEAN_TOKEN_MEAN:
-        row_scale, denominator = _safe_inverse(n_b), (n_b > 0).sum(dtype=torch.float32)
+        row_scale, denominator = _safe_inverse(n_b), (n_b > 0).sum(dtype=dtype)
     elif mode == AggMode.SEQ_MEAN_TOKEN_SUM:
-        row_scale, denominator = ones, (n_b > 0).sum(dtype=torch.float32)
+        row_scale, denominator = ones, (n_b > 0).sum(dtype=dtype)
     else:  # SEQ_MEAN_TOKEN_SUM_NORM
         budget = valid.shape[-1] if length_budget is None else length_budget
         row_scale, denominator = ones / budget, ones.new_ones(())
     if isinstance(normalizer, torch.Tensor):
-        denominator = normalizer.to(torch.float32)
+        denominator = normalizer.to(dtype)
     elif normalizer is not None:
         # A number stays a CPU scalar: multiplying device tensors by it copies nothing to the device
         # (torch.as_tensor(..., device="cuda") would, on every call: a host synchronisation).
-        denominator = torch.tensor(float(normalizer), dtype=torch.float32)
-    return row_scale, denominator, n_tokens
+        denominator = torch.tensor(float(normalizer), dtype=dtype)
+    return row_scale, denominator, n_tokens.to(torch.float32)  # the count stays float32 (exact to 2**24)
 
 
 def grad_dtype(backend: Backend, dtype: torch.dtype) -> torch.dtype:
@@ -66,7 +68,8 @@ def forward(
         from .torch_impl import policy_loss_fused_torch as fused_pass
 
     valid = mask if mask.dtype == torch.bool else mask != 0
-    row_scale, denominator, n_tokens = _row_scale_and_denominator(valid, loss_agg_mode, normalizer, length_budget)
+    row_scale, denominator, n_tokens = _row_scale_and_denominator(valid, loss_agg_mode, normalizer, length_budget,
+                                                                  grad_dtype(backend, logprobs.dtype))
     stats, g_lp, g_ent = fused_pass(
         logprobs, old_logprobs, advantages, valid, row_scale * _safe_inverse(denominator), ref_logprobs, entropy,
         rollout_is_weights, eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, beta=beta,
@@ -76,8 +79,10 @@ def forward(
 
 
 def metrics_from_stats(stats, n_tokens, *, entropy: bool, kl: bool, dual_clip: bool, logprob: bool = False):
-    """Metric means over valid tokens from the ``Stat`` sums (0-dim device tensors, no sync)."""
-    per_token = _safe_inverse(n_tokens)
+    """Metric means over valid tokens from the ``Stat`` sums (0-dim device tensors, no sync). Detached: a
+    logged metric must not keep the step's autograd graph (and its saved gradients) alive."""
+    stats = stats.detach()
+    per_token = _safe_inverse(n_tokens.detach() if isinstance(n_tokens, torch.Tensor) else n_tokens)
     names = {"clip_frac": Stat.CLIPPED, "approx_kl": Stat.LOG_RATIO, "adv_mean": Stat.ADV}
     optional = {"entropy": (entropy, Stat.ENTROPY), "logprob_mean": (logprob, Stat.LOGPROB),
                 "kl": (kl, Stat.KL_REF), "dual_clip_frac": (dual_clip, Stat.DUAL_CLIPPED)}

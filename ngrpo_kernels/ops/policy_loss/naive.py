@@ -46,8 +46,18 @@ def policy_loss_naive(
     A = masked(A.to(logprobs.dtype))
     logp, old_logp = masked(logprobs), masked(old_logprobs.to(logprobs.dtype))
 
-    ratio = torch.exp(logp - old_logp)  # rho_t, no clamp on the log-ratio
-    pg_unclipped = -A * ratio
+    log_ratio = logp - old_logp
+    with torch.no_grad():  # tokens whose term does not depend on logp: A = 0, or the clip or the dual clip binds
+        rho = torch.exp(log_ratio)
+        unclipped = torch.where(A == 0, 0.0, -A * rho)
+        bounded = -A * torch.clamp(rho, 1.0 - eps_neg, 1.0 + eps_pos)
+        constant = (A == 0) | (bounded > unclipped)
+        if clip_ratio_c is not None:
+            constant |= (A < 0) & (-A * clip_ratio_c < torch.maximum(unclipped, bounded))
+    # rho_t, no clamp on the log-ratio. Where the term is constant, exp's (zero) gradient is not taken: with an
+    # overflowing ratio it would be 0 * inf = NaN.
+    ratio = torch.exp(torch.where(constant, log_ratio.detach(), log_ratio))
+    pg_unclipped = torch.where(A == 0, 0.0, -A * ratio)  # 0, not 0 * inf, where the ratio overflows
     pg_clipped = -A * torch.clamp(ratio, 1.0 - eps_neg, 1.0 + eps_pos)
     pg = torch.maximum(pg_unclipped, pg_clipped)  # loss_t = -min(rho*A, clip(rho)*A)
     clipped = pg_clipped > pg_unclipped
@@ -75,6 +85,12 @@ def policy_loss_naive(
         per_token = per_token - entropy_coef * H
         metrics["entropy"] = token_mean(H.detach())
 
+    # A NaN or inf input at a valid position (possible only with validate=False) gives a NaN loss and gradient.
+    finite = torch.isfinite(logp) & torch.isfinite(old_logp) & torch.isfinite(A)
+    for x in (ref_logprobs, entropy, rollout_is_weights):
+        if x is not None:
+            finite &= torch.isfinite(masked(x.to(logprobs.dtype)))
+    per_token = torch.where(finite, per_token, 0.0) + logp * torch.where(finite, 0.0, torch.nan)
     loss = aggregate_naive(per_token, valid, loss_agg_mode, normalizer, length_budget)
     metrics["clip_frac"] = token_mean(clipped.to(logprobs.dtype))
     metrics["approx_kl"] = token_mean((old_logp - logp).detach())

@@ -64,6 +64,19 @@ def token_loss(lp, old, A, valid, ref, H, isw, eps_neg, eps_pos, clip_c, beta, e
         dloss = dloss + beta * (1.0 - e)
     if HAS_ENT:
         loss = loss - entropy_coef * H
+    # A NaN or inf input (possible only with validate=False) gives a NaN loss and gradient, never the finite
+    # value a clip bound or the A = 0 rule would make of it.
+    # x * 0 is 0 for a finite x and NaN for inf or NaN: one sum says whether every input is finite.
+    poison = lp * 0.0 + old * 0.0 + A * 0.0
+    if HAS_REF:
+        poison += ref * 0.0
+    if HAS_ENT:
+        poison += H * 0.0
+    if HAS_ISW:
+        poison += isw * 0.0
+    ok = poison == 0.0
+    loss = tl.where(ok, loss, float("nan"))
+    dloss = tl.where(ok, dloss, float("nan"))
     return loss, dloss, clipped & valid, dual & valid, k3
 
 
