@@ -52,7 +52,8 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // time by the CPU (GCC target_clones; glibc's libmvec supplies the matching vector expf).
 #define NGRPO_CLONES __attribute__((target_clones("avx2,fma", "default")))
 
-// Pass 1: max, sum of exp(zz - max) and sum of exp(zz - max) * zz, zz = (z + b) * it.
+// Pass 1: max, sum of exp(zz - max) and sum of exp(zz - max) * (zz - max), zz = (z + b) * it. The entropy
+// is then log(sum) - E_p[zz - max]: no cancellation between two large numbers when every logit is large.
 NGRPO_CLONES void row_softmax_stats(const float* z, const float* bias, int64_t V, float it, float* out) {
   float m = -std::numeric_limits<float>::max(), s = 0.f, u = 0.f;
   if (bias) {
@@ -60,20 +61,20 @@ NGRPO_CLONES void row_softmax_stats(const float* z, const float* bias, int64_t V
     for (int64_t v = 0; v < V; ++v) m = std::max(m, (z[v] + bias[v]) * it);
     #pragma omp simd reduction(+ : s, u)
     for (int64_t v = 0; v < V; ++v) {
-      const float zv = (z[v] + bias[v]) * it;
-      const float p = std::exp(zv - m);
+      const float d = (z[v] + bias[v]) * it - m;
+      const float p = std::exp(d);
       s += p;
-      u += p * zv;
+      u += p * d;
     }
   } else {
     #pragma omp simd reduction(max : m)
     for (int64_t v = 0; v < V; ++v) m = std::max(m, z[v] * it);
     #pragma omp simd reduction(+ : s, u)
     for (int64_t v = 0; v < V; ++v) {
-      const float zv = z[v] * it;
-      const float p = std::exp(zv - m);
+      const float d = z[v] * it - m;
+      const float p = std::exp(d);
       s += p;
-      u += p * zv;
+      u += p * d;
     }
   }
   out[0] = m;
@@ -81,36 +82,36 @@ NGRPO_CLONES void row_softmax_stats(const float* z, const float* bias, int64_t V
   out[2] = u;
 }
 
-// Pass 2: dz_v = (-g_lp p_v - g_H p_v (zz_v - mean_z)) * it, p_v = exp(zz_v - lse); the one-hot term is
-// added by the caller. dz may alias z (float32).
+// Pass 2: dz_v = (-g_lp p_v - g_H p_v (log p_v + H)) * it, log p_v = zz_v - lse (zz_v - E_p[zz] = log p_v + H);
+// the caller writes the target's entry. dz may alias z (float32).
 template <typename OutT>
-inline void row_grad_impl(const float* z, const float* bias, OutT* dz, int64_t V, float it, float lse, float mean_z,
+inline void row_grad_impl(const float* z, const float* bias, OutT* dz, int64_t V, float it, float lse, float H,
                           float g_lp, float g_H) {
   if (bias) {
     #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
-      const float zv = (z[v] + bias[v]) * it;
-      const float p = std::exp(zv - lse);
-      dz[v] = cast_out<OutT>((-g_lp * p - g_H * p * (zv - mean_z)) * it);
+      const float lp = (z[v] + bias[v]) * it - lse;
+      const float p = std::exp(lp);
+      dz[v] = cast_out<OutT>((-g_lp * p - g_H * p * (lp + H)) * it);
     }
   } else {
     #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
-      const float zv = z[v] * it;
-      const float p = std::exp(zv - lse);
-      dz[v] = cast_out<OutT>((-g_lp * p - g_H * p * (zv - mean_z)) * it);
+      const float lp = z[v] * it - lse;
+      const float p = std::exp(lp);
+      dz[v] = cast_out<OutT>((-g_lp * p - g_H * p * (lp + H)) * it);
     }
   }
 }
 
 NGRPO_CLONES void row_grad(const float* z, const float* bias, float* dz, int64_t V, float it, float lse,
-                           float mean_z, float g_lp, float g_H) {
-  row_grad_impl(z, bias, dz, V, it, lse, mean_z, g_lp, g_H);
+                           float H, float g_lp, float g_H) {
+  row_grad_impl(z, bias, dz, V, it, lse, H, g_lp, g_H);
 }
 
 NGRPO_CLONES void row_grad(const float* z, const float* bias, at::BFloat16* dz, int64_t V, float it, float lse,
-                           float mean_z, float g_lp, float g_H) {
-  row_grad_impl(z, bias, dz, V, it, lse, mean_z, g_lp, g_H);
+                           float H, float g_lp, float g_H) {
+  row_grad_impl(z, bias, dz, V, it, lse, H, g_lp, g_H);
 }
 
 // One row: z (raw logits, V floats) -> statistics and, when asked, dz (V values of OutT, may alias z).
@@ -120,14 +121,15 @@ void one_row(const float* z, OutT* dz, const float* bias, int64_t V, int64_t tar
   const float it = o.inv_temp;
   float msu[3];
   row_softmax_stats(z, bias, V, it, msu);
-  const float lse = msu[0] + std::log(msu[1]);
-  const float mean_z = msu[2] / msu[1];
+  const float log_s = std::log(msu[1]);
+  const float lse = msu[0] + log_s;
+  const float mean_d = msu[2] / msu[1];  // E_p[zz - max]
   const bool target_ok = target >= 0 && target < V;  // outside [0, V) only with validate=False
   const float zt = target_ok ? (z[target] + (bias ? bias[target] : 0.f)) * it : kNaN;
-  const bool ok = finite(lse) && finite(mean_z) && finite(zt) && finite(A) && (o.on_policy || finite(old_lp)) &&
+  const bool ok = finite(lse) && finite(mean_d) && finite(zt) && finite(A) && (o.on_policy || finite(old_lp)) &&
                   (!o.has_ref || finite(ref_lp)) && (!o.has_isw || finite(isw));
-  // Rounding can leave lse - E[z] a hair below 0 for a near one-hot softmax: entropy is >= 0.
-  const float H = finite(lse) && finite(mean_z) ? std::max(lse - mean_z, 0.0f) : kNaN;
+  // Rounding can leave log(sum) - E_p[zz - max] a hair below 0 for a near one-hot softmax: entropy is >= 0.
+  const float H = finite(lse) && finite(mean_d) ? std::max(log_s - mean_d, 0.0f) : kNaN;
   const float lp = ok ? zt - lse : kNaN;
   const float old = o.on_policy ? lp : old_lp;
 
@@ -168,9 +170,14 @@ void one_row(const float* z, OutT* dz, const float* bias, int64_t V, int64_t tar
 
   if (!o.need_grad) return;
   // On policy (old = logp, ratio == 1 exactly) the ratio's own dependence on logp is what dloss holds.
-  const float g_lp = w * dloss;
-  row_grad(z, bias, dz, V, it, lse, mean_z, g_lp, -o.entropy_coef * w);
-  if (target_ok) dz[target] = cast_out<OutT>(static_cast<float>(dz[target]) + g_lp * it);
+  const float g_lp = w * dloss, g_H = -o.entropy_coef * w;
+  row_grad(z, bias, dz, V, it, lse, H, g_lp, g_H);
+  // The target's entry in float32 from zt (z itself may be overwritten by now), rounded once: g_lp (1 - p_t)
+  // for a confident token is far below the rounding error of a bf16 -g_lp p_t.
+  if (target_ok) {
+    const float lp_t = zt - lse, p_t = std::exp(lp_t);
+    dz[target] = cast_out<OutT>((g_lp * (1.f - p_t) - g_H * p_t * (lp_t + H)) * it);
+  }
 }
 
 template <typename OutT>

@@ -115,7 +115,7 @@ def gemm_variants(dtype: str):
 
     ptr = f"*{dtype}"
     base = dict(A_T=False, B_T=True, LIMIT_M=True, LIMIT_K=False, INIT=False, STORE_Z=False, HAS_BIAS=False,
-                ENTROPY=False, SPLIT_K=1)
+                ENTROPY=False, SPLIT_K=1, SCALED=False)
     for bias in (False, True):
         for entropy in (False, True):
             for store in (False, True):
@@ -124,15 +124,18 @@ def gemm_variants(dtype: str):
                        dict(base, EPILOGUE=LOGITS_STATS, HAS_BIAS=bias, ENTROPY=entropy, STORE_Z=store))
         yield (f"logits shifted bias={int(bias)}", "logits", dict(A=ptr, B=ptr, BIAS=ptr, C="*fp16"),
                dict(base, EPILOGUE=LOGITS_SHIFTED, HAS_BIAS=bias))
+    # fp16 dZ is formed times a power of two; its GEMMs scale the product back (SCALED, gemm.scale_fp16_grads)
+    scaled = dict(SCALED=True) if dtype == "fp16" else {}
+    tag = " scaled" if scaled else ""
     for split in (1, 2):
-        yield (f"dX split-K {split}", "dx", dict(A=ptr, B=ptr, C="*fp32"),
-               dict(base, EPILOGUE=ACCUMULATE, B_T=False, INIT=True, SPLIT_K=split))
+        yield (f"dX split-K {split}{tag}", "dx", dict(A=ptr, B=ptr, C="*fp32"),
+               dict(base, EPILOGUE=ACCUMULATE, B_T=False, INIT=True, SPLIT_K=split, **scaled))
     for init in (False, True):
-        yield (f"dW {'init' if init else 'accumulate'}", "dw", dict(A=ptr, B=ptr, C="*fp32"),
-               dict(base, EPILOGUE=ACCUMULATE, A_T=True, B_T=False, LIMIT_M=False, LIMIT_K=True, INIT=init))
+        yield (f"dW {'init' if init else 'accumulate'}{tag}", "dw", dict(A=ptr, B=ptr, C="*fp32"),
+               dict(base, EPILOGUE=ACCUMULATE, A_T=True, B_T=False, LIMIT_M=False, LIMIT_K=True, INIT=init, **scaled))
     # a one-chunk log-prob backward: dW written once, in the weight's dtype
-    yield ("dW init in the weight's dtype", "dw", dict(A=ptr, B=ptr, C=ptr),
-           dict(base, EPILOGUE=ACCUMULATE, A_T=True, B_T=False, LIMIT_M=False, LIMIT_K=True, INIT=True))
+    yield (f"dW init in the weight's dtype{tag}", "dw", dict(A=ptr, B=ptr, C=ptr),
+           dict(base, EPILOGUE=ACCUMULATE, A_T=True, B_T=False, LIMIT_M=False, LIMIT_K=True, INIT=True, **scaled))
 
 
 def _gemm_cases():

@@ -82,6 +82,30 @@ def test_against_float64_reference(lead, H, V, dtype, bias, deterministic, devic
     assert (got[0].to(device)[ignored] == 0).all() and (got[1].to(device)[ignored] == 0).all()
 
 
+def test_fp16_gradients_at_the_rounding_floor(device, backend, gen):
+    """Upstream gradients of a sum over a large normaliser (g ~ 2.4e-4) put dZ = g (onehot - p) below fp16's
+    smallest normal number while dX and dW are normal: the -g p terms must not vanish (the Triton backward
+    was at 13x the error of the float64 gradient rounded to fp16)."""
+    N, H, V = 256, 32, 2048
+    x = torch.randn(N, H, generator=gen).half()
+    w = (torch.randn(V, H, generator=gen) * H ** -0.5).half()
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[::7] = -100
+    coef = torch.randn(N, generator=gen)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    lp64, ent64 = linear_logprobs_naive(x64, w64, targets, ignore_index=-100)
+    ((lp64 * coef).sum() / 2 ** 12 + (ent64 * coef).sum() / 2 ** 16).backward()
+    xh, wh = (t.to(device).requires_grad_() for t in (x, w))
+    with nk.use_backend(backend):
+        lp, ent = nk.fused_linear_logprobs(xh, wh, targets.to(device), return_entropy=True)
+    c = coef.to(device)
+    ((lp * c).sum() / 2 ** 12 + (ent * c).sum() / 2 ** 16).backward()
+    for got, truth in ((xh.grad, x64.grad), (wh.grad, w64.grad)):
+        assert got.dtype == torch.float16
+        floor = ((truth.half().double() - truth).norm() / truth.norm()).item()
+        assert ((got.cpu().double() - truth).norm() / truth.norm()).item() <= 1.5 * floor
+
+
 def test_ignored_rows_get_no_gradient(device, backend, gen):
     x, w, _, t = _make((9,), 16, 50, torch.float32, gen, bias=False, ignore_frac=0.0)
     t[::2] = -7

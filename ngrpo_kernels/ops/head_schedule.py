@@ -96,6 +96,7 @@ class HeadSchedule:
         one_pass = self.dense == "triton" and self.chunk >= N
         self.dw = torch.empty(V, H, dtype=dw_dtype if one_pass else torch.float32, device=dev) if need_dw else None
         self.db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
+        self._dw_chunk = None  # fp16 on the cuBLAS path: one chunk's scaled dW product (``backprop``)
 
     @property
     def zero_tail(self) -> bool:
@@ -116,24 +117,39 @@ class HeadSchedule:
                 xc.masked_fill_((rows[:n] + row0 >= self.count)[:, None], 0)
             yield row0, n, xc
 
-    def backprop(self, dz, row0, xc):
-        """dX, dW, db contributions of one chunk's dZ [n, V] (in x's dtype)."""
+    def backprop(self, dz, row0, xc, scale=None):
+        """dX, dW, db contributions of one chunk's dZ [n, V] (in x's dtype). ``scale`` (a float32 0-dim device
+        tensor): dZ was formed times 1 / scale (fp16, ``gemm.fp16_grad_scale``); every product is multiplied
+        by it before it is added up."""
         n = dz.shape[0]
         triton_gemms = self.dense == "triton"
         if self.need_dx and triton_gemms:
             part = self.dx_buf[:, :n]
-            pg.matmul(dz, self.weight, part, count=self.count, row0=row0)
+            pg.matmul(dz, self.weight, part, count=self.count, row0=row0, scale=scale)
             dx_finish(part, self.dx, self.order, self.count, row0=row0)
         elif self.need_dx:
             out = self.dx_buf[:n]
             torch.matmul(dz, self.weight, out=out)
+            if scale is not None:
+                out.mul_(scale)  # a power of two: exact unless the result is subnormal
             self.dx.index_copy_(0, self.order[row0:row0 + n], out)
         if self.need_dw:
             if triton_gemms:  # one chunk with dw_dtype: the GEMM writes dW in that dtype (init)
-                pg.accumulate_t(self.dw, dz, xc, init=row0 == 0, count=self.count, row0=row0)
+                pg.accumulate_t(self.dw, dz, xc, init=row0 == 0, count=self.count, row0=row0, scale=scale)
+            elif scale is not None:  # cuBLAS takes no device-side alpha: the chunk's product in a float32 buffer
+                if self._dw_chunk is None:
+                    self._dw_chunk = torch.empty_like(self.dw)
+                mm_fp32(dz.T, xc, self._dw_chunk)
+                if row0 == 0:
+                    torch.mul(self._dw_chunk, scale, out=self.dw)
+                else:
+                    self.dw.addcmul_(self._dw_chunk, scale)
             elif row0 == 0:
                 mm_fp32(dz.T, xc, self.dw)
             else:
                 addmm_fp32(self.dw, dz.T, xc)
         if self.need_db:
-            self.db += dz.sum(0, dtype=torch.float32)
+            if scale is None:
+                self.db += dz.sum(0, dtype=torch.float32)
+            else:
+                self.db.addcmul_(dz.sum(0, dtype=torch.float32), scale)

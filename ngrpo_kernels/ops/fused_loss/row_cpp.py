@@ -7,14 +7,10 @@ import torch
 
 def loss_rows_cpp(z, dz, bias, target, valid, w, adv, old, ref, isw, *, inv_temp, eps_neg, eps_pos, clip_c,
                   beta, entropy_coef, on_policy, need_grad):
-    # The C++ kernel writes dZ in float32 (over z) or into a bfloat16 buffer; an fp16 buffer gets the
-    # float32 result copied in (fp16 training on a CPU is rare enough for the extra pass).
-    direct = not need_grad or dz.dtype in (torch.float32, torch.bfloat16)
-    stats = torch.ops.ngrpo_kernels.loss_rows(
-        z, (dz if direct else z) if need_grad else None, None if bias is None else bias.float().contiguous(),
+    # The C++ kernel writes dZ in float32 (over z) or into a bfloat16 buffer (schedule.py: fp16 inputs get
+    # float32 dZ).
+    return torch.ops.ngrpo_kernels.loss_rows(
+        z, dz if need_grad else None, None if bias is None else bias.float().contiguous(),
         target, valid, w, adv, old, ref, isw, inv_temp, eps_neg, eps_pos, clip_c, beta, entropy_coef, on_policy,
         need_grad,
     )
-    if not direct:
-        dz.copy_(z)
-    return stats

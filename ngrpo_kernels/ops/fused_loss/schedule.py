@@ -6,7 +6,7 @@ is, so every chunk of tokens is finished in one visit:
 
 1. ``Z = X_c W^T`` into a float32 workspace of ``chunk x V`` (the only logits that ever exist);
 2. the row kernel: logsumexp, log-prob, entropy, NGRPO loss terms and metric sums, dZ written over Z
-   (or into a bf16/fp16 buffer beside it);
+   (or, for bf16 inputs, into a bf16 buffer beside it; fp16 has too few exponent bits for dZ);
 3. ``dX_c = dZ W`` and ``dW += dZ^T X_c`` (float32 accumulator), ``db += sum dZ``.
 
 Row-kernel contract (``row_cpp.py`` / the C++ ``loss_rows``, ``row_torch.py``). Inputs for a chunk of
@@ -16,7 +16,7 @@ where not valid), ``adv``, ``old``, optional ``ref`` / ``isw`` (float32, [n]). F
 ``zz = (z + b) / T``: ``lse = logsumexp(zz)``, ``logp = zz[y] - lse``, ``H = lse - E_p[zz]``, the NGRPO
 per-token loss minus ``entropy_coef * H``, and ``dZ = (g_lp (onehot(y) - p) - g_H p (zz - E_p[zz])) / T``
 with ``g_lp = w dl/dlogp``, ``g_H = -entropy_coef w``, written to ``dz`` (float32 in place over ``z``,
-or a separate half-precision buffer); rows that are not valid get dZ = 0. Returns the NUM_STATS sums
+or a separate bf16 buffer); rows that are not valid get dZ = 0. Returns the NUM_STATS sums
 (``variants.Stat``) over the chunk.
 
 On the CPU the valid tokens are gathered first, so padding costs no FLOPs there either. GEMMs go through
@@ -43,9 +43,15 @@ def default_workspace_bytes(device: torch.device) -> int:
     return CPU_WORKSPACE_BYTES
 
 
+def _bf16_dz(dtype: torch.dtype, need_grad: bool) -> bool:
+    """dZ in a bf16 buffer beside the float32 logits for bf16 inputs; float32, over the logits, otherwise. fp16
+    has too few exponent bits for dZ: with a 1/N mean in g, g p falls below its smallest normal number at a
+    few thousand tokens (``gemm.fp16_grad_scale``), so fp16 inputs get float32 dZ and float32 GEMMs here."""
+    return need_grad and dtype == torch.bfloat16
+
+
 def bytes_per_row(V: int, dtype: torch.dtype, need_grad: bool) -> int:
-    separate_dz = need_grad and dtype != torch.float32
-    return V * (4 + (torch.finfo(dtype).bits // 8 if separate_dz else 0))
+    return V * (4 + (2 if _bf16_dz(dtype, need_grad) else 0))
 
 
 def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_op, row_options, workspace_bytes,
@@ -77,7 +83,7 @@ def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_op, row_op
     z_buf = torch.empty(chunk, V, dtype=torch.float32, device=x.device)
     dz_buf = None
     if need_grad:
-        dz_buf = z_buf if x.dtype == torch.float32 else torch.empty(chunk, V, dtype=x.dtype, device=x.device)
+        dz_buf = torch.empty(chunk, V, dtype=x.dtype, device=x.device) if _bf16_dz(x.dtype, need_grad) else z_buf
     dx = torch.empty_like(x) if need_dx else None
     dw = torch.zeros(V, H, dtype=torch.float32, device=x.device) if need_dw else None
     db = torch.zeros(V, dtype=torch.float32, device=x.device) if need_db else None
@@ -87,6 +93,8 @@ def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_op, row_op
         # CPUs have no bf16 GEMM with a float32 output: upcast the weight once (V x H floats) rather
         # than round every logit to bf16.
         w_t = weight.float().T
+    # dX = dZ W in dZ's dtype: the weight itself, or float32 for fp16 inputs (float32 dZ)
+    w_dx = weight if dz_buf is None or dz_buf.dtype == weight.dtype else w_t.T.float()
     for lo in range(0, N, chunk):
         hi = min(N, lo + chunk)
         n = hi - lo
@@ -98,9 +106,12 @@ def run(x, weight, bias, target, valid, w, adv, old, ref, isw, *, row_op, row_op
                      None if ref is None else ref[lo:hi], None if isw is None else isw[lo:hi])
         stats += row_op(z, d, bias, *per_token, need_grad=need_grad, **row_options)
         if need_dx:
-            torch.matmul(d, weight, out=dx[lo:hi])
+            if d.dtype == x.dtype:
+                torch.matmul(d, w_dx, out=dx[lo:hi])
+            else:  # fp16 inputs: float32 dZ times the float32 weight, rounded once into dX
+                dx[lo:hi] = d @ w_dx
         if need_dw:
-            addmm_fp32(dw, d.T, xc)
+            addmm_fp32(dw, d.T, xc if xc.dtype == d.dtype else xc.float())
         if need_db:
             db += d.sum(0, dtype=torch.float32)
     return stats, dx, dw, db

@@ -6,7 +6,7 @@ Per chunk of compacted tokens (``ops/head_schedule.py``; masked tokens are never
    into the workspace, and writes the slices' max / sum-exp / exp-weighted sums from the fp32
    accumulator (``ops/persistent_gemm``): the log-probs and entropy come from exact fp32 statistics,
    not from the rounded logits;
-2. ``_token_kernel``: per token, logsumexp and E_p[z] from the partials, the target logit (fp32 dot
+2. ``_token_kernel``: per token, logsumexp and entropy from the partials, the target logit (fp32 dot
    product), log-prob, entropy, the NGRPO loss terms (``policy_loss.triton_impl.token_loss``, shared
    with the standalone policy loss), dl/dlogp and the metric sums;
 3. ``linear_logprobs.triton_rows._dlogits_kernel`` overwrites the stored logits with dZ (bf16/fp16),
@@ -24,9 +24,9 @@ import triton.language as tl
 
 from ...variants import NUM_STATS
 from .. import persistent_gemm as pg
+from ..gemm import scale_fp16_grads
 from ..head_schedule import HeadSchedule
-from ..linear_logprobs.triton_rows import (BLOCK_H, BLOCK_SLICES, block_rows, combine_partials, dlogits_, entropy_from,
-                                            target_logit)
+from ..linear_logprobs.triton_rows import BLOCK_H, BLOCK_SLICES, block_rows, combine_partials, dlogits_, target_logit
 from ..persistent_gemm.kernel import row_limit
 from ..policy_loss.triton_impl import stat_constexprs, store_stat_sums, token_loss
 
@@ -47,11 +47,10 @@ def _token_kernel(
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < row_limit(COUNT, row0, n)
     tok = row0 + rows
-    lse, mean_z = combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, True, BLOCK_R, BLOCK_T)
+    lse, ent = combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, True, BLOCK_R, BLOCK_T)
     tgt = tl.load(TGT + tok, mask=row_ok, other=0)
     zt = target_logit(XC, W, BIAS, tgt, rows, row_ok, H, V, inv_temp, HAS_BIAS, BLOCK_R, BLOCK_H)
     lp = tl.where(row_ok, zt - lse, 0.0)
-    ent = tl.where(row_ok, entropy_from(lse, mean_z), 0.0)
     A = tl.load(ADV + tok, mask=row_ok, other=0.0)
     w = tl.load(W_TOK + tok, mask=row_ok, other=0.0)
     if ON_POLICY:
@@ -121,8 +120,10 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
         chunk_sum = chunk_stats[:grid].sum(0)
         stats = chunk_sum if stats is None else stats + chunk_sum
         if need_grad:
+            g_h = g_h if row_options["entropy_coef"] != 0 else None
+            scale = scale_fp16_grads(x.dtype, g_lp, g_h)  # fp16: dZ kept inside its range, chunk by chunk
             dz = dlogits_(z, count=sch.count, row0=row0, inv_temp=inv_temp, lse=lse, g_lp=g_lp,
-                          targets=tgt_c[row0:row0 + n], h=h, g_h=g_h if row_options["entropy_coef"] != 0 else None, m_part=p[0],
-                          zero_tail=sch.zero_tail, out_dtype=x.dtype)
-            sch.backprop(dz, row0, xc)
+                          targets=tgt_c[row0:row0 + n], h=h, g_h=g_h, m_part=p[0], zero_tail=sch.zero_tail,
+                          out_dtype=x.dtype)
+            sch.backprop(dz, row0, xc, scale=scale)
     return stats, sch.dx, sch.dw, sch.db

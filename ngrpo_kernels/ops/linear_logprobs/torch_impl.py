@@ -61,7 +61,7 @@ def _forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, works
     N = x.shape[0]
     lse = torch.empty(N, dtype=torch.float32, device=x.device)
     logprobs = torch.empty(N, dtype=torch.float32, device=x.device)
-    mean_z = torch.empty(N, dtype=torch.float32, device=x.device) if entropy else None
+    ent = torch.empty(N, dtype=torch.float32, device=x.device) if entropy else None
     step = _chunk_rows(weight.shape[0], workspace_bytes, buffers=2)
     weight = _gemm_weight(weight)
     for lo in range(0, N, step):
@@ -72,11 +72,11 @@ def _forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, works
         log_p = torch.log_softmax(z, dim=-1)  # one fused pass; cheaper than logsumexp on CPU
         logprobs[lo:hi] = log_p.gather(1, t)[:, 0]
         lse[lo:hi] = z.gather(1, t)[:, 0] - logprobs[lo:hi]
-        if entropy:
-            mean_z[lo:hi] = (log_p.exp_() * z).sum(-1)
+        if entropy:  # -E_p[log p]: no cancellation between lse and E_p[z] when every logit is large
+            ent[lo:hi] = -(log_p.exp() * log_p).sum(-1)
     valid = targets != ignore_index
     logprobs = torch.where(valid, logprobs, 0.0)
-    ent = torch.where(valid, (lse - mean_z).clamp_min(0.0), 0.0) if entropy else None
+    ent = torch.where(valid, ent.clamp_min(0.0), 0.0) if entropy else None
     return logprobs, ent, torch.where(valid, lse, 0.0)
 
 
@@ -104,7 +104,6 @@ def _backward(x, weight, bias, targets, lse, entropy, g_lp, g_ent, *, inv_temp, 
     valid = targets != ignore_index
     g_lp = torch.where(valid, g_lp, 0.0)
     g_ent = None if g_ent is None else torch.where(valid, g_ent, 0.0)
-    mean_z = None if g_ent is None else lse - entropy  # z - E[z] = (z - lse) + H
     step = _chunk_rows(V, workspace_bytes)
     w32 = _gemm_weight(weight)
     for lo in range(0, N, step):
@@ -112,12 +111,13 @@ def _backward(x, weight, bias, targets, lse, entropy, g_lp, g_ent, *, inv_temp, 
         ok = valid[lo:hi, None]
         xc = torch.where(ok, x[lo:hi], 0)  # ignored rows may hold anything, NaN included
         z = _logits(xc, w32, bias, inv_temp)
-        p = torch.where(ok, torch.exp(z - lse[lo:hi, None]), 0.0)
+        log_p = z - lse[lo:hi, None]
+        p = torch.where(ok, torch.exp(log_p), 0.0)
         dz = -g_lp[lo:hi, None] * p
         t = targets[lo:hi]
         dz.scatter_add_(1, torch.where(t == ignore_index, 0, t)[:, None], g_lp[lo:hi, None])
-        if g_ent is not None:  # dH/dz = -p (z - E[z])
-            dz -= g_ent[lo:hi, None] * p * (z - mean_z[lo:hi, None])
+        if g_ent is not None:  # dH/dz = -p (z - E[z]) = -p (log p + H)
+            dz -= g_ent[lo:hi, None] * p * (log_p + entropy[lo:hi, None])
         dz *= inv_temp
         if need_x:
             dx[lo:hi] = dz @ w32

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .. import persistent_gemm as pg
+from ..gemm import scale_fp16_grads
 from ..head_schedule import HeadSchedule
 from .triton_rows import dlogits_, logprobs_finish
 
@@ -59,10 +60,16 @@ def backward(x, weight, bias, targets, lse, entropy, g_lp, g_ent, *, inv_temp, i
     """Gradients (dX in x's dtype, db in float32, dW in float32 or, when the pass is one chunk, already in
     the weight's dtype) for upstream g_lp [N] and g_ent [N] or None.
     ``entropy`` is the forward's entropy (needed with g_ent). Always deterministic (fixed chunk order,
-    no atomics); ``deterministic`` is accepted for compatibility."""
+    no atomics); ``deterministic`` is accepted for compatibility. fp16: each chunk's dZ is formed from its
+    upstream gradients times a power of two that keeps it inside fp16's range, undone in the GEMMs
+    (``gemm.scale_fp16_grads``)."""
     schedule = HeadSchedule(x, weight, bias, targets, ignore_index, workspace_bytes=workspace_bytes, need_logits=True,
                             need_dx=need_x, need_dw=need_w, need_db=need_b, dw_dtype=weight.dtype)
     order = schedule.order
+    if x.dtype == torch.float16:  # ignored positions' upstream gradients (anything) must not set the fp16 scale
+        keep = targets != ignore_index
+        g_lp = torch.where(keep, g_lp, 0.0)
+        g_ent = None if g_ent is None else torch.where(keep, g_ent, 0.0)
     targets_c = targets.index_select(0, order)
     lse_c, g_lp_c = lse.index_select(0, order), g_lp.index_select(0, order)
     g_ent_c = None if g_ent is None else g_ent.index_select(0, order)
@@ -72,9 +79,10 @@ def backward(x, weight, bias, targets, lse, entropy, g_lp, g_ent, *, inv_temp, i
         z = schedule.logits[:n]
         pg.logits(xc, weight, bias=bias, inv_temp=inv_temp, count=schedule.count, row0=row0, shift=lse_c[rows],
                   out=z)
-        dz = dlogits_(z, count=schedule.count, row0=row0, inv_temp=inv_temp, lse=lse_c[rows], g_lp=g_lp_c[rows],
-                      targets=targets_c[rows], h=None if h_c is None else h_c[rows],
-                      g_h=None if g_ent_c is None else g_ent_c[rows], zero_tail=schedule.zero_tail,
-                      out_dtype=x.dtype)
-        schedule.backprop(dz, row0, xc)
+        g_lp_r, g_ent_r = g_lp_c[rows], None if g_ent_c is None else g_ent_c[rows]
+        scale = scale_fp16_grads(x.dtype, g_lp_r, g_ent_r)
+        dz = dlogits_(z, count=schedule.count, row0=row0, inv_temp=inv_temp, lse=lse_c[rows], g_lp=g_lp_r,
+                      targets=targets_c[rows], h=None if h_c is None else h_c[rows], g_h=g_ent_r,
+                      zero_tail=schedule.zero_tail, out_dtype=x.dtype)
+        schedule.backprop(dz, row0, xc, scale=scale)
     return schedule.dx, schedule.dw, schedule.db

@@ -4,7 +4,7 @@ chunk starting at ``row0`` exists only while ``row0 + r < count`` (a device scal
 are neither read nor computed.
 
 - ``combine_partials`` (helper): per row, the GEMM epilogue's per-slice max / sum-exp / exp-weighted
-  sum become the logsumexp and E_p[z], online over the slices (float32 throughout).
+  sum become the logsumexp and the entropy, online over the slices (float32 throughout).
 - ``target_logit`` (helper): ``z[target] = (x . W[target] + b[target]) / T`` as a float32 dot
   product, one weight row per token (H * 2 bytes), cheaper than comparing every logit of the tile
   with the target in the GEMM epilogue.
@@ -34,7 +34,10 @@ INTERPRETER_BLOCK_ROWS = 8
 @triton.jit
 def combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, ENTROPY: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
-    """(logsumexp, E_p[z]) of each row from its per-slice partials (rows not ok: (0, 0))."""
+    """(logsumexp, entropy) of each row from its per-slice partials, online over the slices (rows not ok:
+    (0, 0); without ENTROPY the entropy is 0). A slice's partials are m_t, s_t = sum exp(z - m_t) and
+    u_t = sum exp(z - m_t) (z - m_t); with the running max m, u = sum exp(z - m) (z - m) and
+    H = log s - u / s = -E_p[log p]: every term is relative to a max, so no large numbers cancel."""
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK_R], dtype=tl.float32)
     u = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -47,13 +50,20 @@ def combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, EN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         keep = tl.exp(m - m_safe)
         e = tl.exp(m_t - m_safe[None, :])
-        s = s * keep + tl.sum(tl.load(S_PART + off, mask=ok, other=0.0) * e, axis=0)
-        if ENTROPY:
-            u = u * keep + tl.sum(tl.load(U_PART + off, mask=ok, other=0.0) * e, axis=0)
+        s_t = tl.load(S_PART + off, mask=ok, other=0.0)
+        if ENTROPY:  # re-centre on the new max: sum p (z - m_new) = sum p (z - m_t) + (m_t - m_new) sum p
+            u_t = tl.load(U_PART + off, mask=ok, other=0.0) + tl.where(ok, m_t - m_safe[None, :], 0.0) * s_t
+            u = (u + tl.where(s > 0, m - m_safe, 0.0) * s) * keep + tl.sum(u_t * e, axis=0)
+        s = s * keep + tl.sum(s_t * e, axis=0)
         m = m_new
     s = tl.where(row_ok, s, 1.0)
-    lse = tl.where(row_ok, m, 0.0) + tl.log(s)
-    return lse, u / s
+    log_s = tl.log(s)
+    lse = tl.where(row_ok, m, 0.0) + log_s
+    ent = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if ENTROPY:
+        # Rounding can leave it a hair below 0 for a near one-hot softmax: entropy is >= 0; NaN stays NaN.
+        ent = tl.where(row_ok, tl.maximum(log_s - u / s, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
+    return lse, ent
 
 
 @triton.jit
@@ -77,12 +87,6 @@ def target_logit(X, W, BIAS, tgt, rows, row_ok, H, V, inv_temp, HAS_BIAS: tl.con
 
 
 @triton.jit
-def entropy_from(lse, mean_z):
-    """lse - E_p[z], at least 0 (rounding can leave it a hair below 0 for a near one-hot softmax); NaN stays NaN."""
-    return tl.maximum(lse - mean_z, 0.0, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def _logprobs_kernel(
     XC, W, BIAS, TGT_C, ORDER, COUNT, M_PART, S_PART, U_PART, LP, ENT, LSE,
     n, H, V, row0, ld_part, n_slices, inv_temp,
@@ -92,15 +96,14 @@ def _logprobs_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_chunk = rows < n
     row_ok = rows < row_limit(COUNT, row0, n)
-    lse, mean_z = combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, ENTROPY, BLOCK_R,
-                                   BLOCK_T)
+    lse, ent = combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, ENTROPY, BLOCK_R, BLOCK_T)
     tgt = tl.load(TGT_C + row0 + rows, mask=row_ok, other=0)
     zt = target_logit(XC, W, BIAS, tgt, rows, row_ok, H, V, inv_temp, HAS_BIAS, BLOCK_R, BLOCK_H)
     dest = tl.load(ORDER + row0 + rows, mask=in_chunk, other=0)
     tl.store(LP + dest, tl.where(row_ok, zt - lse, 0.0), mask=in_chunk)
     tl.store(LSE + dest, tl.where(row_ok, lse, 0.0), mask=in_chunk)
     if ENTROPY:
-        tl.store(ENT + dest, tl.where(row_ok, entropy_from(lse, mean_z), 0.0), mask=in_chunk)
+        tl.store(ENT + dest, ent, mask=in_chunk)
 
 
 @triton.jit

@@ -33,7 +33,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=False, limit_k=False, init=False,
-            bias=None, shift=None, partials=None, inv_temp=1.0, entropy=False, store_z=False, split_k=1):
+            bias=None, shift=None, partials=None, inv_temp=1.0, entropy=False, store_z=False, split_k=1, scale=None):
     cfg = configs.config_for(role, a.dtype, a.device)
     stored = epilogue == LOGITS_SHIFTED or store_z
     # TMA where every operand it touches allows it, and no tile box is larger than the matrix (tiny
@@ -47,7 +47,8 @@ def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=
     dummy = a
     m_part, s_part, u_part = partials if partials is not None else (dummy, dummy, dummy)
     persistent_gemm_kernel[(max(1, min(sms, tiles)),)](
-        a, b, c, dummy if bias is None else bias, dummy if shift is None else shift, m_part, s_part, u_part,
+        a, b, c, dummy if bias is None else bias, shift if shift is not None else (dummy if scale is None else scale),
+        m_part, s_part, u_part,
         dummy if count is None else count,
         M, N, K, row0, a.stride(0), b.stride(-2), c.stride(-2), m_part.stride(0) if partials is not None else M,
         c.stride(0) if split_k > 1 else 0, inv_temp,
@@ -55,7 +56,7 @@ def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=
         LIMIT_K=limit_k and count is not None, INIT=init, STORE_Z=store_z, HAS_BIAS=bias is not None,
         ENTROPY=entropy, USE_TMA=use_tma, DOT_FP32=interpreter_enabled(), PRECISION=_precision(a.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=sms,
-        SPLIT_K=split_k, FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store,
+        SPLIT_K=split_k, FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store, SCALED=scale is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return cfg
@@ -89,19 +90,21 @@ def logits(x, weight, *, bias, inv_temp, count=None, row0=0, partials=None, out=
                    row0=row0, limit_m=True, bias=bias, shift=shift, inv_temp=inv_temp)
 
 
-def matmul(dz, weight, out, *, count=None, row0=0):
+def matmul(dz, weight, out, *, count=None, row0=0, scale=None):
     """Split-K dZ W: ``out`` float32 [splits, n, H], ``out[s]`` = dz [n, V_s] @ weight [V_s, H] over the s-th
-    part of V (the caller sums the parts); rows past the count are not written."""
+    part of V (the caller sums the parts), times ``scale`` (a float32 [1] device tensor) when given; rows past
+    the count are not written."""
     n, V = dz.shape
     return _launch(ACCUMULATE, dz, weight, out, n, weight.shape[1], V, role="dx", a_t=False, b_t=False,
-                   count=count, row0=row0, limit_m=True, init=True, split_k=out.shape[0])
+                   count=count, row0=row0, limit_m=True, init=True, split_k=out.shape[0], scale=scale)
 
 
-def accumulate_t(acc, dz, x, *, init, count=None, row0=0):
-    """acc [V, H] (+)= dz[n, V]^T @ x[n, H], summed in fp32 and stored in acc's dtype: float32 to add chunks
-    up; with ``init`` (overwrite instead of adding) any float dtype, rounded once."""
+def accumulate_t(acc, dz, x, *, init, count=None, row0=0, scale=None):
+    """acc [V, H] (+)= dz[n, V]^T @ x[n, H] (times ``scale``, a float32 [1] device tensor, when given), summed
+    in fp32 and stored in acc's dtype: float32 to add chunks up; with ``init`` (overwrite instead of adding)
+    any float dtype, rounded once."""
     if not init and acc.dtype != torch.float32:
         raise ValueError(f"accumulate_t: adding into {acc.dtype} would round every chunk; use float32")
     n, V = dz.shape
     return _launch(ACCUMULATE, dz, x, acc, V, x.shape[1], n, role="dw", a_t=True, b_t=False, count=count,
-                   row0=row0, limit_k=True, init=init)
+                   row0=row0, limit_k=True, init=init, scale=scale)

@@ -31,7 +31,9 @@ Epilogues (``EPILOGUE``), all on the fp32 accumulator tile in registers:
   dtype (a one-chunk log-prob backward writes dW in the weight's dtype: no fp32 copy, no cast pass). With
   ``SPLIT_K > 1`` (only with ``INIT``) split ``s`` writes its partial product over the ``s``-th part of K
   to ``C + s * ld_split``: dX = dZ W has K = V but only ~450 output tiles per 4k-token chunk, 3.4 waves
-  of 132 SMs; two splits make 6.8 waves and the caller sums the two partials.
+  of 132 SMs; two splits make 6.8 waves and the caller sums the two partials. With ``SCALED`` the product
+  is first multiplied by the float32 scalar at ``SHIFT`` (fp16 dZ is formed times a power of two that
+  keeps it inside fp16's range: ``gemm.fp16_grad_scale``; this undoes it before anything is summed).
 """
 
 from __future__ import annotations
@@ -121,11 +123,14 @@ def _stats_half(acc, C, c_desc, BIAS, M_PART, S_PART, U_PART, rows, row_ok, off_
 
 @triton.jit
 def _quarter_sums(z, m, ENTROPY: tl.constexpr):
-    p = tl.exp(z - m[:, None])
+    """Sum of exp(z - m) and, for the entropy, of exp(z - m) * (z - m): relative to the slice max, so that
+    logits that are all large (a big bias) do not cancel in the entropy (``combine_partials``)."""
+    d = z - m[:, None]
+    p = tl.exp(d)
     s = tl.sum(p, axis=1)
     u = s
     if ENTROPY:
-        u = tl.sum(p * z, axis=1)
+        u = tl.sum(p * d, axis=1)
     return s, u
 
 
@@ -157,6 +162,7 @@ def persistent_gemm_kernel(
     USE_TMA: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr, SPLIT_K: tl.constexpr = 1, FLATTEN: tl.constexpr = True, TMA_STORE: tl.constexpr = True,
+    SCALED: tl.constexpr = False,
 ):
     start = tl.program_id(0)
     m_lim = M
@@ -265,6 +271,10 @@ def persistent_gemm_kernel(
         ok0 = cols0 < N
         ok1 = cols1 < N
         if EPILOGUE == ACCUMULATE:
+            if SCALED:
+                alpha = tl.load(SHIFT)
+                acc0 = acc0 * alpha
+                acc1 = acc1 * alpha
             c_split = C + split.to(tl.int64) * ld_split  # split-K: one fp32 partial per split
             _accumulate_half(c_split, acc0, rows, row_ok, off_n, N, ldc, INIT, BLOCK_M, HALF)
             _accumulate_half(c_split, acc1, rows, row_ok, off_n + HALF, N, ldc, INIT, BLOCK_M, HALF)
