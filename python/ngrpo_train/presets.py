@@ -55,6 +55,7 @@ class Preset:
     task: str = "arithmetic"  # "arithmetic" or "math"
     train_path: str | None = None
     num_train: int = 4096
+    max_prompt_length: int | None = None  # tokens (chat template included); longer prompts are left out
     max_operand: int = 50
     heldout_problems: int = 256  # greedy accuracy before and after training, on problems of no other split
     warm_start_steps: int = 0
@@ -125,6 +126,7 @@ PRESETS = {
         task="math",
         train_path="data/math_train.parquet",
         num_train=7500,
+        max_prompt_length=1024,  # the recipe's; TRL 1.16 has no such limit, so longer prompts are dropped
         prompts_per_generation=1024,
         num_generations=8,
         optimizer_steps_per_generation=4,  # 1024-prompt generation batch / 256-prompt PPO mini-batches

@@ -97,6 +97,24 @@ def build_data(p: Preset, seed: int):
     return rows, rows, None, tasks.math_verify_reward
 
 
+def prompt_tokens(tokenizer, prompt) -> int:
+    """Tokens of a prompt as the trainer feeds it: a chat list through the chat template (with the generation
+    prompt), a string as it is."""
+    if isinstance(prompt, str):
+        return len(tokenizer(prompt)["input_ids"])
+    return len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"])
+
+
+def drop_overlong_prompts(rows, tokenizer, limit: int, log=print):
+    """The rows whose prompt has at most ``limit`` tokens, as verl's ``data.filter_overlong_prompts`` keeps
+    them (TRL 1.16 has no prompt-length limit of its own)."""
+    kept = [r for r in rows if prompt_tokens(tokenizer, r["prompt"]) <= limit]
+    if len(kept) < len(rows):
+        log(f"dropped {len(rows) - len(kept)} of {len(rows)} prompts longer than {limit} tokens")
+    return kept
+
+
 def warm_start(model, tokenizer, rows, *, steps: int, lr: float, batch: int, seed: int, log=print) -> float:
     """Supervised steps on prompt + answer + eos (a random model never earns reward). Returns the last loss."""
     if steps <= 0:
@@ -224,6 +242,8 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     warm_rows = default_warm if warm_rows is None else warm_rows
     if heldout_rows is not None:  # a caller with its own task (an empty list: no held-out accuracy here)
         heldout = heldout_rows or None
+    if p.max_prompt_length is not None:
+        rows = drop_overlong_prompts(rows, tokenizer, p.max_prompt_length, log=log)
     # On this process's device from the start (a GPU where there is one): the warm start and the held-out
     # evaluation run before the trainer would move the model, and on a CPU the evaluation took the
     # gpu-qwen-small preset past the 110 s that benchmarks/gpu_trainer.sh allowed on an H200.
