@@ -355,6 +355,9 @@ def test_recipe_composes_validates_and_resolves(tmp_path):
     config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         cfg = compose(config_name="ppo_trainer", overrides=overrides)
+        # the filter's batch size follows a user's override of the data's (it is an interpolation)
+        smaller = compose(config_name="ppo_trainer", overrides=overrides + ["data.train_batch_size=512"])
+    assert dict(smaller.trainer.v1.sampler.sampler_kwargs)["train_batch_size"] == 512
     assert not need_reference_policy(cfg) and not need_critic(cfg)  # no KL: no reference model; no critic
     validate_config(config=cfg, use_reference_policy=False, use_critic=False)
 
@@ -362,6 +365,9 @@ def test_recipe_composes_validates_and_resolves(tmp_path):
     assert (cfg.data.train_batch_size, rollout.n, actor.ppo_mini_batch_size, actor.ppo_epochs) == (1024, 8, 256, 1)
     assert cfg.data.train_batch_size // actor.ppo_mini_batch_size == 4  # optimizer steps per generation
     assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.entropy_coeff, actor.optim.lr) == (0.16, 0.24, 0.001, 1e-6)
+    # the gradient clip where verl's FSDP engine reads it (actor.grad_clip is a deprecated field it ignores)
+    assert actor.optim.clip_grad == 1.0 and not any(".grad_clip=" in o for o in overrides)
+    assert cfg.trainer.max_actor_ckpt_to_keep == 3
     assert (cfg.data.max_prompt_length, cfg.data.max_response_length) == (1024, 3072)
     assert not actor.use_kl_loss and not cfg.algorithm.use_kl_in_reward and actor.loss_agg_mode == "token-mean"
     assert cfg.trainer.v1.sampler.sampler_kwargs.train_batch_size == cfg.data.train_batch_size
@@ -423,6 +429,12 @@ def test_recipe_launch_dry_run(tmp_path, capsys):
     (tmp_path / "train.parquet").write_bytes(b"")
     with pytest.raises(SystemExit, match="no held-out set"):
         verl_recipe.main(["launch", "--data", str(tmp_path)])
+    # the plugin joins a user's external modules instead of replacing them
+    assert verl_recipe.launch_env({"VERL_USE_EXTERNAL_MODULES": "mine"})["VERL_USE_EXTERNAL_MODULES"] == (
+        "mine," + verl_recipe.PLUGIN)
+    assert verl_recipe.launch_env({})["VERL_USE_EXTERNAL_MODULES"] == verl_recipe.PLUGIN
+    assert verl_recipe.launch_env({"VERL_USE_EXTERNAL_MODULES": verl_recipe.PLUGIN})[
+        "VERL_USE_EXTERNAL_MODULES"] == verl_recipe.PLUGIN
 
 
 def test_import_verl_loads_the_plugin_through_its_entry_point():

@@ -114,7 +114,7 @@ def recipe_overrides(model: str, data: str, *, gpus: int = 8, nodes: int = 1, ro
         "algorithm.use_kl_in_reward=False", "algorithm.filter_groups.enable=True",
         "trainer.v1.sampler.custom_sampler.path=pkg://ngrpo_kernels.integrations.verl.sampler",
         "trainer.v1.sampler.custom_sampler.name=NGRPOReplayBuffer",
-        f"+trainer.v1.sampler.sampler_kwargs.train_batch_size={batch}",
+        "+trainer.v1.sampler.sampler_kwargs.train_batch_size=${data.train_batch_size}",  # follows an override
         "+trainer.v1.sampler.sampler_kwargs.correct_reward=1.0",
         # data
         f"data.train_files={data_dir / 'train.parquet'}",
@@ -126,7 +126,7 @@ def recipe_overrides(model: str, data: str, *, gpus: int = 8, nodes: int = 1, ro
         f"{model_key}.use_remove_padding=True", f"{model_key}.enable_gradient_checkpointing=True",
         f"{model_key}.use_fused_kernels=True", f"{model_key}.fused_kernel_options.impl_backend=ngrpo",
         # actor: optimizer, batches, loss
-        f"{actor}.optim.lr=1e-6", f"{actor}.optim.weight_decay=0.01", f"{actor}.grad_clip=1.0",
+        f"{actor}.optim.lr=1e-6", f"{actor}.optim.weight_decay=0.01", f"{actor}.optim.clip_grad=1.0",
         f"{actor}.ppo_mini_batch_size=256", f"{actor}.ppo_epochs=1",
         f"{actor}.use_dynamic_bsz=True", f"{actor}.ppo_max_token_len_per_gpu=36000",
         f"{actor}.policy_loss.loss_mode=ngrpo", f"{actor}.loss_agg_mode=token-mean",
@@ -142,6 +142,8 @@ def recipe_overrides(model: str, data: str, *, gpus: int = 8, nodes: int = 1, ro
         # trainer
         f"trainer.n_gpus_per_node={gpus}", f"trainer.nnodes={nodes}", "trainer.total_epochs=20",
         "trainer.val_before_train=False", "trainer.test_freq=7", "trainer.save_freq=7",
+        # a 7B checkpoint with its optimizer state is ~100 GB: the last three, not all twenty
+        "trainer.max_actor_ckpt_to_keep=3",
         f"trainer.project_name={project}", f"trainer.experiment_name={experiment}", "trainer.logger=[console]",
     ]
     return overrides
@@ -180,7 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     if not held_out_files(Path(args.data)):
         raise SystemExit(f"{args.data} holds no held-out set ({', '.join(n + '.parquet' for n in HELD_OUT)}): "
                          "validation never runs on the training file; run `prepare` with a --src that has them")
-    return subprocess.call(command, env={**os.environ, "VERL_USE_EXTERNAL_MODULES": "ngrpo_kernels.integrations.verl"})
+    return subprocess.call(command, env=launch_env(os.environ))
+
+
+PLUGIN = "ngrpo_kernels.integrations.verl"
+
+
+def launch_env(environ) -> dict:
+    """The environment of the verl run: the plugin added to the user's VERL_USE_EXTERNAL_MODULES, not in place of it."""
+    modules = [m for m in environ.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
+    return {**environ, "VERL_USE_EXTERNAL_MODULES": ",".join(modules + [PLUGIN] * (PLUGIN not in modules))}
 
 
 if __name__ == "__main__":
