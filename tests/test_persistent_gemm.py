@@ -123,6 +123,25 @@ def test_dw_accumulation_over_chunks(tma, n, H, V, count, gen):
 
 
 @pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("n,H,V", SHAPES[:2])
+def test_scaled_products_for_fp16(tma, n, H, V, gen):
+    """fp16 dZ comes scaled by a power of two; the dX and dW GEMMs multiply their products back by the device
+    scalar they are given (per chunk: the two dW chunks here carry different scales)."""
+    x, w, _ = _inputs(2 * n, H, V, torch.float16, gen)
+    dz = torch.randn(2 * n, V, generator=gen).to(torch.float16).to(DEV)
+    s1, s2 = torch.tensor(2.0 ** -20, device=DEV), torch.tensor(2.0 ** -7, device=DEV)
+    out = torch.full((2, n, H), float("nan"), device=DEV)
+    acc = torch.full((V, H), float("nan"), device=DEV)
+    with configs.override(**_configs(tma)):
+        pg.matmul(dz[:n], w, out, scale=s1)
+        pg.accumulate_t(acc, dz[:n], x[:n], init=True, scale=s1)
+        pg.accumulate_t(acc, dz[n:], x[n:], init=False, scale=s2)
+    torch.testing.assert_close(out.sum(0).double(), dz[:n].double() @ w.double() * 2.0 ** -20, rtol=1e-5, atol=1e-10)
+    want = dz[:n].double().T @ x[:n].double() * 2.0 ** -20 + dz[n:].double().T @ x[n:].double() * 2.0 ** -7
+    torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("tma", [True, False])
 @pytest.mark.parametrize("n,H,V", SHAPES)
 @pytest.mark.parametrize("count", [None, 0, 1, 9])
 def test_dw_written_once_in_the_weight_dtype(tma, n, H, V, count, gen):
