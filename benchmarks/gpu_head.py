@@ -263,7 +263,37 @@ def check(out: list[str]) -> dict:
                    f"dW rel {r['dw_rel']:.2e}, finite {r['finite']}")
         del hd, wd
         empty_cache()
+    res["fused_loss fp16"] = _check_fp16(out)
     return res
+
+
+def _check_fp16(out: list[str]) -> dict:
+    """fp16 inputs (dZ scaled per chunk into fp16's range): the fused loss's gradients against float64, next to
+    the error of the float64 gradient rounded to fp16 (the floor) and plain fp16 PyTorch."""
+    from ngrpo_kernels.ops.fused_loss.naive import fused_linear_ngrpo_loss_naive
+
+    x = make_inputs(2048 if DEV == "cuda" else 64, seed=2)
+    h, w, t, mask = x["hidden"].half(), x["weight"].half(), x["targets"], x["mask"]
+    hd, wd = h.double().requires_grad_(), w.double().requires_grad_()
+    loss_d, _ = fused_linear_ngrpo_loss_naive(hd, wd, t, mask, x["old"].double(), advantages=x["adv"].double())
+    loss_d.backward()
+    hp, wp = h.detach().requires_grad_(), w.detach().requires_grad_()
+    plain, _ = fused_linear_ngrpo_loss_naive(hp, wp, t, mask, x["old"].half(), advantages=x["adv"].half())
+    plain.backward()
+    hs, ws = h.detach().requires_grad_(), w.detach().requires_grad_()
+    loss, _ = nk.fused_linear_ngrpo_loss(hs, ws, t, mask, x["old"], advantages=x["adv"], validate=False)
+    loss.backward()
+    r = dict(loss_rel=abs(loss.item() - loss_d.item()) / abs(loss_d.item()),
+             dx_rel=_rel(hs.grad, hd.grad), dw_rel=_rel(ws.grad, wd.grad),
+             floor_dx_rel=_rel(hd.grad.half(), hd.grad), floor_dw_rel=_rel(wd.grad.half(), wd.grad),
+             naive_fp16_dx_rel=_rel(hp.grad, hd.grad), naive_fp16_dw_rel=_rel(wp.grad, wd.grad),
+             finite=bool(torch.isfinite(hs.grad).all() and torch.isfinite(ws.grad).all()))
+    out.append(f"- fused loss, fp16, all valid: loss rel {r['loss_rel']:.2e}; dX rel {r['dx_rel']:.2e} (float64 "
+               f"rounded to fp16 {r['floor_dx_rel']:.2e}, naive fp16 {r['naive_fp16_dx_rel']:.2e}); dW rel "
+               f"{r['dw_rel']:.2e} (rounded {r['floor_dw_rel']:.2e}, naive fp16 {r['naive_fp16_dw_rel']:.2e})")
+    del hd, wd, hp, wp
+    empty_cache()
+    return r
 
 
 # ------------------------------------------------------------------------------------------ tables

@@ -39,6 +39,7 @@ def test_gpu_head_runs_every_section(tmp_path):
     assert all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in rows)
     check = json.loads((out / "head.json").read_text())["check"]
     assert all(c["finite"] for c in check.values())
+    assert check["fused_loss fp16"]["dx_rel"] < 2 * check["fused_loss fp16"]["floor_dx_rel"] + 1e-3
 
 
 @pytest.mark.parametrize("script", ["gpu_suite.sh", "gpu_trainer.sh"])
