@@ -130,8 +130,8 @@ class HeadSchedule:
         elif self.need_dx:
             out = self.dx_buf[:n]
             torch.matmul(dz, self.weight, out=out)
-            if scale is not None:
-                out.mul_(scale)  # a power of two: exact unless the result is subnormal
+            if scale is not None:  # in float32 (CUDA would take a 0-dim scale as fp16), rounded once
+                out.copy_(out.float().mul_(scale))
             self.dx.index_copy_(0, self.order[row0:row0 + n], out)
         if self.need_dw:
             if triton_gemms:  # one chunk with dw_dtype: the GEMM writes dW in that dtype (init)

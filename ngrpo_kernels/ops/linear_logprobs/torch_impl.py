@@ -73,7 +73,7 @@ def _forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, works
         logprobs[lo:hi] = log_p.gather(1, t)[:, 0]
         lse[lo:hi] = z.gather(1, t)[:, 0] - logprobs[lo:hi]
         if entropy:  # -E_p[log p]: no cancellation between lse and E_p[z] when every logit is large
-            ent[lo:hi] = -(log_p.exp() * log_p).sum(-1)
+            ent[lo:hi] = -log_p.exp().mul_(log_p).sum(-1)  # one [chunk, V] temporary, as the budget assumes
     valid = targets != ignore_index
     logprobs = torch.where(valid, logprobs, 0.0)
     ent = torch.where(valid, ent.clamp_min(0.0), 0.0) if entropy else None

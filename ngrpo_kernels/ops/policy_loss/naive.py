@@ -90,7 +90,7 @@ def policy_loss_naive(
     for x in (ref_logprobs, entropy, rollout_is_weights):
         if x is not None:
             finite &= torch.isfinite(masked(x.to(logprobs.dtype)))
-    per_token = torch.where(finite, per_token, 0.0) + logp * torch.where(finite, 0.0, torch.nan)
+    per_token = per_token + logp * torch.where(finite, 0.0, torch.nan)
     loss = aggregate_naive(per_token, valid, loss_agg_mode, normalizer, length_budget)
     metrics["clip_frac"] = token_mean(clipped.to(logprobs.dtype))
     metrics["approx_kl"] = token_mean((old_logp - logp).detach())

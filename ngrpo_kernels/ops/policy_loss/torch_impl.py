@@ -44,8 +44,8 @@ def token_terms(lp, old, A, valid, w, ref, H, isw, *, eps_neg, eps_pos, clip_rat
     if H is not None:
         loss = loss - entropy_coef * H
         stats[0, Stat.ENTROPY] = H.sum()
-    # A NaN or inf input (possible only with validate=False) gives a NaN loss and gradient, never the finite
-    # value a clip bound or the A = 0 rule would make of it.
+    # A NaN or inf input (possible only with validate=False) gives a NaN loss and d loss / d logp, never the finite
+    # value a clip bound or the A = 0 rule would make of it (d loss / d entropy stays -entropy_coef * w).
     ok = torch.isfinite(lp) & torch.isfinite(old) & torch.isfinite(A)
     for x in (ref, H, isw):
         if x is not None:

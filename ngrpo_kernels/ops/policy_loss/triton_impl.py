@@ -64,8 +64,8 @@ def token_loss(lp, old, A, valid, ref, H, isw, eps_neg, eps_pos, clip_c, beta, e
         dloss = dloss + beta * (1.0 - e)
     if HAS_ENT:
         loss = loss - entropy_coef * H
-    # A NaN or inf input (possible only with validate=False) gives a NaN loss and gradient, never the finite
-    # value a clip bound or the A = 0 rule would make of it.
+    # A NaN or inf input (possible only with validate=False) gives a NaN loss and d loss / d logp, never the finite
+    # value a clip bound or the A = 0 rule would make of it (d loss / d entropy stays -entropy_coef * w).
     # x * 0 is 0 for a finite x and NaN for inf or NaN: one sum says whether every input is finite.
     poison = lp * 0.0 + old * 0.0 + A * 0.0
     if HAS_REF:
