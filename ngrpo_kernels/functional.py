@@ -395,7 +395,7 @@ def fused_linear_ngrpo_loss(
         workspace_bytes: bound on the logits workspace (default: 32 MiB on CPU; min(1.25 GiB, memory / 16)
             on a GPU, where it holds ``chunk x V`` logits at 2 bytes each for half inputs, 4 for float32;
             docs/kernels.md has the measured time and memory per setting). It must hold at least one
-            row: V * 4 bytes (+ V * 2 for bf16/fp16 gradients).
+            row: V * 4 bytes (+ V * 2 for bf16 gradients).
         skip_zero_advantage: also leave out tokens whose advantage is exactly 0 (e.g. NGRPO's all-correct
             groups): their loss and gradient are exactly 0 when ``entropy_coef == 0`` and ``beta == 0``
             (required), so the loss and gradients are unchanged and the GPU spends no FLOPs on them. The
