@@ -46,26 +46,25 @@ def policy_loss_naive(
     A = masked(A.to(logprobs.dtype))
     logp, old_logp = masked(logprobs), masked(old_logprobs.to(logprobs.dtype))
 
-    log_ratio = logp - old_logp
-    with torch.no_grad():  # tokens whose term does not depend on logp: A = 0, or the clip or the dual clip binds
-        rho = torch.exp(log_ratio)
-        unclipped = torch.where(A == 0, 0.0, -A * rho)
-        bounded = -A * torch.clamp(rho, 1.0 - eps_neg, 1.0 + eps_pos)
-        constant = (A == 0) | (bounded > unclipped)
-        if clip_ratio_c is not None:
-            constant |= (A < 0) & (-A * clip_ratio_c < torch.maximum(unclipped, bounded))
-    # rho_t, no clamp on the log-ratio. Where the term is constant, exp's (zero) gradient is not taken: with an
-    # overflowing ratio it would be 0 * inf = NaN.
-    ratio = torch.exp(torch.where(constant, log_ratio.detach(), log_ratio))
-    pg_unclipped = torch.where(A == 0, 0.0, -A * ratio)  # 0, not 0 * inf, where the ratio overflows
-    pg_clipped = -A * torch.clamp(ratio, 1.0 - eps_neg, 1.0 + eps_pos)
-    pg = torch.maximum(pg_unclipped, pg_clipped)  # loss_t = -min(rho*A, clip(rho)*A)
-    clipped = pg_clipped > pg_unclipped
-    dual_clipped = torch.zeros_like(valid)
-    if clip_ratio_c is not None:  # dual clip: a negative-advantage token's loss is at most -c*A
-        bound = -A * clip_ratio_c
-        dual_clipped = (A < 0) & (bound < pg)
-        pg = torch.where(A < 0, torch.minimum(pg, bound), pg)
+    def clipped_term(ratio):
+        """(loss_t = -min(rho*A, clip(rho)*A), then at most -c*A where A < 0; clipped; dual-clipped)"""
+        pg_unclipped = torch.where(A == 0, 0.0, -A * ratio)  # 0, not 0 * inf, where the ratio overflows
+        pg_clipped = -A * torch.clamp(ratio, 1.0 - eps_neg, 1.0 + eps_pos)
+        pg = torch.maximum(pg_unclipped, pg_clipped)
+        dual = torch.zeros_like(valid)
+        if clip_ratio_c is not None:  # dual clip: a negative-advantage token's loss is at most -c*A
+            bound = -A * clip_ratio_c
+            dual = (A < 0) & (bound < pg)
+            pg = torch.where(A < 0, torch.minimum(pg, bound), pg)
+        return pg, pg_clipped > pg_unclipped, dual
+
+    log_ratio = logp - old_logp  # rho_t = exp(log_ratio), no clamp on the log-ratio
+    with torch.no_grad():  # tokens whose term does not depend on logp: A = 0, or a clip binds
+        _, clipped, dual_clipped = clipped_term(torch.exp(log_ratio))
+    # Where the term is constant, exp's (zero) gradient is not taken: with an overflowing ratio it would be
+    # 0 * inf = NaN.
+    constant = (A == 0) | clipped | dual_clipped
+    pg, _, _ = clipped_term(torch.exp(torch.where(constant, log_ratio.detach(), log_ratio)))
     if rollout_is_weights is not None:
         pg = pg * masked(rollout_is_weights.to(logprobs.dtype))
     per_token = pg
