@@ -45,6 +45,7 @@ def test_all_wrong_group_of_8_gets_minus_one_third(tmp_path):
     # mu' = 1/9, sigma' = 1/3: A = -(1/9) / (1/3 + eps) = -1/3 up to eps (docs/algorithm.md §2: -0.333332)
     assert out["advantages"].tolist() == pytest.approx([-(1 / 9) / (1 / 3 + 1e-6)] * 8, abs=1e-7)
     assert trainer._metrics["train"]["frac_all_wrong"][-1] == 1.0
+    assert list(trainer._logs["advantages"]) == out["advantages"].tolist()  # the completions table: NGRPO's, not 0
 
 
 def test_mixed_group_and_all_correct_filter(tmp_path):
@@ -78,8 +79,8 @@ def test_end_to_end_and_resume(tmp_path):
     straight = run(p, algo("ngrpo"), "ngrpo", str(tmp_path / "a"), seed=3, quiet=True)
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and straight["steps"] == 4
-    for key in ("reward_mean", "reward_std", "frac_all_wrong", "frac_all_correct", "clip_frac", "entropy", "loss",
-                "seconds"):
+    for key in ("reward_mean", "accuracy", "reward_std", "frac_all_wrong", "frac_all_correct", "clip_frac", "entropy",
+                "loss", "seconds"):
         assert all(key in r and math.isfinite(r[key]) for r in rows), key
     assert (tmp_path / "a" / "reward.png").stat().st_size > 0
     assert json.loads((tmp_path / "a" / "config.json").read_text())["trl_args"]["epsilon_high"] == 0.24
@@ -395,6 +396,9 @@ def test_dapo_run_with_length_penalty(tmp_path):
     p = dataclasses.replace(preset("tiny"), **dict(SMALL, max_steps=2, save_steps=10))
     summary = run(p, algo("dapo"), "dapo", str(tmp_path / "d"), seed=0, quiet=True)
     assert summary["steps"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    # accuracy is the verifier's alone; the reward adds the length penalty (<= 0)
+    assert all(0 <= r["accuracy"] <= 1 and r["reward_mean"] <= r["accuracy"] + 1e-6 for r in rows)
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -427,6 +431,81 @@ def test_unimplemented_trl_options_are_refused(option, value, tmp_path):
 
     with pytest.raises(ValueError, match=option):
         NGRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **{option: value})
+
+
+def test_clip_bounds_default_to_ngrpo_and_a_lone_epsilon_is_symmetric_as_in_trl(tmp_path):
+    from trl import GRPOConfig
+
+    from ngrpo_kernels.integrations.trl import NGRPOConfig
+
+    def bounds(cls, **kw):
+        cfg = cls(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kw)
+        return cfg.epsilon, cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon  # TRL's rule
+
+    assert bounds(NGRPOConfig) == (0.16, 0.24)
+    assert bounds(NGRPOConfig, epsilon=0.2) == bounds(GRPOConfig, epsilon=0.2) == (0.2, 0.2)
+    assert bounds(NGRPOConfig, epsilon=0.2, epsilon_high=0.28) == (0.2, 0.28)
+
+
+def test_moe_load_balancing_loss_is_refused(tmp_path):
+    from datasets import Dataset
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from ngrpo_kernels.integrations.trl import NGRPOConfig, NGRPOTrainer
+    from ngrpo_train.tokenizer import char_tokenizer
+
+    tok = char_tokenizer(tasks.ALPHABET)
+    cfg = Qwen2MoeConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, moe_intermediate_size=16,
+                         shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, output_router_logits=True,
+                         router_aux_loss_coef=0.5, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)
+    rows = Dataset.from_list(tasks.arithmetic_problems(8, max_operand=10, seed=0, split="train"))
+
+    def build(**kw):
+        args = NGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                           max_completion_length=3, max_steps=1, report_to=[], save_strategy="no", use_cpu=True, **kw)
+        return NGRPOTrainer(model=Qwen2MoeForCausalLM(cfg), reward_funcs=lambda completions, **_: [0.0] * len(
+            completions), args=args, train_dataset=rows, processing_class=tok)
+
+    with pytest.raises(ValueError, match="router_aux_loss_coef"):
+        build()
+    assert not build(router_aux_loss_coef=0.0).aux_loss_enabled  # trained without it, knowingly
+
+
+def test_final_model_is_saved_whole_under_fsdp_with_sharded_checkpoints(tmp_path):
+    """transformers' save_model writes nothing under FSDP unless the state dict is FULL_STATE_DICT; the
+    recipe's launch config checkpoints sharded. save_final_model switches for the last save."""
+    import types
+
+    import yaml
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import Trainer
+
+    import ngrpo_train
+    from ngrpo_train.train import save_final_model
+
+    config = yaml.safe_load((Path(ngrpo_train.__file__).parent / "accelerate" / "fsdp2.yaml").read_text())
+    fsdp = config["fsdp_config"]
+
+    def trainer():
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=fsdp["fsdp_version"],
+                                                state_dict_type=fsdp["fsdp_state_dict_type"])
+        saved = []
+        stub = types.SimpleNamespace(
+            is_fsdp_enabled=True, is_deepspeed_enabled=False, model=None, args=types.SimpleNamespace(push_to_hub=False),
+            accelerator=types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin),
+                                              get_state_dict=lambda model: {}),
+            _save=lambda out, state_dict=None: saved.append(out))
+        stub.save_model = types.MethodType(Trainer.save_model, stub)
+        return stub, saved
+
+    plain, saved = trainer()
+    plain.save_model(str(tmp_path))
+    assert saved == []  # the trap: nothing written
+    stub, saved = trainer()
+    save_final_model(stub, str(tmp_path))
+    assert saved == [str(tmp_path)] and "FULL_STATE_DICT" in str(stub.accelerator.state.fsdp_plugin.state_dict_type)
 
 
 def test_kl_needs_the_unweighted_k3(tmp_path):

@@ -40,6 +40,9 @@ from ..functional import fused_linear_logprobs, fused_linear_ngrpo_loss, group_a
 from ..variants import Estimator
 
 
+NGRPO_EPS_NEG, NGRPO_EPS_POS = 0.16, 0.24  # the paper's asymmetric clip (docs/algorithm.md)
+
+
 @dataclasses.dataclass
 class NGRPOConfig(GRPOConfig):
     """``GRPOConfig`` with NGRPO's defaults and knobs."""
@@ -53,13 +56,17 @@ class NGRPOConfig(GRPOConfig):
         default=True, metadata={"help": "mask all-correct groups out of the loss (the recipe's filter)"})
     filter_all_wrong: bool = dataclasses.field(
         default=False, metadata={"help": "also mask all-wrong groups (DAPO's dynamic sampling)"})
-    epsilon: float = 0.16
-    epsilon_high: float = 0.24
+    epsilon: float = NGRPO_EPS_NEG
+    # None: NGRPO's 0.24 while ``epsilon`` is NGRPO's 0.16; otherwise ``epsilon`` (TRL's rule, so that
+    # ``NGRPOConfig(epsilon=0.2)`` clips 0.2 / 0.2 as ``GRPOConfig(epsilon=0.2)`` does).
+    epsilon_high: float | None = None
     beta: float = 0.0
     loss_type: str = "dapo"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.epsilon_high is None:
+            self.epsilon_high = NGRPO_EPS_POS if self.epsilon == NGRPO_EPS_NEG else self.epsilon
         Estimator.parse(self.advantage_estimator)
         if self.loss_type != "dapo":
             raise ValueError("NGRPOTrainer aggregates as token-mean over the global token count (loss_type='dapo')")
@@ -89,6 +96,10 @@ class NGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.aux_loss_enabled:  # TRL adds a MoE router's load-balancing loss; the fused loss path does not
+            raise ValueError(
+                f"NGRPOTrainer does not implement the MoE load-balancing loss (router_aux_loss_coef="
+                f"{self.router_aux_loss_coef}): set router_aux_loss_coef=0.0 to train without it knowingly")
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         temperature = self.temperature / _logit_scale(model.config)
         _add_ngrpo_head(model, temperature)
@@ -123,6 +134,11 @@ class NGRPOTrainer(GRPOTrainer):
         local = output["advantages"].shape[0]
         process_slice = slice(self.accelerator.process_index * local, (self.accelerator.process_index + 1) * local)
         output["advantages"] = advantages[process_slice]
+        # TRL logged its own advantages of these completions (the completions table): log the ones trained on.
+        logged = self._logs["advantages"]
+        for _ in range(min(len(logged), advantages.numel())):
+            logged.pop()
+        logged.extend(advantages.tolist())
 
         # The filters judge correctness by the first reward function (the verifier), so shaping terms
         # added after it (e.g. DAPO's length penalty) do not change which groups count as solved.

@@ -64,11 +64,12 @@ def main(argv=None) -> list[dict]:
                 acc[when] = {"easy": greedy_accuracy(model, tok, held_easy, p.max_completion_length),
                              "hard": greedy_accuracy(model, tok, held_hard, p.max_completion_length)}
             rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            results.append({"algo": name, "seed": seed, "accuracy": acc, "reward_first": summary.get("reward_first"),
-                            "reward_last": summary.get("reward_last"),
+            results.append({"algo": name, "seed": seed, "accuracy": acc,
+                            "train_accuracy_first": summary.get("accuracy_first"),
+                            "train_accuracy_last": summary.get("accuracy_last"),
                             "frac_all_wrong_first": sum(r["frac_all_wrong"] for r in rows[:30]) / min(30, len(rows)),
                             "frac_all_wrong_last": sum(r["frac_all_wrong"] for r in rows[-30:]) / min(30, len(rows)),
-                            "curve": [r["reward_mean"] for r in rows]})
+                            "curve": [r["accuracy"] for r in rows]})
             print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}))
     out = Path(args.output_dir)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -83,13 +84,14 @@ def _report(results, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     lines = ["| algo | seed | held-out easy: before → after | held-out hard: before → after | "
-             "train reward: first → last 20 % | all-wrong groups: first → last 30 steps |",
+             "train accuracy (verifier): first → last 20 % | all-wrong groups: first → last 30 steps |",
              "|---|---:|---|---|---|---|"]
     for r in results:
         a = r["accuracy"]
         lines.append(f"| {r['algo']} | {r['seed']} | {a['before']['easy']:.3f} → {a['after']['easy']:.3f} | "
-                     f"{a['before']['hard']:.3f} → {a['after']['hard']:.3f} | {r['reward_first']:.3f} → "
-                     f"{r['reward_last']:.3f} | {r['frac_all_wrong_first']:.2f} → {r['frac_all_wrong_last']:.2f} |")
+                     f"{a['before']['hard']:.3f} → {a['after']['hard']:.3f} | {r['train_accuracy_first']:.3f} → "
+                     f"{r['train_accuracy_last']:.3f} | "
+                     f"{r['frac_all_wrong_first']:.2f} → {r['frac_all_wrong_last']:.2f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = {"grpo": "tab:blue", "ngrpo": "tab:red", "dapo": "tab:green", "w_reinforce": "tab:purple"}
@@ -99,7 +101,8 @@ def _report(results, out: Path) -> None:
         smooth = [sum(curve[max(0, i - k + 1):i + 1]) / len(curve[max(0, i - k + 1):i + 1]) for i in range(len(curve))]
         ax.plot(range(1, len(curve) + 1), smooth, color=colors.get(r["algo"]), alpha=0.8,
                 label=f"{r['algo']} seed {r['seed']}")
-    ax.set(xlabel="step", ylabel="train reward (10-step mean)", title="tiny preset, half the prompts all-wrong at start")
+    ax.set(xlabel="step", ylabel="train accuracy (10-step mean)",
+           title="tiny preset, half the prompts all-wrong at start")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

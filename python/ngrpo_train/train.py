@@ -20,17 +20,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads 
 
 
 class MetricsLog(TrainerCallback):
-    """One JSON object per optimizer step in OUTPUT/metrics.jsonl, and a one-line progress report."""
+    """One JSON object per optimizer step in OUTPUT/metrics.jsonl, and a one-line progress report.
+    ``accuracy`` is the first reward function's mean (the verifier); ``reward_mean`` sums every reward
+    function (DAPO's length penalty included)."""
 
     FIELDS = {"reward_mean": "reward", "reward_std": "reward_std", "frac_all_wrong": "frac_all_wrong",
               "frac_all_correct": "frac_all_correct", "clip_frac": "clip_ratio/region_mean", "entropy": "entropy",
               "loss": "loss", "approx_kl": "approx_kl", "completion_length": "completions/mean_length"}
 
     # Logged once per generation; the optimizer steps that reuse a generation repeat its values.
-    PER_GENERATION = ("reward_mean", "reward_std", "frac_all_wrong", "frac_all_correct", "completion_length")
+    PER_GENERATION = ("reward_mean", "accuracy", "reward_std", "frac_all_wrong", "frac_all_correct",
+                      "completion_length")
 
-    def __init__(self, path: Path, max_steps: int, quiet: bool = False):
+    def __init__(self, path: Path, max_steps: int, verifier: str, quiet: bool = False):
         self.path, self.max_steps, self.quiet = path, max_steps, quiet
+        self.fields = {**self.FIELDS, "accuracy": f"rewards/{verifier}/mean"}
         self._t = time.perf_counter()
         self._generation: dict = {}
 
@@ -40,7 +44,7 @@ class MetricsLog(TrainerCallback):
         now = time.perf_counter()
         row = {"step": state.global_step, "seconds": round(now - self._t, 4)}
         self._t = now
-        row.update({k: logs[v] for k, v in self.FIELDS.items() if v in logs})
+        row.update({k: logs[v] for k, v in self.fields.items() if v in logs})
         if "reward_mean" in row:
             self._generation = {k: row[k] for k in self.PER_GENERATION if k in row}
         row = {**self._generation, **row}
@@ -49,7 +53,7 @@ class MetricsLog(TrainerCallback):
         if not self.quiet:
             done = int(30 * state.global_step / max(1, self.max_steps))
             print(f"\r[{'#' * done}{'.' * (30 - done)}] step {state.global_step}/{self.max_steps} "
-                  f"reward {row.get('reward_mean', 0):.3f} clip {row.get('clip_frac', 0):.3f} "
+                  f"accuracy {row.get('accuracy', 0):.3f} clip {row.get('clip_frac', 0):.3f} "
                   f"{row['seconds']:.2f}s/step", end="\n" if state.global_step >= self.max_steps else "", flush=True)
 
 
@@ -310,14 +314,15 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer = trainer_cls(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, callbacks=[MetricsLog(metrics_path, p.max_steps, quiet)])
+                          processing_class=tokenizer)
+    trainer.add_callback(MetricsLog(metrics_path, p.max_steps, trainer.reward_func_names[0], quiet))
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # MetricsLog reports progress; the raw log dicts go to metrics.jsonl
     if resume_from is not None and main:
         _truncate_metrics(metrics_path, checkpoint_step(resume_from))
     trainer.train(resume_from_checkpoint=resume_from)
-    trainer.save_model(str(out / "final"))
+    save_final_model(trainer, str(out / "final"))
     state.wait_for_everyone()
     if not main:  # the main process evaluates and writes the summary
         return summary
@@ -337,10 +342,21 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
         k = max(1, len(rows_logged) // 5)
         summary["reward_first"] = sum(r["reward_mean"] for r in rows_logged[:k]) / k
         summary["reward_last"] = sum(r["reward_mean"] for r in rows_logged[-k:]) / k
+        summary["accuracy_first"] = sum(r["accuracy"] for r in rows_logged[:k]) / k
+        summary["accuracy_last"] = sum(r["accuracy"] for r in rows_logged[-k:]) / k
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if plot and rows_logged:
         plot_metrics(rows_logged, out / "reward.png", title=f"{p.name} / {algo_name} / seed {seed}")
     return summary
+
+
+def save_final_model(trainer, path: str) -> None:
+    """The whole model in ``path``, what ``ngrpo-eval`` loads. Under FSDP, transformers' ``save_model`` writes
+    nothing unless the state dict is FULL_STATE_DICT; the recipe's launch config checkpoints sharded (fast,
+    resumable), so the last save switches to full, as accelerate's plugin intends."""
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(path)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -358,8 +374,11 @@ def plot_metrics(rows: list[dict], path: Path, title: str) -> None:
 
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax[0].plot(steps, [r["reward_mean"] for r in rows], label="reward (mean accuracy of samples)")
-    ax[0].set(xlabel="step", ylabel="reward", title=title, ylim=(-0.02, 1.02))
+    ax[0].plot(steps, [r["accuracy"] for r in rows], label="accuracy of samples (verifier)")
+    shaped = any(r["reward_mean"] != r["accuracy"] for r in rows)  # e.g. DAPO's length penalty, down to -1
+    if shaped:
+        ax[0].plot(steps, [r["reward_mean"] for r in rows], label="reward (all reward functions)")
+    ax[0].set(xlabel="step", ylabel="per sample", title=title, ylim=(-1.02 if shaped else -0.02, 1.02))
     ax[1].plot(steps, [r.get("frac_all_wrong", 0) for r in rows], label="all-wrong groups")
     ax[1].plot(steps, [r.get("frac_all_correct", 0) for r in rows], label="all-correct groups")
     ax[1].plot(steps, [r.get("clip_frac", 0) for r in rows], label="clip fraction")
