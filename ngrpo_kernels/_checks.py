@@ -110,6 +110,12 @@ def workspace(name: str, v) -> int | None:
     return None if v is None else int(v)
 
 
+def integer_option(name: str, v) -> int:
+    if _is_bool(v) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {v!r}")
+    return int(v)
+
+
 def nonnegative_int(name: str, v) -> int:
     if _is_bool(v) or not isinstance(v, numbers.Integral) or v < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {v!r}")

@@ -279,10 +279,12 @@ def _linear_logprobs_backward_op(x: Tensor, weight: Tensor, bias: Optional[Tenso
                                  ignore_index: int, need_x: bool, need_w: bool, need_b: bool,
                                  workspace_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
     (inv_temp,) = _unpack(scalars)
-    dx, dw, db = _linear_logprobs.impl(Backend(backend)).backward(
-        x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.contiguous(), lse,
-        entropy, g_lp.float().contiguous(), None if g_ent is None else g_ent.float().contiguous(), inv_temp=inv_temp,
-        ignore_index=ignore_index, need_x=need_x, need_w=need_w, need_b=need_b, workspace_bytes=workspace_bytes or None)
+    with torch.autocast(x.device.type, enabled=False):  # a backward called under autocast: as the forward
+        dx, dw, db = _linear_logprobs.impl(Backend(backend)).backward(
+            x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.contiguous(),
+            lse, entropy, g_lp.float().contiguous(), None if g_ent is None else g_ent.float().contiguous(),
+            inv_temp=inv_temp, ignore_index=ignore_index, need_x=need_x, need_w=need_w, need_b=need_b,
+            workspace_bytes=workspace_bytes or None)
     return (_absent(x) if dx is None else dx, _absent(weight) if dw is None else dw.to(weight.dtype),
             _absent(weight) if db is None else db.to(bias.dtype))
 

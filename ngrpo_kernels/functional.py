@@ -189,6 +189,13 @@ def ngrpo_policy_loss(
     )
 
 
+def _inputs_precision(device: torch.device):
+    """The head ops compute in their inputs' precision (float32 logits and statistics), not in an ambient
+    ``torch.autocast``'s: autocast would rewrite the CPU and reference backends' ``@`` into bf16 GEMMs (a
+    3e-2 log-prob error on float32 inputs). The GPU kernels never see autocast; this makes every backend alike."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def _head_value_checks(values: check.ValueChecks, weight, bias) -> None:
     """The lm_head's values: a NaN or inf there reaches every token's logsumexp. -inf is refused too: a banned
     token is a large negative finite bias (-1e4 here is exp(-1e4) = 0), which every backend handles alike."""
@@ -327,8 +334,7 @@ def fused_linear_logprobs(
         raise ValueError(f"weight must be non-empty, got {check.describe(weight)}")
     device = check.same_device({"hidden": hidden, "weight": weight, "targets": targets, "bias": bias})
     temperature = check.positive("temperature", temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    ignore_index = check.integer_option("ignore_index", ignore_index)
     workspace_bytes = check.workspace("workspace_bytes", workspace_bytes)
     return_entropy = check.flag("return_entropy", return_entropy)
     if validate:
@@ -340,11 +346,12 @@ def fused_linear_logprobs(
         values.finite("hidden", hidden, (targets != ignore_index)[..., None])
         _head_value_checks(values, weight, bias)
         values.run()
-    return _library.linear_logprobs(
-        selected_backend(device), hidden, weight, targets, bias=bias, temperature=temperature,
-        ignore_index=ignore_index, return_entropy=bool(return_entropy), deterministic=bool(deterministic),
-        workspace_bytes=workspace_bytes,
-    )
+    with _inputs_precision(device):
+        return _library.linear_logprobs(
+            selected_backend(device), hidden, weight, targets, bias=bias, temperature=temperature,
+            ignore_index=ignore_index, return_entropy=bool(return_entropy), deterministic=bool(deterministic),
+            workspace_bytes=workspace_bytes,
+        )
 
 
 def fused_linear_ngrpo_loss(
@@ -476,7 +483,9 @@ def fused_linear_ngrpo_loss(
     if workspace_bytes is not None:
         from .ops.fused_loss.schedule import bytes_per_row
 
-        need = bytes_per_row(V, hidden.dtype, hidden.requires_grad or weight.requires_grad)
+        grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                            or (bias is not None and bias.requires_grad))
+        need = bytes_per_row(V, hidden.dtype, grad)
         if workspace_bytes < need:
             raise ValueError(f"workspace_bytes={workspace_bytes} cannot hold one row of logits (V={V}, "
                              f"{hidden.dtype}): at least {need} bytes are needed")
@@ -496,10 +505,11 @@ def fused_linear_ngrpo_loss(
         _head_value_checks(values, weight, bias)
         values.run()
 
-    return _library.fused_linear_ngrpo_loss(
-        selected_backend(device), hidden, weight, targets, mask, old_logprobs, advantages, bias=bias,
-        temperature=temperature, eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c,
-        ref_logprobs=ref_logprobs, beta=beta, entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode,
-        normalizer=normalizer, length_budget=length_budget, rollout_is_weights=rollout_is_weights,
-        workspace_bytes=workspace_bytes, skip_zero_advantage=bool(skip_zero_advantage),
-    )
+    with _inputs_precision(device):
+        return _library.fused_linear_ngrpo_loss(
+            selected_backend(device), hidden, weight, targets, mask, old_logprobs, advantages, bias=bias,
+            temperature=temperature, eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c,
+            ref_logprobs=ref_logprobs, beta=beta, entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode,
+            normalizer=normalizer, length_budget=length_budget, rollout_is_weights=rollout_is_weights,
+            workspace_bytes=workspace_bytes, skip_zero_advantage=bool(skip_zero_advantage),
+        )

@@ -346,3 +346,125 @@ def test_options_are_checked_where_they_are_given():
     for bad in (dict(r_max=float("inf")), dict(num_virtual=-1), dict(workspace_bytes=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             nk.fused_linear_ngrpo_loss(h, w, t, m, None, advantages=adv, **bad)
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -8.0])
+def test_a_bad_normalizer_is_not_a_silent_zero(backend, value, device):
+    """validate=False with a NaN / inf / 0 / negative tensor normaliser: the loss shows it as the reference's
+    does (non-finite, or the sign), never the 0 loss and zero gradients that a safe inverse (and the
+    reference's empty-batch rule, and 1 / inf) once made of it."""
+    if device.type == "cuda" and backend != "triton":
+        pytest.skip("CPU backend")
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 3, 8, generator=gen).to(device)
+    w = (torch.randn(11, 8, generator=gen) / 3).to(device)
+    t = torch.randint(0, 11, (2, 3), generator=gen).to(device)
+    m = torch.ones(2, 3, dtype=torch.bool, device=device)
+    adv = torch.tensor([1.0, -0.5], device=device)
+    lp = -torch.rand(2, 3, generator=gen).to(device)
+    results = {}
+    for name in (backend, "reference"):
+        with nk.use_backend(name):
+            norm = torch.tensor(value, device=device)
+            fused, _ = nk.fused_linear_ngrpo_loss(h, w, t, m, None, advantages=adv, normalizer=norm, validate=False)
+            plain, _ = nk.ngrpo_policy_loss(lp, lp - 0.1, adv, m, normalizer=norm, validate=False)
+            results[name] = (fused, plain)
+            with pytest.raises(ValueError, match="normalizer"):  # a number is checked without a sync: always
+                nk.ngrpo_policy_loss(lp, lp - 0.1, adv, m, normalizer=value, validate=False)
+    for got, want in zip(results[backend], results["reference"]):
+        if value < 0:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            assert got < 0 if want < 0 else got > 0
+        else:
+            assert not torch.isfinite(got) and not torch.isfinite(want)
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("where", ["hidden", "old", "ref", "isw"])
+def test_skipping_zero_advantage_tokens_hides_no_nan(backend, where, device):
+    """skip_zero_advantage computes no FLOPs for valid tokens with A = 0, but a NaN in their inputs still
+    gives a NaN loss, as without the skip (NaN at masked positions still does not)."""
+    if device.type == "cuda" and backend != "triton":
+        pytest.skip("CPU backend")
+    gen = torch.Generator().manual_seed(9)
+    h = torch.randn(3, 4, 8, generator=gen).to(device)
+    w = (torch.randn(11, 8, generator=gen) / 3).to(device)
+    t = torch.randint(0, 11, (3, 4), generator=gen).to(device)
+    m = torch.ones(3, 4, dtype=torch.bool, device=device)
+    m[2, 3] = False
+    adv = torch.tensor([1.0, 0.0, -0.5], device=device)  # row 1 is skipped
+    ins = dict(old=-torch.rand(3, 4, generator=gen).to(device), ref=-torch.rand(3, 4, generator=gen).to(device),
+               isw=torch.ones(3, 4, device=device))
+
+    def loss_with(row, col):
+        bad = {k: v.clone() for k, v in ins.items()}
+        hb = h.clone()
+        if where == "hidden":
+            hb[row, col, 2] = float("nan")
+        else:
+            bad[where][row, col] = float("nan")
+        with nk.use_backend(backend):
+            return nk.fused_linear_ngrpo_loss(hb, w, t, m, bad["old"], advantages=adv, ref_logprobs=bad["ref"],
+                                              rollout_is_weights=bad["isw"], skip_zero_advantage=True,
+                                              validate=False)[0]
+
+    assert loss_with(1, 2).isnan()  # valid, skipped
+    assert torch.isfinite(loss_with(2, 3))  # masked: never read
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+def test_autocast_does_not_lower_the_heads_precision(backend, device):
+    """Under torch.autocast, float32 inputs give the same log-probs, loss and gradients as outside it on every
+    backend (autocast once turned the CPU and reference backends' GEMMs into bf16 ones: 3e-2 log-prob error)."""
+    if device.type == "cuda" and backend != "triton":
+        pytest.skip("CPU backend")
+    gen = torch.Generator().manual_seed(11)
+    h = torch.randn(2, 5, 16, generator=gen).to(device).requires_grad_()
+    w = (torch.randn(37, 16, generator=gen) / 2).to(device).requires_grad_()
+    t = torch.randint(0, 37, (2, 5), generator=gen).to(device)
+    m = torch.ones(2, 5, dtype=torch.bool, device=device)
+    old, adv = -torch.rand(2, 5, generator=gen).to(device) - 2, torch.tensor([1.0, -0.5], device=device)
+
+    def run(autocast, autocast_backward):
+        h.grad = w.grad = None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            lp, ent = nk.fused_linear_logprobs(h, w, t, return_entropy=True)
+            loss, _ = nk.fused_linear_ngrpo_loss(h, w, t, m, old, advantages=adv)
+            with torch.autocast(device.type, enabled=autocast_backward):
+                (lp.sum() + ent.sum()).backward()
+                grads = [h.grad.clone(), w.grad.clone()]
+                h.grad = w.grad = None
+                loss.backward()
+        return [lp, ent, loss, *grads, h.grad, w.grad]
+
+    with nk.use_backend(backend):
+        want = run(False, False)
+        # PyTorch advises backward outside autocast; the custom ops hold even inside it. The reference is
+        # plain autograd: on the CPU its backward GEMMs follow the autocast of the backward call.
+        got = run(True, autocast_backward=backend != "reference")
+    for g, e in zip(got, want):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_integer_options_take_numpy_integers_and_the_workspace_check_asks_for_what_runs():
+    np = pytest.importorskip("numpy")
+    h, w = torch.randn(2, 3, 8), torch.randn(23, 8)
+    t = torch.randint(0, 23, (2, 3))
+    t[0, 0] = -100
+    torch.testing.assert_close(nk.fused_linear_logprobs(h, w, t, ignore_index=np.int64(-100)),
+                               nk.fused_linear_logprobs(h, w, t, ignore_index=-100))
+    with pytest.raises(TypeError, match="ignore_index"):
+        nk.fused_linear_logprobs(h, w, t, ignore_index=np.bool_(True))
+    m, adv = torch.ones(2, 3), torch.tensor([1.0, -1.0])
+    t[0, 0] = 0
+    need_grad = h.to(torch.bfloat16).requires_grad_(), w.to(torch.bfloat16)
+    with torch.no_grad():  # no gradient runs, so no dZ row: 4 bytes a logit suffice
+        nk.fused_linear_ngrpo_loss(*need_grad, t, m, None, advantages=adv, workspace_bytes=4 * 23)
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        nk.fused_linear_ngrpo_loss(*need_grad, t, m, None, advantages=adv, workspace_bytes=4 * 23)
+    bias = torch.zeros(23, dtype=torch.bfloat16, requires_grad=True)  # the bias's gradient needs dZ too
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        nk.fused_linear_ngrpo_loss(h.to(torch.bfloat16), w.to(torch.bfloat16), t, m, None, advantages=adv, bias=bias,
+                                   workspace_bytes=4 * 23)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ...backend import Backend
-from ..policy_loss import _row_scale_and_denominator, _safe_inverse
+from ...variants import Stat
+from ..policy_loss import _row_scale_and_inverse, _safe_inverse
 from . import schedule
 from .naive import fused_linear_ngrpo_loss_naive
 
@@ -56,7 +57,7 @@ def _token_inputs(backend: Backend, valid, computed, targets, old_logprobs, adva
     """The per-token [N] arrays of the row kernels (target, w, adv, old, ref, isw; ``w`` carries the
     aggregation and its denominator) and the counts: ``(arrays, n_tokens, computed_frac)``. ``valid`` is
     the loss's mask, ``computed`` the tokens actually computed (fewer with ``skip_zero_advantage``)."""
-    row_scale, denominator, n_tokens = _row_scale_and_denominator(valid, loss_agg_mode, normalizer, length_budget)
+    row_scale, inverse, n_tokens = _row_scale_and_inverse(valid, loss_agg_mode, normalizer, length_budget)
     computed_frac = None
     if skip_zero_advantage:  # the aggregation keeps every valid token; only the computation skips some
         n_computed = computed.sum(dtype=torch.float32)
@@ -75,7 +76,7 @@ def _token_inputs(backend: Backend, valid, computed, targets, old_logprobs, adva
         # The aggregation's denominator is folded into the per-token weights: the kernels then form the
         # gradient of the loss itself, not of its unnormalised sum (which overflows fp16 dZ at a few
         # thousand tokens).
-        w=_per_token(row_scale * _safe_inverse(denominator), computed, zero),
+        w=_per_token(row_scale * inverse, computed, zero),
         adv=_per_token(advantages, computed, zero),
         old=old,
         ref=None if ref_logprobs is None else _per_token(ref_logprobs, computed, zero),
@@ -125,4 +126,18 @@ def forward(backend: Backend, hidden, weight, targets, mask, old_logprobs, advan
             workspace_bytes = schedule.default_workspace_bytes(x.device)
         stats, dx, dw, db = schedule.run(x, w_, b_, valid=flat_computed, **token_inputs(), row_op=_row_op(backend),
                                          row_options=row_options, workspace_bytes=workspace_bytes, **needs)
+    if skip_zero_advantage:
+        stats[Stat.LOSS] += _skipped_poison(hidden, valid & ~computed, old_logprobs, ref_logprobs, rollout_is_weights)
     return stats, counts["n_tokens"], counts["computed_frac"], dx, dw, db
+
+
+def _skipped_poison(hidden, skipped, *per_token):
+    """0, or NaN when a token the computation skipped (valid, advantage 0) holds a non-finite hidden state,
+    old / reference log-prob or IS weight: without the skip its loss term would be NaN, so the loss is NaN
+    here too (never a finite loss from bad input, as with every other token). One read of the hidden
+    states, queued after the GEMMs; skipped tokens still cost no FLOPs."""
+    x = hidden.sum(-1, dtype=torch.float32)  # [B, T]: a NaN / inf in a row stays in its sum
+    for t in per_token:
+        if t is not None:
+            x = x + t.float()
+    return torch.where(skipped, x * 0, 0.0).sum()

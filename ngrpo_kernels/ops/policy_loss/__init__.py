@@ -24,9 +24,12 @@ def _safe_inverse(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x.reciprocal(), 0.0)
 
 
-def _row_scale_and_denominator(valid, mode: AggMode, normalizer, length_budget, dtype=torch.float32):
-    """Per-row aggregation factor [B], the aggregation's denominator and the valid-token count, in ``dtype``
-    (float64 for float64 inputs on the PyTorch backends: the weights must not be the loss's weakest link)."""
+def _row_scale_and_inverse(valid, mode: AggMode, normalizer, length_budget, dtype=torch.float32):
+    """Per-row aggregation factor [B], the inverse of the aggregation's denominator and the valid-token count,
+    in ``dtype`` (float64 for float64 inputs on the PyTorch backends: the weights must not be the loss's
+    weakest link). A denominator counted from the mask is 0 only for a fully masked batch, whose loss is 0;
+    a ``normalizer`` is inverted as given, so a NaN, inf, 0 or negative one passed with ``validate=False``
+    shows in the loss (NaN, NaN, inf or NaN, the sign) as in the reference, never as a silent 0."""
     n_b = valid.sum(-1, dtype=dtype)
     n_tokens = n_b.sum()
     ones = torch.ones_like(n_b)
@@ -39,13 +42,15 @@ def _row_scale_and_denominator(valid, mode: AggMode, normalizer, length_budget, 
     else:  # SEQ_MEAN_TOKEN_SUM_NORM
         budget = valid.shape[-1] if length_budget is None else length_budget
         row_scale, denominator = ones / budget, ones.new_ones(())
-    if isinstance(normalizer, torch.Tensor):
-        denominator = normalizer.to(dtype)
-    elif normalizer is not None:
+    if normalizer is None:
+        inverse = _safe_inverse(denominator)
+    else:
         # A number stays a CPU scalar: multiplying device tensors by it copies nothing to the device
         # (torch.as_tensor(..., device="cuda") would, on every call: a host synchronisation).
-        denominator = torch.tensor(float(normalizer), dtype=dtype)
-    return row_scale, denominator, n_tokens.to(torch.float32)  # the count stays float32 (exact to 2**24)
+        normalizer = normalizer.to(dtype) if isinstance(normalizer, torch.Tensor) else torch.tensor(
+            float(normalizer), dtype=dtype)
+        inverse = normalizer.reciprocal() + normalizer * 0  # + NaN for an infinite one (1 / inf is 0)
+    return row_scale, inverse, n_tokens.to(torch.float32)  # the count stays float32 (exact to 2**24)
 
 
 def grad_dtype(backend: Backend, dtype: torch.dtype) -> torch.dtype:
@@ -68,10 +73,10 @@ def forward(
         from .torch_impl import policy_loss_fused_torch as fused_pass
 
     valid = mask if mask.dtype == torch.bool else mask != 0
-    row_scale, denominator, n_tokens = _row_scale_and_denominator(valid, loss_agg_mode, normalizer, length_budget,
-                                                                  grad_dtype(backend, logprobs.dtype))
+    row_scale, inverse, n_tokens = _row_scale_and_inverse(valid, loss_agg_mode, normalizer, length_budget,
+                                                          grad_dtype(backend, logprobs.dtype))
     stats, g_lp, g_ent = fused_pass(
-        logprobs, old_logprobs, advantages, valid, row_scale * _safe_inverse(denominator), ref_logprobs, entropy,
+        logprobs, old_logprobs, advantages, valid, row_scale * inverse, ref_logprobs, entropy,
         rollout_is_weights, eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c, beta=beta,
         entropy_coef=entropy_coef, grad_logprobs=grad_logprobs, grad_entropy=grad_entropy,
     )

@@ -26,8 +26,9 @@ def aggregate_naive(per_token, valid, mode: AggMode, normalizer=None, length_bud
     else:  # SEQ_MEAN_TOKEN_SUM_NORM
         budget = per_token.shape[-1] if length_budget is None else length_budget
         numerator, denominator = token_sums.sum() / budget, torch.ones((), dtype=per_token.dtype)
-    if normalizer is not None:
-        denominator = torch.as_tensor(normalizer, dtype=per_token.dtype)
+    if normalizer is not None:  # as given: 0 gives inf / NaN, inf gives NaN (bad input is never a silent 0)
+        normalizer = torch.as_tensor(normalizer, dtype=per_token.dtype)
+        return numerator / normalizer + normalizer * 0
     if denominator == 0:  # nothing valid: numerator is an exact 0 that still carries a (zero) gradient
         return numerator * 0.0
     return numerator / denominator
