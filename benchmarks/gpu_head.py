@@ -317,9 +317,17 @@ def table(title, head, rows):
 
 
 def load_baseline(path):
+    """The package copied to ``path``/ngrpo_base, or None. A copy from 34735e9 on registers the same
+    ``ngrpo::`` custom ops as this tree: torch replaces this tree's registrations with its own (the rows
+    "through the custom op" would time the baseline; torch 2.11 then segfaults). Such a copy is refused."""
     if path is None:
         return None
-    sys.path.insert(0, str(Path(path).resolve()))
+    root = Path(path).resolve()
+    if any("torch.library" in f.read_text() for f in (root / "ngrpo_base").rglob("*.py")):
+        print(f"--baseline {path}: this copy registers torch.library custom ops under the same names as this "
+              "tree (it is 34735e9 or later); not loaded. Use a copy from before 34735e9.", flush=True)
+        return None
+    sys.path.insert(0, str(root))
     return importlib.import_module("ngrpo_base")
 
 
@@ -669,7 +677,7 @@ def profile(out_dir: Path) -> list[str]:
             sync()
         text = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=12)
         lines += [f"\n### Per-kernel profile: {name}, N = {N} (torch.profiler)\n", "```", text, "```"]
-        print(lines[-3], flush=True)
+        print(lines[-4], text, sep="\n", flush=True)  # also in the log: head.md is written at the end
     return lines
 
 

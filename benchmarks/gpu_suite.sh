@@ -14,7 +14,8 @@
 #
 # It writes more files than the device tool brings back (8): write them elsewhere and pack them, under an
 # outer timeout so that the packing runs even if the steps' own limits (240 + 200 + 150 + 90 s) add up
-# past the device tool's 600 s a call:
+# past the device tool's 600 s a call. The outer timeout must stay under the call's own limit (timeout_s
+# 600 here), or the tool kills the packing too:
 #   timeout 540 bash benchmarks/gpu_suite.sh /tmp/s; tar czf $OUT/suite.tgz -C /tmp s; sed -n '/^###/,$p' /tmp/s/head.md
 #
 # The GPU image has torch, triton, pytest, pytest-xdist and pytest-benchmark but nothing from outside:
@@ -36,7 +37,7 @@ for flag in "${@:2}"; do
     *) echo "unknown flag $flag" >&2; exit 2 ;;
   esac
 done
-mkdir -p "$OUT"
+OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)  # absolute: the steps below run from the repository root
 cd "$(dirname "$0")/.."
 LOG="$OUT/bench.log"
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["Correctness against float64", "No-grad log-probs", "Log-probs + entropy, forward and backward",
@@ -63,3 +64,43 @@ def test_launches_before_the_first_gemm_stay_few():
     assert proc.stdout.count("host us around the launches") == 2, proc.stdout  # --host ran (timings not judged)
     assert counts["no-grad log-probs"] <= 2
     assert counts["fused loss (forward, gradients formed)"] <= 2
+
+
+def test_a_baseline_that_registers_the_same_custom_ops_is_refused(tmp_path):
+    """A baseline copy from 34735e9 on registers the ngrpo:: custom ops again: torch would replace this tree's
+    (the "through the custom op" rows would time the baseline, and torch 2.11 segfaults). Not loaded."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_head
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    package = tmp_path / "ngrpo_base"
+    package.mkdir()
+    (package / "__init__.py").write_text("import torch.library\n")
+    assert gpu_head.load_baseline(str(tmp_path)) is None
+    assert gpu_head.load_baseline(None) is None
+
+
+def test_gemm_config_overrides_reach_backward():
+    """gpu_head times variants through configs.override; on a GPU autograd's device thread would not see the
+    override's context variable, so backward must run on the calling thread while it is active."""
+    from ngrpo_kernels.ops.persistent_gemm import configs
+
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(configs.config_for("logits", torch.bfloat16, torch.device("cpu")))
+            return g
+
+    marker = configs.GemmConfig(16, 16, 16, 1, 1, 1, tma=False)
+    x = torch.ones(2, requires_grad=True)
+    with configs.override(logits=marker):
+        assert not torch._C._is_multithreading_enabled()
+        Probe.apply(x).sum().backward()
+    assert seen == [marker] and torch._C._is_multithreading_enabled()

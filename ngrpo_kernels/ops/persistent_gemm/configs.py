@@ -83,13 +83,16 @@ _override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ngrpo_g
 @contextlib.contextmanager
 def override(**configs):
     """``with override(logits=cfg, dx=..., dw=..., dense="torch")``: use these configs (and this dense
-    GEMM backend) for the roles named."""
+    GEMM backend) for the roles named, in forward and in backward. On a GPU autograd runs backward on its
+    own device thread, which does not see this thread's context variables (the log-prob backward's
+    logits GEMM would take the default config): backward runs on the calling thread meanwhile."""
     unknown = set(configs) - set(ROLES)
     if unknown:
         raise ValueError(f"unknown GEMM roles {sorted(unknown)}; roles are {ROLES}")
     token = _override.set({**(_override.get() or {}), **configs})
     try:
-        yield
+        with torch.autograd.set_multithreading_enabled(False):
+            yield
     finally:
         _override.reset(token)
 
