@@ -409,7 +409,8 @@ def fused_linear_ngrpo_loss(
             metrics then cover only the computed tokens; ``metrics["computed_frac"]`` says which share of
             the valid tokens that is.
         validate: value checks (targets in range, finite hidden states and other inputs at valid
-            positions, finite weight and bias, 0/1 mask, finite rewards) with one sync; ``False`` skips
+            positions, finite weight and bias, 0/1 mask) with one sync, and finite rewards with another
+            when ``rewards`` is given; ``False`` skips
             them, and a non-finite input or an out-of-range target then gives a NaN loss (or an error on
             the PyTorch paths), never a finite one.
 
