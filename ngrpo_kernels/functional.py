@@ -8,6 +8,7 @@ always run and never synchronise.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -193,6 +194,8 @@ def _inputs_precision(device: torch.device):
     """The head ops compute in their inputs' precision (float32 logits and statistics), not in an ambient
     ``torch.autocast``'s: autocast would rewrite the CPU and reference backends' ``@`` into bf16 GEMMs (a
     3e-2 log-prob error on float32 inputs). The GPU kernels never see autocast; this makes every backend alike."""
+    if not torch.amp.is_autocast_available(device.type):  # e.g. meta tensors: no autocast to turn off
+        return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 
 
