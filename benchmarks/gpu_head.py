@@ -135,8 +135,9 @@ def peak_gib(fn) -> float:
 
 
 def make_inputs(N: int, *, padded: bool = False, seed: int = 0, sequences: int = 16):
-    """[B, T] batch; ``padded``: response lengths uniform in [T/4, T] (about 37 % padding), with NaN in
-    the padded hidden states and out-of-range ids in the padded targets (they must never be read)."""
+    """[B, T] batch; ``padded``: response lengths uniform in [T/4, T] (37.5 % padding in expectation; the
+    rows' labels give the share drawn), with NaN in the padded hidden states and out-of-range ids in the
+    padded targets (they must never be read)."""
     g = torch.Generator(device=DEV).manual_seed(seed)
     B, T = sequences, N // sequences
     hidden = torch.randn(B, T, H, device=DEV, generator=g).to(DT)

@@ -83,7 +83,8 @@ def _sync(case):
 
 
 def _train_step(case, loss_fn):
-    """fwd+bwd: fresh leaf tensors each call, gradients for hidden and weight."""
+    """fwd+bwd: fresh leaf tensors each call, gradients for hidden and weight (the last call's leaves stay
+    readable as ``step.leaves``, for the tests that check the peers' gradients)."""
     x = inputs(case)
 
     def step():
@@ -92,6 +93,7 @@ def _train_step(case, loss_fn):
         loss = loss_fn(h, w, x)
         loss.backward()
         _sync(case)
+        step.leaves = h, w
         return loss
     return step
 
@@ -108,18 +110,28 @@ def _full_logprobs(h, w, targets):
 
 # ---------------------------------------------------------------- fused loss, forward + backward
 
+def _plain(case, logprobs):
+    """A plain-PyTorch head (full, compiled or chunked logits); in padded batches over the valid tokens only
+    (``h[mask]``, one host sync), as TRL's and verl's heads are called: every peer with a way to skip
+    padding uses it."""
+    lp = _only_valid(logprobs)
+    return _train_step(case, lambda h, w, x: _policy_loss(
+        lp(h, w, x["targets"], x["mask"] if case.padded else None), x))
+
+
 def loss_naive(case):
-    return _train_step(case, lambda h, w, x: _policy_loss(_full_logprobs(h, w, x["targets"]), x))
+    return _plain(case, _full_logprobs)
 
 
 def loss_torch_compile(case):
-    compiled = _compiled_full_logprobs()
-    return _train_step(case, lambda h, w, x: _policy_loss(compiled(h, w, x["targets"]), x))
+    return _plain(case, _compiled_full_logprobs())
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled_full_logprobs():
-    return torch.compile(_full_logprobs)  # its defaults: each benchmark shape compiles once, in the warm-up
+    # Static shapes: every benchmark shape compiles its own graph, in the warm-up (with the default,
+    # Dynamo's second shape would switch to one dynamic-shape graph for the rest).
+    return torch.compile(_full_logprobs, dynamic=False)
 
 
 def _chunked_logprobs(h, w, targets, chunk=1024):
@@ -133,7 +145,7 @@ def _chunked_logprobs(h, w, targets, chunk=1024):
 
 
 def loss_torch_chunked(case):
-    return _train_step(case, lambda h, w, x: _policy_loss(_chunked_logprobs(h, w, x["targets"]), x))
+    return _plain(case, _chunked_logprobs)
 
 
 def loss_liger(case):
@@ -295,7 +307,7 @@ def loss_ngrpo_compiled(case):
     if case.device != "cuda" and interpreter_enabled():
         raise Unavailable("the default CPU backend is the Triton interpreter here (it is for tests)")
 
-    @torch.compile(fullgraph=True)
+    @torch.compile(fullgraph=True, dynamic=False)  # static shapes: each case compiles its own graph (warm-up)
     def loss(h, w, x):
         out, _ = nk.fused_linear_ngrpo_loss(h, w, x["targets"], x["mask"], x["old"], advantages=x["adv"],
                                             validate=False)
