@@ -215,6 +215,16 @@ def test_micro_batching_pitfalls_warn():
         nk.ngrpo_policy_loss(*pos, normalizer=4)
 
 
+def _head_batch(device, *, seed, B=2, T=3, H=8, V=11):
+    """A small all-valid head batch on ``device`` (hidden [B, T, H], weight [V, H], targets, mask) and the
+    generator that drew it, for the draws a test adds."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, H, generator=gen).to(device)
+    w = (torch.randn(V, H, generator=gen) / 3).to(device)
+    t = torch.randint(0, V, (B, T), generator=gen).to(device)
+    return h, w, t, torch.ones(B, T, dtype=torch.bool, device=device), gen
+
+
 NAN_BACKENDS = ["torch", "triton", "reference"] + (["cpp"] if nk.cpp_available() else [])
 
 
@@ -225,11 +235,7 @@ def test_non_finite_values_are_never_hidden(backend, device):
     target outside [0, V) is never read."""
     if device.type == "cuda" and backend != "triton":
         pytest.skip("CPU backend")
-    gen = torch.Generator().manual_seed(7)
-    h = torch.randn(2, 3, 8, generator=gen).to(device)
-    w = (torch.randn(11, 8, generator=gen) / 3).to(device)
-    t = torch.randint(0, 11, (2, 3), generator=gen).to(device)
-    m = torch.ones(2, 3, dtype=torch.bool, device=device)
+    h, w, t, m, _ = _head_batch(device, seed=7)
     old, adv = torch.full((2, 3), -2.5, device=device), torch.tensor([1.0, -0.5], device=device)
     w_nan = w.clone()
     w_nan[3, 3] = float("nan")
@@ -356,11 +362,7 @@ def test_a_bad_normalizer_is_not_a_silent_zero(backend, value, device):
     reference's empty-batch rule, and 1 / inf) once made of it."""
     if device.type == "cuda" and backend != "triton":
         pytest.skip("CPU backend")
-    gen = torch.Generator().manual_seed(5)
-    h = torch.randn(2, 3, 8, generator=gen).to(device)
-    w = (torch.randn(11, 8, generator=gen) / 3).to(device)
-    t = torch.randint(0, 11, (2, 3), generator=gen).to(device)
-    m = torch.ones(2, 3, dtype=torch.bool, device=device)
+    h, w, t, m, gen = _head_batch(device, seed=5)
     adv = torch.tensor([1.0, -0.5], device=device)
     lp = -torch.rand(2, 3, generator=gen).to(device)
     results = {}
@@ -387,11 +389,7 @@ def test_skipping_zero_advantage_tokens_hides_no_nan(backend, where, device):
     gives a NaN loss, as without the skip (NaN at masked positions still does not)."""
     if device.type == "cuda" and backend != "triton":
         pytest.skip("CPU backend")
-    gen = torch.Generator().manual_seed(9)
-    h = torch.randn(3, 4, 8, generator=gen).to(device)
-    w = (torch.randn(11, 8, generator=gen) / 3).to(device)
-    t = torch.randint(0, 11, (3, 4), generator=gen).to(device)
-    m = torch.ones(3, 4, dtype=torch.bool, device=device)
+    h, w, t, m, gen = _head_batch(device, seed=9, B=3, T=4)
     m[2, 3] = False
     adv = torch.tensor([1.0, 0.0, -0.5], device=device)  # row 1 is skipped
     ins = dict(old=-torch.rand(3, 4, generator=gen).to(device), ref=-torch.rand(3, 4, generator=gen).to(device),
@@ -419,11 +417,8 @@ def test_autocast_does_not_lower_the_heads_precision(backend, device):
     backend (autocast once turned the CPU and reference backends' GEMMs into bf16 ones: 3e-2 log-prob error)."""
     if device.type == "cuda" and backend != "triton":
         pytest.skip("CPU backend")
-    gen = torch.Generator().manual_seed(11)
-    h = torch.randn(2, 5, 16, generator=gen).to(device).requires_grad_()
-    w = (torch.randn(37, 16, generator=gen) / 2).to(device).requires_grad_()
-    t = torch.randint(0, 37, (2, 5), generator=gen).to(device)
-    m = torch.ones(2, 5, dtype=torch.bool, device=device)
+    h, w, t, m, gen = _head_batch(device, seed=11, T=5, H=16, V=37)
+    h.requires_grad_(), w.requires_grad_()
     old, adv = -torch.rand(2, 5, generator=gen).to(device) - 2, torch.tensor([1.0, -0.5], device=device)
 
     def run(autocast, autocast_backward):
