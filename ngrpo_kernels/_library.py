@@ -111,9 +111,18 @@ class _Op:
 
     def register_autograd(self, backward, *, setup_context):
         self.op.register_autograd(backward, setup_context=setup_context)
+        impl = self.impl
+
+        def forward(ctx, *args):
+            # The classic form (setup inside forward): a Function with a separate setup_context pays an
+            # inspect.signature on every apply (16 us of host time a call here); eager calls never carry
+            # torch.func transforms, which are what the separate form is for (_traced routes those).
+            output = impl(*args)
+            setup_context(ctx, args, output)
+            return output
+
         self.function = type(self.name.replace("::", "_"), (torch.autograd.Function,), dict(
-            forward=staticmethod(self.impl), setup_context=staticmethod(setup_context),
-            backward=staticmethod(backward)))
+            forward=staticmethod(forward), backward=staticmethod(backward)))
 
     def __call__(self, *args):
         if _traced(args):

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv
+
 BLOCK = 1024
 SCAN = 4096  # tokens counted per step of the one-pass kernel's re-read
 ONE_PASS_MAX_TOKENS = 64 * BLOCK
@@ -85,7 +87,7 @@ def compact(values: torch.Tensor, ignore: int = 0, *,
     counts where ``values != ignore``."""
     v = values.reshape(-1).contiguous()
     n = v.numel()
-    n_blocks = triton.cdiv(n, BLOCK)
+    n_blocks = cdiv(n, BLOCK)
     order = torch.empty(n, dtype=torch.int64, device=v.device)
     count = torch.empty(1, dtype=torch.int32, device=v.device)
     if n <= one_pass_max:

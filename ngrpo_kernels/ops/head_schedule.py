@@ -21,8 +21,8 @@ float32 and dX. Chunk count is balanced (``N = 16384`` in a 1.25 GiB workspace a
 from __future__ import annotations
 
 import torch
-import triton
 
+from . import cdiv
 from . import persistent_gemm as pg
 from .compaction import compact
 from .gemm import addmm_fp32, mm_fp32
@@ -58,9 +58,9 @@ def row_bytes(V: int, H: int, dtype: torch.dtype, device: torch.device, need_log
 
 def chunk_rows(N: int, per_row: int, workspace_bytes: int) -> int:
     cap = max(1, workspace_bytes // per_row)
-    chunks = triton.cdiv(N, cap)
-    rows = triton.cdiv(N, chunks)
-    aligned = triton.cdiv(rows, ROW_ALIGN) * ROW_ALIGN
+    chunks = cdiv(N, cap)
+    rows = cdiv(N, chunks)
+    aligned = cdiv(rows, ROW_ALIGN) * ROW_ALIGN
     return min(N, aligned if aligned <= cap else rows)
 
 

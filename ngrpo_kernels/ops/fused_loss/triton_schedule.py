@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ...variants import NUM_STATS
+from .. import cdiv
 from .. import persistent_gemm as pg
 from ..gemm import scale_fp16_grads
 from ..head_schedule import HeadSchedule
@@ -89,7 +90,7 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
     parts = torch.empty(3, slices, sch.chunk, dtype=torch.float32, device=dev)
     rows_out = torch.empty(4, sch.chunk, dtype=torch.float32, device=dev)  # lse, H, g_lp, g_H
     br = block_rows(dev)
-    n_prog = triton.cdiv(sch.chunk, br)
+    n_prog = cdiv(sch.chunk, br)
     stats = None  # the chunks' sums (N >= 1 is validated)
     chunk_stats = torch.empty(n_prog, NUM_STATS, dtype=torch.float32, device=dev)
     inv_temp = row_options["inv_temp"]
@@ -106,7 +107,7 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
                          for k in ("target", "w", "adv", "old", "ref", "isw")]
             tgt_c, w_c, adv_c, old_c, ref_c, isw_c = per_token
         lse, h, g_lp, g_h = (t[:n] for t in rows_out)
-        grid = triton.cdiv(n, br)
+        grid = cdiv(n, br)
         _token_kernel[(grid,)](
             xc, weight, xc if bias is None else bias, sch.count, *p, tgt_c, w_c, adv_c,
             w_c if on_policy else old_c, w_c if ref_c is None else ref_c, w_c if isw_c is None else isw_c,

@@ -13,6 +13,7 @@ import torch
 import triton
 
 from ...backend import interpreter_enabled
+from .. import cdiv
 from . import configs
 from .kernel import ACCUMULATE, LOGITS_SHIFTED, LOGITS_STATS, persistent_gemm_kernel
 
@@ -43,7 +44,7 @@ def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=
     if use_tma and a.is_cuda:
         _ensure_allocator()
     sms = configs.num_sms(a.device)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n) * split_k
+    tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n) * split_k
     dummy = a
     m_part, s_part, u_part = partials if partials is not None else (dummy, dummy, dummy)
     persistent_gemm_kernel[(max(1, min(sms, tiles)),)](
@@ -69,7 +70,7 @@ def stats_width(dtype: torch.dtype, device: torch.device) -> int:
 
 def num_vocab_tiles(V: int, dtype: torch.dtype, device: torch.device) -> int:
     """How many slices of ``stats_width`` columns the logits GEMM cuts the vocabulary into."""
-    return triton.cdiv(V, stats_width(dtype, device))
+    return cdiv(V, stats_width(dtype, device))
 
 
 def logits(x, weight, *, bias, inv_temp, count=None, row0=0, partials=None, out=None, shift=None, entropy=False):

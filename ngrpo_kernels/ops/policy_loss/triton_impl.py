@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ...variants import NUM_STATS, Stat
+from .. import cdiv
 
 
 @triton.jit
@@ -157,7 +158,7 @@ def policy_loss_fused_triton(
 ):
     B, T = valid.shape
     block_t = _block_t(T)
-    grid = (B, triton.cdiv(T, block_t))
+    grid = (B, cdiv(T, block_t))
     dev = valid.device
     stats = torch.empty(grid[0] * grid[1], NUM_STATS, dtype=torch.float32, device=dev)
     g_lp = torch.empty(B, T, dtype=torch.float32, device=dev) if grad_logprobs else None
