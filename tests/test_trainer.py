@@ -206,6 +206,23 @@ def test_math_parquet_layouts(layout, tmp_path):
     assert got == {"prompt": [{"role": "user", "content": question + tasks.MATH_SUFFIX}], "answer": "2"}
 
 
+def test_rows_without_a_reference_answer(tmp_path):
+    """The released MATH file has rows with an empty target: the solution's boxed answer is taken where it
+    has one; a row with no answer at all is left out (it could never be rewarded), and the count said."""
+    import pandas as pd
+
+    def row(target, solution):
+        return {"prompt": [{"role": "user", "content": "Q"}],
+                "reward_model": {"ground_truth": {"question": "Q", "solution": solution, "target": target}}}
+
+    rows = [row("2", ""), row("", r"so $\boxed{4}$."), row("", r"there are $\boxed{}$ primes"), row("", "none")]
+    pd.DataFrame(rows).to_parquet(tmp_path / "x.parquet")
+    said = []
+    got = tasks.load_math_parquet(str(tmp_path / "x.parquet"), log=said.append)
+    assert [r["answer"] for r in got] == ["2", "4"]
+    assert said == [f"{tmp_path / 'x.parquet'}: left out 2 problems without a reference answer"]
+
+
 def test_pass_at_k_by_hand():
     assert passk.pass_at_k(4, 0, 1) == 0.0
     assert passk.pass_at_k(4, 4, 2) == 1.0

@@ -60,13 +60,18 @@ def exact_answer_reward(prompts, completions, answer, **_):
     return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
 
 
-def load_math_parquet(path: str, limit: int | None = None):
+def load_math_parquet(path: str, limit: int | None = None, log=print):
     """Math problems from a parquet file as ``{"prompt": [chat message], "answer": reference}`` rows with the
     recipe's user prompt: ``{question}`` + MATH_SUFFIX. Layouts read (``question_and_answer``): verl's
     (``prompt`` chat list or string, ``reward_model.ground_truth`` a string or the released files' dict with
     ``target``), ``problem`` + ``answer`` (AIME, AMC), ``problem`` + ``solution`` (MATH test: the last
     \\boxed{} of the solution). A ``path`` that is not a file is taken as a hub dataset name in one of these
-    layouts (needs the network; not exercised by the tests)."""
+    layouts (needs the network; not exercised by the tests).
+
+    A row without a reference answer can never be rewarded (NGRPO would push every response to it down, as
+    to an all-wrong group): it is left out, and the count reported. The released MATH train file has 4 rows
+    whose ``target`` is empty: 2 get theirs from the solution's last \\boxed{} (``question_and_answer``), the
+    other 2 box nothing and are left out."""
     import os
 
     import pandas as pd
@@ -77,12 +82,17 @@ def load_math_parquet(path: str, limit: int | None = None):
         from datasets import load_dataset
 
         frame = load_dataset(path, split="train").to_pandas()
-    rows = []
+    rows, unanswered = [], 0
     for _, row in frame.iterrows():
         question, truth = question_and_answer(row)
+        if not truth.strip():
+            unanswered += 1
+            continue
         rows.append({"prompt": [{"role": "user", "content": question + MATH_SUFFIX}], "answer": truth})
         if limit is not None and len(rows) >= limit:
             break
+    if unanswered:
+        log(f"{path}: left out {unanswered} problems without a reference answer")
     return rows
 
 
@@ -111,7 +121,8 @@ def question_and_answer(row) -> tuple[str, str]:
     if "reward_model" in row and row["reward_model"] is not None:
         truth = row["reward_model"]["ground_truth"]
         if isinstance(truth, dict):  # the released NGRPO files: {"question", "solution", "target"}
-            truth = truth["target"]
+            # a few targets are empty where the solution boxes its answer: take the solution's
+            truth = truth["target"] or boxed_answer(truth.get("solution") or "") or ""
     elif "answer" in row and row["answer"] is not None:
         truth = row["answer"]
     else:
