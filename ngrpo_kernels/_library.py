@@ -150,6 +150,16 @@ def _custom_op(name: str):
     return lambda impl: _Op(name, impl)
 
 
+def inputs_precision(device: torch.device):
+    """The head ops compute in their inputs' precision (float32 logits and statistics), not in an ambient
+    ``torch.autocast``'s: autocast would rewrite the CPU and reference backends' ``@`` into bf16 GEMMs (a
+    3e-2 log-prob error on float32 inputs). The GPU kernels never see autocast; this makes every backend
+    alike. A no-op where autocast does not exist (meta tensors)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 def _first_order():
     if torch.is_grad_enabled():  # autograd enables grad mode in backward only for create_graph=True
         raise RuntimeError(
@@ -288,7 +298,7 @@ def _linear_logprobs_backward_op(x: Tensor, weight: Tensor, bias: Optional[Tenso
                                  ignore_index: int, need_x: bool, need_w: bool, need_b: bool,
                                  workspace_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
     (inv_temp,) = _unpack(scalars)
-    with torch.autocast(x.device.type, enabled=False):  # a backward called under autocast: as the forward
+    with inputs_precision(x.device):  # a backward called under autocast: as the forward
         dx, dw, db = _linear_logprobs.impl(Backend(backend)).backward(
             x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.contiguous(),
             lse, entropy, g_lp.float().contiguous(), None if g_ent is None else g_ent.float().contiguous(),

@@ -8,7 +8,6 @@ always run and never synchronise.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
@@ -190,15 +189,6 @@ def ngrpo_policy_loss(
     )
 
 
-def _inputs_precision(device: torch.device):
-    """The head ops compute in their inputs' precision (float32 logits and statistics), not in an ambient
-    ``torch.autocast``'s: autocast would rewrite the CPU and reference backends' ``@`` into bf16 GEMMs (a
-    3e-2 log-prob error on float32 inputs). The GPU kernels never see autocast; this makes every backend alike."""
-    if not torch.amp.is_autocast_available(device.type):  # e.g. meta tensors: no autocast to turn off
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False)
-
-
 def _head_value_checks(values: check.ValueChecks, weight, bias) -> None:
     """The lm_head's values: a NaN or inf there reaches every token's logsumexp. -inf is refused too: a banned
     token is a large negative finite bias (-1e4 here is exp(-1e4) = 0), which every backend handles alike."""
@@ -244,6 +234,10 @@ def _loss_options(loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, has_ref, 
             normalizer = normalizer.to(device=device)
     elif normalizer is not None:
         normalizer = check.positive("normalizer", normalizer)
+        f32 = torch.finfo(torch.float32)
+        if not f32.tiny <= normalizer <= f32.max:  # the loss divides by it in float32
+            raise ValueError(f"normalizer must lie in float32's range [{f32.tiny:.3g}, {f32.max:.3g}], "
+                             f"got {normalizer!r}")
     if normalizer is not None and loss_agg_mode == AggMode.SEQ_MEAN_TOKEN_SUM_NORM and length_budget is None:
         # The budget defaults to this call's T: micro-batches padded to different lengths would then be
         # divided by different constants, and their losses would not add up to the whole batch's.
@@ -349,7 +343,7 @@ def fused_linear_logprobs(
         values.finite("hidden", hidden, (targets != ignore_index)[..., None])
         _head_value_checks(values, weight, bias)
         values.run()
-    with _inputs_precision(device):
+    with _library.inputs_precision(device):
         return _library.linear_logprobs(
             selected_backend(device), hidden, weight, targets, bias=bias, temperature=temperature,
             ignore_index=ignore_index, return_entropy=bool(return_entropy), deterministic=bool(deterministic),
@@ -509,7 +503,7 @@ def fused_linear_ngrpo_loss(
         _head_value_checks(values, weight, bias)
         values.run()
 
-    with _inputs_precision(device):
+    with _library.inputs_precision(device):
         return _library.fused_linear_ngrpo_loss(
             selected_backend(device), hidden, weight, targets, mask, old_logprobs, advantages, bias=bias,
             temperature=temperature, eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c,

@@ -463,3 +463,24 @@ def test_integer_options_take_numpy_integers_and_the_workspace_check_asks_for_wh
     with pytest.raises(ValueError, match="workspace_bytes"):
         nk.fused_linear_ngrpo_loss(h.to(torch.bfloat16), w.to(torch.bfloat16), t, m, None, advantages=adv, bias=bias,
                                    workspace_bytes=4 * 23)
+
+
+def test_meta_tensors_pass_forward_and_backward_on_the_pytorch_backend():
+    """Shape-only (meta) tensors go through the log-prob and fused-loss ops and their backward: the autocast
+    guard is a no-op where autocast does not exist (it raised 'unsupported scalarType' in backward)."""
+    h = torch.randn(2, 3, 8, device="meta", requires_grad=True)
+    w = torch.randn(11, 8, device="meta", requires_grad=True)
+    t = torch.randint(0, 11, (2, 3), device="meta")
+    with nk.use_backend("torch"):
+        nk.fused_linear_logprobs(h, w, t, validate=False).sum().backward()
+        assert h.grad.shape == h.shape and w.grad.shape == w.shape
+        loss, _ = nk.fused_linear_ngrpo_loss(h, w, t, torch.ones(2, 3, dtype=torch.bool, device="meta"), None,
+                                             advantages=torch.ones(2, device="meta"), validate=False)
+        loss.backward()
+
+
+@pytest.mark.parametrize("value", [1e39, 1e-46])
+def test_a_number_normaliser_outside_float32_is_refused(value):
+    """The loss divides by the normaliser in float32: 1e39 would be inf there (and the loss NaN)."""
+    with pytest.raises(ValueError, match="float32's range"):
+        _loss(normalizer=value)
