@@ -223,6 +223,17 @@ def test_rows_without_a_reference_answer(tmp_path):
     assert said == [f"{tmp_path / 'x.parquet'}: left out 2 problems without a reference answer"]
 
 
+def test_metrics_written_before_the_accuracy_field_still_resume(tmp_path):
+    """A run resumed from metrics.jsonl rows of an older version (no "accuracy"): the summary and the plot
+    read the total reward there."""
+    from ngrpo_train.train import _accuracy, plot_metrics
+
+    rows = [{"step": 1, "reward_mean": 0.25}, {"step": 2, "reward_mean": 0.5, "accuracy": 0.75}]
+    assert [_accuracy(r) for r in rows] == [0.25, 0.75]
+    plot_metrics(rows, tmp_path / "reward.png", title="old and new rows")
+    assert (tmp_path / "reward.png").stat().st_size > 0
+
+
 def test_pass_at_k_by_hand():
     assert passk.pass_at_k(4, 0, 1) == 0.0
     assert passk.pass_at_k(4, 4, 2) == 1.0

@@ -342,12 +342,18 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
         k = max(1, len(rows_logged) // 5)
         summary["reward_first"] = sum(r["reward_mean"] for r in rows_logged[:k]) / k
         summary["reward_last"] = sum(r["reward_mean"] for r in rows_logged[-k:]) / k
-        summary["accuracy_first"] = sum(r["accuracy"] for r in rows_logged[:k]) / k
-        summary["accuracy_last"] = sum(r["accuracy"] for r in rows_logged[-k:]) / k
+        summary["accuracy_first"] = sum(_accuracy(r) for r in rows_logged[:k]) / k
+        summary["accuracy_last"] = sum(_accuracy(r) for r in rows_logged[-k:]) / k
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if plot and rows_logged:
         plot_metrics(rows_logged, out / "reward.png", title=f"{p.name} / {algo_name} / seed {seed}")
     return summary
+
+
+def _accuracy(row: dict) -> float:
+    """A metrics.jsonl row's accuracy; rows a run resumed from wrote before the field existed have the total
+    reward only (the same number unless a shaping reward was on)."""
+    return row.get("accuracy", row["reward_mean"])
 
 
 def save_final_model(trainer, path: str) -> None:
@@ -374,8 +380,8 @@ def plot_metrics(rows: list[dict], path: Path, title: str) -> None:
 
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax[0].plot(steps, [r["accuracy"] for r in rows], label="accuracy of samples (verifier)")
-    shaped = any(r["reward_mean"] != r["accuracy"] for r in rows)  # e.g. DAPO's length penalty, down to -1
+    ax[0].plot(steps, [_accuracy(r) for r in rows], label="accuracy of samples (verifier)")
+    shaped = any(r["reward_mean"] != _accuracy(r) for r in rows)  # e.g. DAPO's length penalty, down to -1
     if shaped:
         ax[0].plot(steps, [r["reward_mean"] for r in rows], label="reward (all reward functions)")
     ax[0].set(xlabel="step", ylabel="per sample", title=title, ylim=(-1.02 if shaped else -0.02, 1.02))
