@@ -18,10 +18,18 @@ import types
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 import ngrpo_kernels as nk
 from ngrpo_kernels.backend import interpreter_enabled
 from ngrpo_kernels.ops.policy_loss.naive import policy_loss_naive
+
+# The torch.compile rows compile with static shapes, one graph per benchmark case; Dynamo keeps 8 graphs per
+# function by default and would run a 9th case eagerly under the torch.compile label.
+for _limit in ("recompile_limit", "cache_size_limit"):  # the name in newer torch, the older one
+    if hasattr(torch._dynamo.config, _limit):
+        setattr(torch._dynamo.config, _limit, max(getattr(torch._dynamo.config, _limit), 64))
+        break
 
 
 class Unavailable(Exception):
