@@ -704,13 +704,16 @@ def test_ablation_arms_and_report(tmp_path):
     assert arms["ngrpo"].filter_all_correct and not arms["both"].filter_all_correct
     assert ablation.mean_ci([1.0, 3.0]) == pytest.approx((2.0, 12.706))  # sd sqrt(2), n 2: t(1) * sqrt(2) / sqrt(2)
     assert ablation.mean_ci([4.0]) == (4.0, 0.0)
+    # beyond the table's 9 degrees of freedom (10+ seeds): Student t, not the normal 1.96
+    assert [round(ablation.t_975(df), 3) for df in (10, 30, 40, 100)] == [2.228, 2.042, 2.021, 1.984]
     warm, train, held_easy, held_hard = ablation.problem_sets(0, 50)
     prompts = {r["prompt"] for r in held_easy + held_hard}
     assert not prompts & {r["prompt"] for r in warm + train}
     assert all(not ablation.carry(r) for r in warm) and all(ablation.carry(r) for r in held_hard)
     summary = ablation.main(["--seeds", "0", "--arms", "grpo", "ngrpo", "--max-steps", "2", "--warm-start-steps", "5",
                              "--n", "2", "--heldout-problems", "6", "--output-dir", str(tmp_path)])
-    assert {"grpo carry AUC", "ngrpo no_carry pass@1", "warm start carry AUC"} <= set(summary)
+    assert {"grpo carry AUC", "ngrpo no_carry pass@1", "warm start carry AUC", "ngrpo carry AUC - grpo",
+            "ngrpo no_carry AUC - grpo"} <= set(summary)
     for name in ("results.md", "results.json", "ablation.png"):
         assert (tmp_path / name).stat().st_size > 0
 
