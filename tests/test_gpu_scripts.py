@@ -79,6 +79,12 @@ def test_a_baseline_that_registers_the_same_custom_ops_is_refused(tmp_path):
     (package / "__init__.py").write_text("import torch.library\n")
     assert gpu_head.load_baseline(str(tmp_path)) is None
     assert gpu_head.load_baseline(None) is None
+    (package / "__init__.py").write_text("VERSION = 'before the custom ops'\n")  # an older copy loads
+    try:
+        assert gpu_head.load_baseline(str(tmp_path)).VERSION == "before the custom ops"
+    finally:
+        sys.modules.pop("ngrpo_base", None)
+        sys.path.remove(str(tmp_path))
 
 
 def test_gemm_config_overrides_reach_backward():
