@@ -522,7 +522,9 @@ def diagnose(reps, record, sizes) -> list[str]:
     a CUDA graph (no host work), and the host's enqueue time (a hidden synchronisation shows as ~10 ms).
     Also the no-grad pass in 4096-token chunks (the schedule before 98315ce) against one launch, its
     Triton implementation called below the public function, and both ops routed through their custom ops
-    (torch.compile's route; eager calls skip that dispatch): what the wrapper and the dispatcher cost."""
+    (torch.compile's route; eager calls skip that dispatch): what the wrapper and the dispatcher cost. And
+    the fused loss forming its gradients in forward at any size (a one-chunk eager call now leaves them to
+    backward, with the upstream gradient in the GEMMs' epilogues)."""
     from ngrpo_kernels.ops.head_schedule import row_bytes
 
     rows = []
@@ -549,7 +551,9 @@ def diagnose(reps, record, sizes) -> list[str]:
                  "3 cuBLAS GEMMs": (gemm_floor(x, 3), None),
                  "fused loss fwd+bwd": (fused_loss(nk, x), "3 cuBLAS GEMMs"),
                  "fused loss fwd+bwd, through the custom ops": (through_custom_op(fused_loss(nk, x)),
-                                                                "3 cuBLAS GEMMs")}
+                                                                "3 cuBLAS GEMMs"),
+                 "fused loss fwd+bwd, gradients formed in forward": (gradients_in_forward(fused_loss(nk, x)),
+                                                                     "3 cuBLAS GEMMs")}
         fns = {k: f for k, (f, _) in cases.items()}
         iso = compare(fns, reps)
         que = compare(fns, reps, queued=True)
@@ -567,6 +571,18 @@ def diagnose(reps, record, sizes) -> list[str]:
     lines = table("Isolated call, queued behind GPU work, CUDA graph, host enqueue time (ms; x floor of the same mode)",
                   ["call", "isolated", "queued", "graph replay", "host enqueue"], rows)
     return lines + host_profile(min(sizes))
+
+
+def gradients_in_forward(fn):
+    """``fn`` with the fused loss forming its gradients in forward even when its pass is one chunk (eager
+    calls of one chunk leave the dX / dW GEMMs to backward: ``ops/fused_loss.deferring``): the schedule
+    before that change, timed against it on the same route."""
+    from ngrpo_kernels.ops.fused_loss import gradients_in_forward as forward_only
+
+    def call():
+        with forward_only():
+            return fn()
+    return call
 
 
 def through_custom_op(fn):

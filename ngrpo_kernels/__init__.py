@@ -7,6 +7,8 @@ Public API (one entry point per op; each picks the backend from the tensors' dev
 - ``fused_linear_ngrpo_loss`` / ``NGRPOLoss``: hidden states -> NGRPO loss and gradients in one pass.
 - ``ngrpo_policy_loss``: the asymmetric clipped policy loss, forward and backward in one fused pass.
 - ``selected_backend(device)`` / ``use_backend(name)``: which implementation runs, and forcing one.
+- ``gradients_in_forward()``: the fused loss forms its gradients in the forward at any size (for
+  frameworks that free the lm_head weight between forward and backward; DeepSpeed is recognised).
 """
 
 from .backend import Backend, selected_backend, use_backend
@@ -19,6 +21,7 @@ from .functional import (
     ngrpo_policy_loss,
 )
 from .modules import NGRPOLoss
+from .ops.fused_loss import gradients_in_forward
 from .variants import AggMode, Estimator
 
 __version__ = "0.1.0"
@@ -31,6 +34,7 @@ __all__ = [
     "cpp_available",
     "fused_linear_logprobs",
     "fused_linear_ngrpo_loss",
+    "gradients_in_forward",
     "group_advantages",
     "ngrpo_advantages",
     "ngrpo_policy_loss",

@@ -14,8 +14,9 @@ through a custom op in the ``ngrpo`` namespace:
 Each has a fake (meta) implementation, so Dynamo and AOTAutograd see output shapes without running a
 kernel, and an autograd formula: the fused losses form their gradients in the forward kernels (returned
 as extra outputs) and backward only multiplies them by the upstream gradient; the log-prob op's backward
-is the second op. The gradients are first order: a ``create_graph=True`` request is refused (see
-``_first_order``), as in eager mode.
+is the second op. (On the eager route a one-chunk Triton fused loss leaves its gradient GEMMs to backward,
+which runs them with the upstream gradient: ``ops/fused_loss.deferring``.) The gradients are first order:
+a ``create_graph=True`` request is refused (see ``_first_order``), as in eager mode.
 
 Eager calls skip the dispatcher (``_Op``): with plain tensors and nothing tracing, the op's own Python
 implementation runs, under an ``autograd.Function`` built from the same setup and backward formulas. The
@@ -109,7 +110,9 @@ class _Op:
     def register_fake(self, fn):
         return self.op.register_fake(fn)
 
-    def register_autograd(self, backward, *, setup_context):
+    def register_autograd(self, backward, *, setup_context, eager_context=None):
+        """``eager_context``: a context-manager factory the eager route runs ``impl`` under; what it yields
+        is ``ctx.eager`` for ``setup_context`` (the custom op's ctx has no such attribute)."""
         self.op.register_autograd(backward, setup_context=setup_context)
         impl = self.impl
 
@@ -117,7 +120,11 @@ class _Op:
             # The classic form (setup inside forward): a Function with a separate setup_context pays an
             # inspect.signature on every apply (16 us of host time a call here); eager calls never carry
             # torch.func transforms, which are what the separate form is for (_traced routes those).
-            output = impl(*args)
+            if eager_context is None:
+                output = impl(*args)
+            else:
+                with eager_context() as ctx.eager:
+                    output = impl(*args)
             setup_context(ctx, args, output)
             return output
 
@@ -405,7 +412,16 @@ def _(g, scale, dtype, backend):
 def _fused_loss_setup(ctx, inputs, output):
     _no_zero_grads(ctx)
     hidden, weight, bias = inputs[:3]
-    ctx.save_for_backward(*output[4:])
+    deferred = getattr(ctx, "eager", None)  # the eager route's slot (``_fused_loss.deferring``)
+    ctx.eager = None
+    ctx.pending = deferred[0] if deferred else None
+    if ctx.pending is not None:
+        # The gradient GEMMs run in backward (dX = dZ W reads the weight then): saved, so that an in-place
+        # change of the weight before backward is refused as for any autograd input.
+        ctx.save_for_backward(weight)
+        ctx.hidden_shape = hidden.shape
+    else:
+        ctx.save_for_backward(*output[4:])
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.backend = inputs[10]
 
@@ -414,12 +430,20 @@ def _fused_loss_backward(ctx, grad_loss, *_unused):
     _first_order()
     if grad_loss is None:
         return (None,) * 18
-    grads = [None if g.numel() == 0 else _scaled_cast_op(g, grad_loss, dtype, ctx.backend)
-             for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+    if ctx.pending is not None:
+        ctx.saved_tensors  # noqa: B018  (raises if the weight was modified in place since the forward)
+        dx, dw, db = ctx.pending(grad_loss)
+        grads = (None if dx is None else dx.view(ctx.hidden_shape), dw, None if db is None else db.to(ctx.dtypes[2]))
+    else:
+        grads = [None if g.numel() == 0 else _scaled_cast_op(g, grad_loss, dtype, ctx.backend)
+                 for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
     return (*grads, *([None] * 15))
 
 
-_fused_loss_op.register_autograd(_fused_loss_backward, setup_context=_fused_loss_setup)
+# Eager calls let a one-chunk Triton pass run its gradient GEMMs in backward, with the upstream gradient in
+# their epilogues (``ops/fused_loss.deferring``); the custom op returns the gradients formed in forward.
+_fused_loss_op.register_autograd(_fused_loss_backward, setup_context=_fused_loss_setup,
+                                 eager_context=_fused_loss.deferring)
 
 
 def _fused_loss_reference(hidden, weight, targets, mask, old_logprobs, advantages, *, bias, temperature,
@@ -455,12 +479,16 @@ def fused_linear_ngrpo_loss(backend: Backend, hidden, weight, targets, mask, old
                                      temperature=temperature, skip_zero_advantage=skip_zero_advantage, **options)
     grad = torch.is_grad_enabled()
     tensor_normalizer, number = _split(normalizer)
-    loss, stats, n_tokens, computed_frac, _, _, _ = _fused_loss_op(
-        hidden, weight, bias, targets, mask, old_logprobs, advantages, ref_logprobs, rollout_is_weights,
-        tensor_normalizer, backend.value, loss_agg_mode.value,
-        _scalars(temperature, eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, number, length_budget),
-        workspace_bytes or 0, skip_zero_advantage, grad and hidden.requires_grad, grad and weight.requires_grad,
-        grad and bias is not None and bias.requires_grad)
+    # DeepSpeed ZeRO-3 re-partitions a gathered weight when its gather context exits, before backward: the
+    # gradients must then be formed in the forward (``ops/fused_loss.deferring`` would read it in backward).
+    in_forward = _fused_loss.gradients_in_forward() if hasattr(weight, "ds_id") else contextlib.nullcontext()
+    with in_forward:
+        loss, stats, n_tokens, computed_frac, _, _, _ = _fused_loss_op(
+            hidden, weight, bias, targets, mask, old_logprobs, advantages, ref_logprobs, rollout_is_weights,
+            tensor_normalizer, backend.value, loss_agg_mode.value,
+            _scalars(temperature, eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, number, length_budget),
+            workspace_bytes or 0, skip_zero_advantage, grad and hidden.requires_grad, grad and weight.requires_grad,
+            grad and bias is not None and bias.requires_grad)
     metrics = _policy_loss.metrics_from_stats(stats, n_tokens, entropy=True, logprob=True, kl=ref_logprobs is not None,
                                               dual_clip=clip_ratio_c is not None)
     if skip_zero_advantage:

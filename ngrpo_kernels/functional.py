@@ -415,7 +415,9 @@ def fused_linear_ngrpo_loss(
         ``(loss, metrics)``: 0-dim loss; metrics (0-dim, means over valid tokens): ``clip_frac``,
         ``approx_kl``, ``entropy``, ``adv_mean``, ``logprob_mean`` (+ ``kl``, ``dual_clip_frac`` when used).
         The gradients are computed in the forward pass (6*N*H*V FLOPs over the valid tokens only: masked
-        tokens cost nothing on a GPU) and only rescaled in backward.
+        tokens cost nothing on a GPU) and only rescaled in backward; on a Hopper GPU, an eager call whose
+        batch fits one workspace chunk leaves the dX / dW GEMMs to backward, which folds the upstream
+        gradient into them (no float32 dW between forward and backward, no cast pass).
     """
     loss_agg_mode = AggMode.parse(loss_agg_mode)
     check.tensor("hidden", hidden, ranks=(3,))

@@ -124,18 +124,25 @@ def gemm_variants(dtype: str):
                        dict(base, EPILOGUE=LOGITS_STATS, HAS_BIAS=bias, ENTROPY=entropy, STORE_Z=store))
         yield (f"logits shifted bias={int(bias)}", "logits", dict(A=ptr, B=ptr, BIAS=ptr, C="*fp16"),
                dict(base, EPILOGUE=LOGITS_SHIFTED, HAS_BIAS=bias))
-    # fp16 dZ is formed times a power of two; its GEMMs scale the product back (SCALED, gemm.scale_fp16_grads)
-    scaled = dict(SCALED=True) if dtype == "fp16" else {}
-    tag = " scaled" if scaled else ""
-    for split in (1, 2):
-        yield (f"dX split-K {split}{tag}", "dx", dict(A=ptr, B=ptr, C="*fp32"),
-               dict(base, EPILOGUE=ACCUMULATE, B_T=False, INIT=True, SPLIT_K=split, **scaled))
-    for init in (False, True):
-        yield (f"dW {'init' if init else 'accumulate'}{tag}", "dw", dict(A=ptr, B=ptr, C="*fp32"),
-               dict(base, EPILOGUE=ACCUMULATE, A_T=True, B_T=False, LIMIT_M=False, LIMIT_K=True, INIT=init, **scaled))
-    # a one-chunk log-prob backward: dW written once, in the weight's dtype
-    yield (f"dW init in the weight's dtype{tag}", "dw", dict(A=ptr, B=ptr, C=ptr),
-           dict(base, EPILOGUE=ACCUMULATE, A_T=True, B_T=False, LIMIT_M=False, LIMIT_K=True, INIT=True, **scaled))
+    # fp16 dZ is formed times a power of two; its GEMMs scale the product back (SCALED, gemm.scale_fp16_grads).
+    # A one-chunk fused loss runs dX and dW in backward with the upstream gradient as the scale, bf16 too
+    # (head_schedule.HeadSchedule.backprop_deferred).
+    scales = (dict(SCALED=True),) if dtype == "fp16" else ({}, dict(SCALED=True))
+    for scaled in scales:
+        tag = " scaled" if scaled else ""
+        for split in (1, 2):
+            yield (f"dX split-K {split}{tag}", "dx", dict(A=ptr, B=ptr, C="*fp32"),
+                   dict(base, EPILOGUE=ACCUMULATE, B_T=False, INIT=True, SPLIT_K=split, **scaled))
+        for init in (False, True):
+            if dtype == "bf16" and scaled:  # bf16 scales only the one-chunk pass (below)
+                continue
+            yield (f"dW {'init' if init else 'accumulate'}{tag}", "dw", dict(A=ptr, B=ptr, C="*fp32"),
+                   dict(base, EPILOGUE=ACCUMULATE, A_T=True, B_T=False, LIMIT_M=False, LIMIT_K=True, INIT=init,
+                        **scaled))
+        # one chunk: dW written once, in the weight's dtype (the log-prob backward; scaled: the fused loss)
+        yield (f"dW init in the weight's dtype{tag}", "dw", dict(A=ptr, B=ptr, C=ptr),
+               dict(base, EPILOGUE=ACCUMULATE, A_T=True, B_T=False, LIMIT_M=False, LIMIT_K=True, INIT=True,
+                    **scaled))
 
 
 def _gemm_cases():

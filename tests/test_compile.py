@@ -230,7 +230,10 @@ def test_dynamic_shapes_compile_once():
 def test_backward_allocates_no_zero_gradients_for_side_outputs():
     """The ops' side outputs (Stat sums, the stored dX / dW) get no gradient: autograd must not materialise
     zeros for them in backward (at the 7B head a zero dW would be 2.2 GB and a memset). Every op the backward
-    dispatches that returns a new [V, H] tensor is recorded: only the returned gradient may appear."""
+    dispatches that returns a new [V, H] tensor is recorded: only the returned gradient may appear (made by
+    ``scaled_cast`` from the stored one, or, where the eager route left the gradient GEMMs to backward, an
+    empty tensor those GEMMs fill; in-place ops, such as the interpreter's copies back into it, allocate
+    nothing)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Record(TorchDispatchMode):
@@ -240,7 +243,7 @@ def test_backward_allocates_no_zero_gradients_for_side_outputs():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func.is_view:  # a view allocates nothing
+            if func.is_view or func._schema.is_mutable:  # views and in-place ops allocate nothing
                 return out
             for t in out if isinstance(out, (tuple, list)) else [out]:
                 if isinstance(t, torch.Tensor) and t.shape == (V, H):
@@ -252,7 +255,7 @@ def test_backward_allocates_no_zero_gradients_for_side_outputs():
     loss, _ = nk.fused_linear_ngrpo_loss(hidden, weight, x["targets"], x["mask"], x["old"], advantages=x["adv"])
     with Record() as record:
         loss.backward()
-    assert record.calls == ["ngrpo.scaled_cast.default"], record.calls
+    assert record.calls in (["ngrpo.scaled_cast.default"], ["aten.empty.memory_format"]), record.calls
 
     hidden, weight = _leaves(x["hidden"], x["weight"])
     lp, ent = nk.fused_linear_logprobs(hidden, weight, x["targets"], return_entropy=True)

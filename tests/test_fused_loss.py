@@ -336,6 +336,118 @@ def test_triton_schedule_with_either_dense_gemms(dense, dtype, gen):
         assert rel < 1e-2, rel  # half-precision rounding of dZ and of the returned gradients
 
 
+def _phase_counter(monkeypatch):
+    """Counts ``HeadSchedule.backprop`` calls (the gradient GEMMs of one chunk) per phase: the caller sets
+    ``calls["phase"]`` to "forward" or "backward" around the op and around ``backward()``."""
+    from ngrpo_kernels.ops.head_schedule import HeadSchedule
+
+    calls = {"phase": None, "forward": 0, "backward": 0}
+    real = HeadSchedule.backprop
+
+    def backprop(self, *args, **kwargs):
+        calls[calls["phase"]] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(HeadSchedule, "backprop", backprop)
+    return calls
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or interpreter_enabled()), reason="Triton schedule")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_chunk_gradients_are_formed_in_backward_with_the_upstream_gradient(dtype, gen, monkeypatch):
+    """A pass of one chunk leaves dX / dW / db to the autograd backward, which folds the upstream gradient
+    into the GEMMs' epilogues (one rounding to the inputs' dtype, no float32 dW kept from forward to
+    backward). Checked: where the GEMMs run (forward for several chunks and on the dispatcher route),
+    the gradients against float64 under an upstream gradient other than 1, against the dispatcher route,
+    a second backward with retain_graph, and an in-place change of the weight before backward (refused)."""
+    from ngrpo_kernels import _library
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch = _batch(4, 9, 32, 150, gen, masked_row=2)
+    args, kw = _args(batch, OPTIONS["everything"], dtype, device)
+    upstream = 0.37
+    calls = _phase_counter(monkeypatch)
+
+    def run(**extra):
+        leaves = [a.detach().clone().requires_grad_() for a in (args[0], args[1], kw["bias"])]
+        calls["phase"] = "forward"
+        with nk.use_backend("triton"):
+            loss, _ = nk.fused_linear_ngrpo_loss(*leaves[:2], *args[2:], **dict(kw, bias=leaves[2], **extra))
+        calls["phase"] = "backward"
+        return loss, leaves
+
+    def counted():
+        return {k: calls[k] for k in ("forward", "backward")}
+
+    loss, leaves = run()
+    assert counted() == {"forward": 0, "backward": 0}
+    (loss * upstream).backward(retain_graph=True)
+    assert counted() == {"forward": 0, "backward": 1}
+    grads = [t.grad.clone() for t in leaves]
+    assert [g.dtype for g in grads] == [dtype] * 3
+
+    rargs, rkw = _args(batch, OPTIONS["everything"], torch.float64, device, reference=True)
+    rargs = (rargs[0].to(dtype).double(), rargs[1].to(dtype).double(), *rargs[2:])
+    rkw["bias"] = rkw["bias"].to(dtype).double()
+    _, _, want = _run(fused_linear_ngrpo_loss_naive, rargs, rkw)
+    for name, g, w in zip(("dX", "dW", "db"), grads, want):
+        w = w * upstream
+        rel = ((g.cpu().double() - w).norm() / w.norm()).item()
+        assert rel < (2e-5 if dtype == torch.float32 else 1e-2), (name, rel)
+
+    (loss * upstream).backward()  # the second backward of a retained graph: the same gradients again
+    for t, g in zip(leaves, grads):
+        torch.testing.assert_close(t.grad, 2 * g, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=0)
+
+    with _library.dispatcher_route():  # the custom op forms the gradients in forward and scales them after
+        calls.update(forward=0, backward=0)
+        op_loss, op_leaves = run()
+        (op_loss * upstream).backward()
+    assert counted() == {"forward": 1, "backward": 0}
+    assert torch.equal(op_loss, loss.detach())
+    for name, g, t in zip(("dX", "dW", "db"), grads, op_leaves):
+        # half: that route rounds dX twice (stored, then scaled), and the interpreter's casts truncate
+        tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=1e-6)
+        torch.testing.assert_close(t.grad, g, **tol, msg=lambda m: f"{name}: {m}")
+
+    calls.update(forward=0, backward=0)
+    run(workspace_bytes=11 * 150 * 6)[0].backward()  # several chunks: the GEMMs run in forward
+    assert calls["forward"] > 1 and calls["backward"] == 0
+
+    from ngrpo_kernels.ops.fused_loss import gradients_in_forward
+
+    calls.update(forward=0, backward=0)
+    with gradients_in_forward():  # the benchmarks' switch to the forward schedule, on the eager route
+        fw_loss, fw_leaves = run()
+    (fw_loss * upstream).backward()
+    assert counted() == {"forward": 1, "backward": 0}
+    for t, o in zip(fw_leaves, op_leaves):
+        assert torch.equal(t.grad, o.grad)
+
+    loss, leaves = run()
+    with torch.no_grad():
+        leaves[1].mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+    # A weight freed after the forward (as FSDP frees an unsharded parameter's storage) is refused, not read.
+    loss, leaves = run()
+    leaves[1].untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match="freed or re-partitioned.*gradients_in_forward"):
+        loss.backward()
+
+    # DeepSpeed parameters (ZeRO-3 re-partitions them when the gather context exits) keep the forward schedule.
+    calls.update(forward=0, backward=0)
+    leaves = [a.detach().clone().requires_grad_() for a in (args[0], args[1], kw["bias"])]
+    leaves[1].ds_id = 0
+    calls["phase"] = "forward"
+    with nk.use_backend("triton"):
+        ds_loss, _ = nk.fused_linear_ngrpo_loss(*leaves[:2], *args[2:], **dict(kw, bias=leaves[2]))
+    calls["phase"] = "backward"
+    ds_loss.backward()
+    assert counted() == {"forward": 1, "backward": 0}
+
+
 def test_skip_zero_advantage_keeps_loss_and_gradients(device, loss_backend, gen):
     """Tokens of zero-advantage sequences are left out: same loss and gradients (their terms are exactly
     0 without entropy bonus and KL), metrics over the computed tokens, and computed_frac says how many."""

@@ -254,8 +254,9 @@ def _add_ngrpo_head(model, temperature: float) -> None:
         hidden = hidden[:, -K - 1:-1]  # position t predicts token t + 1
         weight, bias = _head(self)
         hidden = hidden.to(device=weight.device, dtype=weight.dtype)
-        # ZeRO-3: gather the partitioned head for the forward; our gradients are formed right here, in the
-        # forward, so nothing needs the gathered weight in backward.
+        # ZeRO-3: gather the partitioned head for the forward; the gradients of a DeepSpeed parameter are
+        # formed right here, in the forward (``ngrpo_kernels.gradients_in_forward``, applied by the loss
+        # itself), so nothing needs the gathered weight in backward.
         with maybe_gather_lm_head_ctx(*(p for p in (weight, bias) if p is not None)):
             # The head's temperature (the sampling temperature with the model's logit scale folded in), the
             # same as the old and reference log-probs' (_token_logprobs).

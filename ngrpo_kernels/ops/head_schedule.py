@@ -69,8 +69,9 @@ class HeadSchedule:
     ``values [N] != ignore`` (a mask, or the targets and their ignore index: ``compaction.compact``)."""
 
     def __init__(self, x, weight, bias, values, ignore=0, *, workspace_bytes, need_logits, need_dx=False,
-                 need_dw=False, need_db=False, dw_dtype=torch.float32):
+                 need_dw=False, need_db=False, dw_dtype=torch.float32, defer=False):
         self.x, self.weight, self.bias = x, weight, bias
+        self.weight_shape = weight.shape
         N, H = x.shape
         V = weight.shape[0]
         self.N, self.V = N, V
@@ -83,20 +84,32 @@ class HeadSchedule:
         self.logits = torch.empty(self.chunk, V, dtype=logit_dtype(x.dtype), device=dev) if need_logits else None
         self.need_dx, self.need_dw, self.need_db = need_dx, need_dw, need_db
         self.dense = pg.configs.dense_backend(x.dtype, dev)
-        self.dx = torch.empty_like(x) if need_dx else None
-        self.dx_buf = None
-        if need_dx and self.dense == "triton":  # split-K partials of dZ W, summed by dx_finish
-            splits = pg.configs.dx_splits(self.chunk, H, x.dtype, dev)
+        self.one_pass = self.dense == "triton" and self.chunk >= N
+        # ``defer``: a one-pass schedule leaves its gradient GEMMs to ``backprop_deferred`` (the autograd
+        # backward, which knows the upstream gradient); nothing is allocated for them here.
+        self.deferred = defer and self.one_pass and (need_dx or need_dw or need_db)
+        self.dx = self.dx_buf = self.dw = self.db = None
+        self._dw_chunk = None  # fp16 on the cuBLAS path: one chunk's scaled dW product (``backprop``)
+        if not self.deferred:
+            self._allocate_grads(dw_dtype)
+
+    def _allocate_grads(self, dw_dtype):
+        N, H = self.x.shape
+        V, dev = self.V, self.x.device
+        if self.need_dx:
+            self.dx = torch.empty(N, H, dtype=self.x.dtype, device=dev)
+        if self.need_dx and self.dense == "triton":  # split-K partials of dZ W, summed by dx_finish
+            splits = pg.configs.dx_splits(self.chunk, H, self.x.dtype, dev)
             self.dx_buf = torch.empty(splits, self.chunk, H, dtype=torch.float32, device=dev)
-        elif need_dx:
-            self.dx_buf = torch.empty(self.chunk, H, dtype=x.dtype, device=dev)
+        elif self.need_dx:
+            self.dx_buf = torch.empty(self.chunk, H, dtype=self.x.dtype, device=dev)
         # ``dw_dtype`` other than float32 (the log-prob backward asks for the weight's dtype): a pass of one
         # chunk forms dW in that dtype straight from the GEMM, with no float32 [V, H] (2.2 GB at the 7B
         # head) and no cast pass; longer passes accumulate in float32 and the caller casts.
-        one_pass = self.dense == "triton" and self.chunk >= N
-        self.dw = torch.empty(V, H, dtype=dw_dtype if one_pass else torch.float32, device=dev) if need_dw else None
-        self.db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
-        self._dw_chunk = None  # fp16 on the cuBLAS path: one chunk's scaled dW product (``backprop``)
+        if self.need_dw:
+            self.dw = torch.empty(V, H, dtype=dw_dtype if self.one_pass else torch.float32, device=dev)
+        if self.need_db:
+            self.db = torch.zeros(V, dtype=torch.float32, device=dev)
 
     @property
     def zero_tail(self) -> bool:
@@ -153,3 +166,29 @@ class HeadSchedule:
                 self.db += dz.sum(0, dtype=torch.float32)
             else:
                 self.db.addcmul_(dz.sum(0, dtype=torch.float32), scale)
+
+    def backprop_deferred(self, dz, xc, upstream, scale=None):
+        """The gradient GEMMs of a ``deferred`` (one-pass) schedule, run once the upstream gradient of the
+        loss (``upstream``, a 0-dim float32 device tensor) is known: the GEMMs' epilogues multiply by it
+        (times ``scale``, the fp16 chunk factor, when given), so dX and dW come out in the inputs' dtypes,
+        rounded once, with no float32 [V, H] and no cast pass. Returns (dX, dW, db float32); may run again
+        (``retain_graph``): dZ and the gathered rows are only read."""
+        assert self.deferred
+        w = self.weight
+        if w.shape != self.weight_shape or \
+                w.untyped_storage().nbytes() < (w.storage_offset() + w.numel()) * w.element_size():
+            raise RuntimeError(
+                "fused_linear_ngrpo_loss: the lm_head weight was freed or re-partitioned between the forward and "
+                "this backward, which reads it (dX = dZ W: a call whose tokens fit one workspace chunk runs its "
+                "gradient GEMMs in backward). Frameworks that free parameters after the forward outside the head "
+                "module's own hooks (FSDP units, DeepSpeed ZeRO-3) need the gradients formed in the forward: call "
+                "the loss inside `with ngrpo_kernels.gradients_in_forward():` (done automatically for DeepSpeed "
+                "parameters).")
+        total = upstream.detach().float().reshape(())
+        if scale is not None:
+            total = total * scale
+        self._allocate_grads(self.weight.dtype)
+        self.backprop(dz, 0, xc, scale=total)
+        dx, dw, db = self.dx, self.dw, self.db
+        self.dx = self.dx_buf = self.dw = self.db = None  # a second backward allocates its own
+        return dx, dw, db

@@ -7,6 +7,9 @@ Inputs arrive validated from ``ngrpo_kernels.functional``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 from ...backend import Backend
@@ -15,7 +18,40 @@ from ..policy_loss import _row_scale_and_inverse, _safe_inverse
 from . import schedule
 from .naive import fused_linear_ngrpo_loss_naive
 
-__all__ = ["forward", "fused_linear_ngrpo_loss_naive", "scaled_cast"]
+__all__ = ["deferring", "forward", "fused_linear_ngrpo_loss_naive", "gradients_in_forward", "scaled_cast"]
+
+_DEFERRED: contextvars.ContextVar[list | None] = contextvars.ContextVar("ngrpo_deferred_gradients", default=None)
+_NEVER_DEFER = contextvars.ContextVar("ngrpo_never_defer", default=False)
+
+
+@contextlib.contextmanager
+def gradients_in_forward():
+    """Within this context ``fused_linear_ngrpo_loss`` forms its gradients in the forward, one chunk or not
+    (``deferring`` has no effect), and its backward never reads the lm_head weight: for frameworks that free
+    or re-partition the weight between forward and backward outside the head module's hooks (applied
+    automatically to DeepSpeed parameters), and for benchmarks timing the two schedules
+    (``benchmarks/gpu_head.py``). Exported as ``ngrpo_kernels.gradients_in_forward``."""
+    token = _NEVER_DEFER.set(True)
+    try:
+        yield
+    finally:
+        _NEVER_DEFER.reset(token)
+
+
+@contextlib.contextmanager
+def deferring():
+    """Within this context a TRITON ``forward`` whose schedule is one chunk through our GEMMs leaves its
+    gradient GEMMs undone (dX, dW, db come back None) and appends ``pending(upstream) -> (dX, dW, db)`` to
+    the list yielded here, for the autograd backward to run with the loss's upstream gradient: the gradients
+    then come out of the GEMMs in the inputs' dtypes, with no float32 dW held from forward to backward and
+    no cast pass. The eager autograd route uses it (``_library``); the custom op, whose outputs must be
+    tensors, does not."""
+    slot: list = []
+    token = _DEFERRED.set(None if _NEVER_DEFER.get() else slot)
+    try:
+        yield slot
+    finally:
+        _DEFERRED.reset(token)
 
 
 def _row_op(backend: Backend):
@@ -120,7 +156,7 @@ def forward(backend: Backend, hidden, weight, targets, mask, old_logprobs, advan
         # The per-token arrays are formed once the first GEMM is queued (``token_inputs`` is called
         # there): an isolated call then has only the compaction and one gather ahead of that GEMM.
         stats, dx, dw, db = triton_schedule.run(x, w_, b_, flat_computed, token_inputs, row_options=row_options,
-                                                workspace_bytes=workspace_bytes, **needs)
+                                                workspace_bytes=workspace_bytes, deferred=_DEFERRED.get(), **needs)
     else:
         if workspace_bytes is None:
             workspace_bytes = schedule.default_workspace_bytes(x.device)

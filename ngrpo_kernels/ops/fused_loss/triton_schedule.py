@@ -11,12 +11,16 @@ Per chunk of compacted tokens (``ops/head_schedule.py``; masked tokens are never
    with the standalone policy loss), dl/dlogp and the metric sums;
 3. ``linear_logprobs.triton_rows._dlogits_kernel`` overwrites the stored logits with dZ (bf16/fp16),
    one read and one write of 2 bytes per logit;
-4. dX = dZ W, dW += dZ^T X, db (``HeadSchedule.backprop``).
+4. dX = dZ W, dW += dZ^T X, db (``HeadSchedule.backprop``); when the whole pass is one chunk and the
+   caller asks for it (``deferred``: the eager autograd route), in the autograd backward instead, with the
+   upstream gradient folded into the GEMMs' epilogues (``HeadSchedule.backprop_deferred``).
 
 Without gradients, steps 1 (statistics only, nothing stored) and 2 run: 2*N*H*V.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -76,14 +80,20 @@ def _token_kernel(
                     k3, dual, lp, S_LOSS, S_CLIPPED, S_LOG_RATIO, S_ADV, S_ENTROPY, S_KL_REF, S_DUAL, S_LOGPROB)
 
 
-def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, need_dx, need_dw, need_db):
+def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, need_dx, need_dw, need_db,
+        deferred=None):
     """Same contract as ``schedule.run``: (stats [NUM_STATS], dX or None, dW float32 or None, db or None);
     the per-token weights carry the aggregation and its denominator. ``valid`` [N] are the tokens computed;
     ``token_inputs()`` returns the per-token arrays (target, w, adv, old, ref, isw): it is called once the
-    first GEMM is queued, so that nothing small waits ahead of that GEMM."""
+    first GEMM is queued, so that nothing small waits ahead of that GEMM.
+
+    ``deferred`` (a list): when the pass is one chunk through our GEMMs, its dX / dW / db GEMMs are not run
+    here; ``deferred`` receives ``pending(upstream) -> (dX, dW in the inputs' dtypes, db float32)`` instead,
+    for the autograd backward to call with the loss's upstream gradient (no float32 dW, no cast pass), and
+    the gradients returned here are None."""
     need_grad = need_dx or need_dw or need_db
     sch = HeadSchedule(x, weight, bias, valid, workspace_bytes=workspace_bytes, need_logits=need_grad,
-                       need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+                       need_dx=need_dx, need_dw=need_dw, need_db=need_db, defer=deferred is not None)
     on_policy = row_options["on_policy"]
     dev = x.device
     slices = pg.num_vocab_tiles(sch.V, x.dtype, dev)
@@ -126,5 +136,8 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
             dz = dlogits_(z, count=sch.count, row0=row0, inv_temp=inv_temp, lse=lse, g_lp=g_lp,
                           targets=tgt_c[row0:row0 + n], h=h, g_h=g_h, m_part=p[0], zero_tail=sch.zero_tail,
                           out_dtype=x.dtype)
-            sch.backprop(dz, row0, xc, scale=scale)
+            if sch.deferred:  # the only chunk: dZ and the gathered rows wait for the upstream gradient
+                deferred.append(functools.partial(sch.backprop_deferred, dz, xc, scale=scale))
+            else:
+                sch.backprop(dz, row0, xc, scale=scale)
     return stats, sch.dx, sch.dw, sch.db
