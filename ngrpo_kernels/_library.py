@@ -414,16 +414,24 @@ def _fused_loss_setup(ctx, inputs, output):
     hidden, weight, bias = inputs[:3]
     deferred = getattr(ctx, "eager", None)  # the eager route's slot (``_fused_loss.deferring``)
     ctx.eager = None
-    ctx.pending = deferred[0] if deferred else None
-    if ctx.pending is not None:
-        # The gradient GEMMs run in backward (dX = dZ W reads the weight then): saved, so that an in-place
-        # change of the weight before backward is refused as for any autograd input.
-        ctx.save_for_backward(weight)
+    if deferred:
+        # The gradient GEMMs run in backward, from the weight (an in-place change of it before then is refused
+        # as for any autograd input), dZ and the gathered rows: saved like any activation, so they are freed
+        # after backward and seen by saved-tensor hooks (offloading) and checkpointing.
+        ctx.pending, saved = deferred[0]
+        ctx.save_for_backward(*saved)
         ctx.hidden_shape = hidden.shape
     else:
+        ctx.pending = None
         ctx.save_for_backward(*output[4:])
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.backend = inputs[10]
+
+
+@torch.compiler.disable
+def _deferred_gradients(schedule, grad_loss, saved):
+    """Kernel launches Dynamo must not trace (compiled autograd runs backward under it): run as they are."""
+    return schedule.backprop_deferred(grad_loss, *saved)
 
 
 def _fused_loss_backward(ctx, grad_loss, *_unused):
@@ -431,8 +439,7 @@ def _fused_loss_backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
         return (None,) * 18
     if ctx.pending is not None:
-        ctx.saved_tensors  # noqa: B018  (raises if the weight was modified in place since the forward)
-        dx, dw, db = ctx.pending(grad_loss)
+        dx, dw, db = _deferred_gradients(ctx.pending, grad_loss, ctx.saved_tensors)
         grads = (None if dx is None else dx.view(ctx.hidden_shape), dw, None if db is None else db.to(ctx.dtypes[2]))
     else:
         grads = [None if g.numel() == 0 else _scaled_cast_op(g, grad_loss, dtype, ctx.backend)

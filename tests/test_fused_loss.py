@@ -448,6 +448,66 @@ def test_one_chunk_gradients_are_formed_in_backward_with_the_upstream_gradient(d
     assert counted() == {"forward": 1, "backward": 0}
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() or interpreter_enabled()), reason="Triton schedule")
+def test_one_chunk_backward_state_goes_through_autograd(gen, monkeypatch):
+    """What a one-chunk call keeps for its backward GEMMs (weight, dZ, gathered rows, token order) is saved
+    like any activation: saved-tensor hooks see it (offloading), nothing is left on the graph node after
+    backward (the workspace is not held through the rest of the model's backward), checkpointing and
+    compiled autograd give the same gradients; a frozen head (LoRA) keeps the forward schedule."""
+    import torch.utils.checkpoint as ckpt
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch = _batch(2, 8, 32, 96, gen)
+    args, kw = _args(batch, dict(bias=True, entropy_coef=0.01), torch.float32, device)
+    calls = _phase_counter(monkeypatch)
+    calls["phase"] = "forward"  # every call below is counted in one bucket; only the totals matter
+
+    def step(x, w, b):
+        with nk.use_backend("triton"):
+            return nk.fused_linear_ngrpo_loss(x, w, *args[2:], **dict(kw, bias=b))[0]
+
+    def leaves(freeze_weight=False):
+        out = [a.detach().clone().requires_grad_() for a in (args[0], args[1], kw["bias"])]
+        out[1].requires_grad_(not freeze_weight)
+        return out
+
+    want = leaves()
+    (step(*want) * 0.5).backward()
+    assert calls["forward"] == 1
+
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (packed.append(tuple(t.shape)), t)[1], lambda t: t):
+        got = leaves()
+        loss = step(*got)
+    assert (2 * 8, 96) in packed, packed  # dZ [N, V]
+    (loss * 0.5).backward()
+    assert not [k for k, v in vars(loss.grad_fn.pending).items() if isinstance(v, torch.Tensor)]
+    for a, b in zip(got, want):
+        assert torch.equal(a.grad, b.grad)
+
+    got = leaves()
+    (ckpt.checkpoint(step, *got, use_reentrant=False) * 0.5).backward()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+    from torch._dynamo import compiled_autograd
+
+    got = leaves()
+    loss = step(*got)
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        (loss * 0.5).backward()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+    torch._dynamo.reset()
+
+    before = calls["forward"]
+    frozen = leaves(freeze_weight=True)
+    loss = step(*frozen)
+    assert calls["forward"] == before + 1  # no dW: nothing to gain by holding dZ for backward
+    loss.backward()
+    assert frozen[1].grad is None and frozen[0].grad is not None
+
+
 def test_skip_zero_advantage_keeps_loss_and_gradients(device, loss_backend, gen):
     """Tokens of zero-advantage sequences are left out: same loss and gradients (their terms are exactly
     0 without entropy bonus and KL), metrics over the computed tokens, and computed_frac says how many."""

@@ -74,7 +74,7 @@ class HeadSchedule:
         self.weight_shape = weight.shape
         N, H = x.shape
         V = weight.shape[0]
-        self.N, self.V = N, V
+        self.N, self.H, self.V, self.dtype, self.device = N, H, V, x.dtype, x.device
         self.order, self.count = compact(values, ignore)
         if workspace_bytes is None:
             workspace_bytes = default_workspace_bytes(x.device)
@@ -85,24 +85,24 @@ class HeadSchedule:
         self.need_dx, self.need_dw, self.need_db = need_dx, need_dw, need_db
         self.dense = pg.configs.dense_backend(x.dtype, dev)
         self.one_pass = self.dense == "triton" and self.chunk >= N
-        # ``defer``: a one-pass schedule leaves its gradient GEMMs to ``backprop_deferred`` (the autograd
-        # backward, which knows the upstream gradient); nothing is allocated for them here.
-        self.deferred = defer and self.one_pass and (need_dx or need_dw or need_db)
+        # ``defer``: a one-pass schedule that forms dW leaves its gradient GEMMs to ``backprop_deferred`` (the
+        # autograd backward, which knows the upstream gradient); nothing is allocated for them here. Without
+        # dW (a frozen head) there is no float32 [V, H] to save, and dZ would be held for nothing.
+        self.deferred = defer and self.one_pass and need_dw
         self.dx = self.dx_buf = self.dw = self.db = None
         self._dw_chunk = None  # fp16 on the cuBLAS path: one chunk's scaled dW product (``backprop``)
         if not self.deferred:
             self._allocate_grads(dw_dtype)
 
     def _allocate_grads(self, dw_dtype):
-        N, H = self.x.shape
-        V, dev = self.V, self.x.device
+        N, H, V, dev = self.N, self.H, self.V, self.device
         if self.need_dx:
-            self.dx = torch.empty(N, H, dtype=self.x.dtype, device=dev)
+            self.dx = torch.empty(N, H, dtype=self.dtype, device=dev)
         if self.need_dx and self.dense == "triton":  # split-K partials of dZ W, summed by dx_finish
-            splits = pg.configs.dx_splits(self.chunk, H, self.x.dtype, dev)
+            splits = pg.configs.dx_splits(self.chunk, H, self.dtype, dev)
             self.dx_buf = torch.empty(splits, self.chunk, H, dtype=torch.float32, device=dev)
         elif self.need_dx:
-            self.dx_buf = torch.empty(self.chunk, H, dtype=self.x.dtype, device=dev)
+            self.dx_buf = torch.empty(self.chunk, H, dtype=self.dtype, device=dev)
         # ``dw_dtype`` other than float32 (the log-prob backward asks for the weight's dtype): a pass of one
         # chunk forms dW in that dtype straight from the GEMM, with no float32 [V, H] (2.2 GB at the 7B
         # head) and no cast pass; longer passes accumulate in float32 and the caller casts.
@@ -167,16 +167,25 @@ class HeadSchedule:
             else:
                 self.db.addcmul_(dz.sum(0, dtype=torch.float32), scale)
 
-    def backprop_deferred(self, dz, xc, upstream, scale=None):
-        """The gradient GEMMs of a ``deferred`` (one-pass) schedule, run once the upstream gradient of the
-        loss (``upstream``, a 0-dim float32 device tensor) is known: the GEMMs' epilogues multiply by it
-        (times ``scale``, the fp16 chunk factor, when given), so dX and dW come out in the inputs' dtypes,
-        rounded once, with no float32 [V, H] and no cast pass. Returns (dX, dW, db float32); may run again
-        (``retain_graph``): dZ and the gathered rows are only read."""
+    def defer(self, dz, xc, scale=None):
+        """End the forward of a ``deferred`` schedule: returns the tensors its backward needs, (weight, dZ,
+        gathered rows, order, count, fp16 scale or None), for the caller to hand to autograd
+        (``save_for_backward``: freed after backward, seen by saved-tensor hooks and checkpointing); the
+        schedule keeps only shapes and dtypes."""
         assert self.deferred
-        w = self.weight
-        if w.shape != self.weight_shape or \
-                w.untyped_storage().nbytes() < (w.storage_offset() + w.numel()) * w.element_size():
+        saved = (self.weight, dz, xc, self.order, self.count, scale)
+        self.x = self.weight = self.bias = self.logits = self.x_buf = self.order = self.count = None
+        return saved
+
+    def backprop_deferred(self, upstream, weight, dz, xc, order, count, scale=None):
+        """The gradient GEMMs of a ``deferred`` (one-pass) schedule, from what ``defer`` returned, once the
+        upstream gradient of the loss (``upstream``, a 0-dim float32 device tensor) is known: the GEMMs'
+        epilogues multiply by it (times ``scale``, the fp16 chunk factor, when given), so dX and dW come out
+        in the inputs' dtypes, rounded once, with no float32 [V, H] and no cast pass. Returns (dX, dW, db
+        float32); may run again (``retain_graph``): dZ and the gathered rows are only read."""
+        assert self.deferred
+        if weight.shape != self.weight_shape or \
+                weight.untyped_storage().nbytes() < (weight.storage_offset() + weight.numel()) * weight.element_size():
             raise RuntimeError(
                 "fused_linear_ngrpo_loss: the lm_head weight was freed or re-partitioned between the forward and "
                 "this backward, which reads it (dX = dZ W: a call whose tokens fit one workspace chunk runs its "
@@ -187,8 +196,10 @@ class HeadSchedule:
         total = upstream.detach().float().reshape(())
         if scale is not None:
             total = total * scale
-        self._allocate_grads(self.weight.dtype)
-        self.backprop(dz, 0, xc, scale=total)
-        dx, dw, db = self.dx, self.dw, self.db
-        self.dx = self.dx_buf = self.dw = self.db = None  # a second backward allocates its own
-        return dx, dw, db
+        self.weight, self.order, self.count = weight, order, count
+        try:
+            self._allocate_grads(weight.dtype)
+            self.backprop(dz, 0, xc, scale=total)
+            return self.dx, self.dw, self.db
+        finally:  # the schedule holds no tensor between backward calls
+            self.weight = self.order = self.count = self.dx = self.dx_buf = self.dw = self.db = None

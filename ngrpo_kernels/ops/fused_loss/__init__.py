@@ -40,9 +40,10 @@ def gradients_in_forward():
 
 @contextlib.contextmanager
 def deferring():
-    """Within this context a TRITON ``forward`` whose schedule is one chunk through our GEMMs leaves its
-    gradient GEMMs undone (dX, dW, db come back None) and appends ``pending(upstream) -> (dX, dW, db)`` to
-    the list yielded here, for the autograd backward to run with the loss's upstream gradient: the gradients
+    """Within this context a TRITON ``forward`` whose schedule is one chunk through our GEMMs and forms dW
+    leaves its gradient GEMMs undone (dX, dW, db come back None) and appends ``(schedule, saved tensors)`` to
+    the list yielded here, for the autograd backward to run with the loss's upstream gradient
+    (``HeadSchedule.backprop_deferred``; the tensors go through ``save_for_backward``): the gradients
     then come out of the GEMMs in the inputs' dtypes, with no float32 dW held from forward to backward and
     no cast pass. The eager autograd route uses it (``_library``); the custom op, whose outputs must be
     tensors, does not."""

@@ -20,8 +20,6 @@ Without gradients, steps 1 (statistics only, nothing stored) and 2 run: 2*N*H*V.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -87,10 +85,10 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
     ``token_inputs()`` returns the per-token arrays (target, w, adv, old, ref, isw): it is called once the
     first GEMM is queued, so that nothing small waits ahead of that GEMM.
 
-    ``deferred`` (a list): when the pass is one chunk through our GEMMs, its dX / dW / db GEMMs are not run
-    here; ``deferred`` receives ``pending(upstream) -> (dX, dW in the inputs' dtypes, db float32)`` instead,
-    for the autograd backward to call with the loss's upstream gradient (no float32 dW, no cast pass), and
-    the gradients returned here are None."""
+    ``deferred`` (a list): when the pass is one chunk through our GEMMs and forms dW, its dX / dW / db GEMMs
+    are not run here; ``deferred`` receives ``(schedule, saved tensors)`` instead, for the autograd backward
+    to call ``schedule.backprop_deferred(upstream, *saved)`` with the loss's upstream gradient (no float32
+    dW, no cast pass), and the gradients returned here are None."""
     need_grad = need_dx or need_dw or need_db
     sch = HeadSchedule(x, weight, bias, valid, workspace_bytes=workspace_bytes, need_logits=need_grad,
                        need_dx=need_dx, need_dw=need_dw, need_db=need_db, defer=deferred is not None)
@@ -137,7 +135,7 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
                           targets=tgt_c[row0:row0 + n], h=h, g_h=g_h, m_part=p[0], zero_tail=sch.zero_tail,
                           out_dtype=x.dtype)
             if sch.deferred:  # the only chunk: dZ and the gathered rows wait for the upstream gradient
-                deferred.append(functools.partial(sch.backprop_deferred, dz, xc, scale=scale))
+                deferred.append((sch, sch.defer(dz, xc, scale)))
             else:
                 sch.backprop(dz, row0, xc, scale=scale)
     return stats, sch.dx, sch.dw, sch.db
