@@ -577,11 +577,12 @@ def gradients_in_forward(fn):
     """``fn`` with the fused loss forming its gradients in forward even when its pass is one chunk (eager
     calls of one chunk leave the dX / dW GEMMs to backward: ``ops/fused_loss.deferring``): the schedule
     before that change, timed against it on the same route."""
-    from ngrpo_kernels.ops.fused_loss import gradients_in_forward as forward_only
-
     def call():
-        with forward_only():
+        previous = nk.gradients_in_forward(True)
+        try:
             return fn()
+        finally:
+            nk.gradients_in_forward(previous)
     return call
 
 

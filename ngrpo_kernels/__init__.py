@@ -7,8 +7,9 @@ Public API (one entry point per op; each picks the backend from the tensors' dev
 - ``fused_linear_ngrpo_loss`` / ``NGRPOLoss``: hidden states -> NGRPO loss and gradients in one pass.
 - ``ngrpo_policy_loss``: the asymmetric clipped policy loss, forward and backward in one fused pass.
 - ``selected_backend(device)`` / ``use_backend(name)``: which implementation runs, and forcing one.
-- ``gradients_in_forward()``: the fused loss forms its gradients in the forward at any size (for
-  frameworks that free the lm_head weight between forward and backward; DeepSpeed is recognised).
+- ``gradients_in_forward(enabled=True)``: process-wide, the fused loss forms its gradients in the forward at
+  any size (for frameworks that free the lm_head weight between forward and backward; DeepSpeed parameters
+  are recognised without it).
 """
 
 from .backend import Backend, selected_backend, use_backend

@@ -10,6 +10,7 @@ through a custom op in the ``ngrpo`` namespace:
 - ``ngrpo::linear_logprobs_backward`` the recomputing backward of the previous op
 - ``ngrpo::fused_linear_ngrpo_loss`` hidden, lm_head, ... -> loss, Stat sums, counts, dX, dW, db
 - ``ngrpo::scaled_cast``             its backward: a stored gradient times the upstream one, in the input's dtype
+- ``ngrpo::fused_loss_grads``        its backward when an eager one-chunk call left the gradient GEMMs to it
 
 Each has a fake (meta) implementation, so Dynamo and AOTAutograd see output shapes without running a
 kernel, and an autograd formula: the fused losses form their gradients in the forward kernels (returned
@@ -414,33 +415,45 @@ def _fused_loss_setup(ctx, inputs, output):
     hidden, weight, bias = inputs[:3]
     deferred = getattr(ctx, "eager", None)  # the eager route's slot (``_fused_loss.deferring``)
     ctx.eager = None
-    if deferred:
+    ctx.deferred = bool(deferred)
+    if ctx.deferred:
         # The gradient GEMMs run in backward, from the weight (an in-place change of it before then is refused
         # as for any autograd input), dZ and the gathered rows: saved like any activation, so they are freed
         # after backward and seen by saved-tensor hooks (offloading) and checkpointing.
-        ctx.pending, saved = deferred[0]
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(*deferred[0])
         ctx.hidden_shape = hidden.shape
+        ctx.needs = (inputs[15], inputs[17])  # need_dx, need_db
     else:
-        ctx.pending = None
         ctx.save_for_backward(*output[4:])
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.backend = inputs[10]
 
 
-@torch.compiler.disable
-def _deferred_gradients(schedule, grad_loss, saved):
-    """Kernel launches Dynamo must not trace (compiled autograd runs backward under it): run as they are."""
-    return schedule.backprop_deferred(grad_loss, *saved)
+@_custom_op("ngrpo::fused_loss_grads")
+def _fused_loss_grads_op(grad_loss: Tensor, weight: Tensor, dz: Tensor, xc: Tensor, order: Tensor, count: Tensor,
+                         scale: Optional[Tensor], need_dx: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of an eager one-chunk fused loss (``_fused_loss.deferring``): its dX / dW / db GEMMs with
+    the upstream gradient. A custom op, so that compiled autograd sees one opaque call."""
+    from .ops.head_schedule import deferred_backprop  # Triton's: imported only where a Triton forward ran
+
+    dx, dw, db = deferred_backprop(grad_loss, weight, dz, xc, order, count, scale, need_dx=need_dx, need_db=need_db)
+    return (_absent(xc) if dx is None else dx, dw, _absent(dw) if db is None else db)
+
+
+@_fused_loss_grads_op.register_fake
+def _(grad_loss, weight, dz, xc, order, count, scale, need_dx, need_db):
+    return (xc.new_empty((dz.shape[0], xc.shape[1]) if need_dx else (0,)), weight.new_empty(weight.shape),
+            weight.new_empty((weight.shape[0],) if need_db else (0,), dtype=torch.float32 if need_db else weight.dtype))
 
 
 def _fused_loss_backward(ctx, grad_loss, *_unused):
     _first_order()
     if grad_loss is None:
         return (None,) * 18
-    if ctx.pending is not None:
-        dx, dw, db = _deferred_gradients(ctx.pending, grad_loss, ctx.saved_tensors)
-        grads = (None if dx is None else dx.view(ctx.hidden_shape), dw, None if db is None else db.to(ctx.dtypes[2]))
+    if ctx.deferred:
+        need_dx, need_db = ctx.needs
+        dx, dw, db = _fused_loss_grads_op(grad_loss, *ctx.saved_tensors, need_dx, need_db)
+        grads = (dx.view(ctx.hidden_shape) if need_dx else None, dw, db.to(ctx.dtypes[2]) if need_db else None)
     else:
         grads = [None if g.numel() == 0 else _scaled_cast_op(g, grad_loss, dtype, ctx.backend)
                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
@@ -488,7 +501,7 @@ def fused_linear_ngrpo_loss(backend: Backend, hidden, weight, targets, mask, old
     tensor_normalizer, number = _split(normalizer)
     # DeepSpeed ZeRO-3 re-partitions a gathered weight when its gather context exits, before backward: the
     # gradients must then be formed in the forward (``ops/fused_loss.deferring`` would read it in backward).
-    in_forward = _fused_loss.gradients_in_forward() if hasattr(weight, "ds_id") else contextlib.nullcontext()
+    in_forward = _fused_loss.forming_in_forward() if hasattr(weight, "ds_id") else contextlib.nullcontext()
     with in_forward:
         loss, stats, n_tokens, computed_frac, _, _, _ = _fused_loss_op(
             hidden, weight, bias, targets, mask, old_logprobs, advantages, ref_logprobs, rollout_is_weights,

@@ -126,7 +126,7 @@ def gemm_variants(dtype: str):
                dict(base, EPILOGUE=LOGITS_SHIFTED, HAS_BIAS=bias))
     # fp16 dZ is formed times a power of two; its GEMMs scale the product back (SCALED, gemm.scale_fp16_grads).
     # A one-chunk fused loss runs dX and dW in backward with the upstream gradient as the scale, bf16 too
-    # (head_schedule.HeadSchedule.backprop_deferred).
+    # (head_schedule.deferred_backprop).
     scales = (dict(SCALED=True),) if dtype == "fp16" else ({}, dict(SCALED=True))
     for scaled in scales:
         tag = " scaled" if scaled else ""

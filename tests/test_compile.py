@@ -187,12 +187,19 @@ def _opcheck_cases(backend, device):
                                      s(1.0, 0.16, 0.24, None, 0.0, 0.001, 4.0, 8.0), 0, False, True, True, False)),
         "scaled_cast": (torch.ops.ngrpo.scaled_cast.default,
                         (torch.randn(7, 33, device=device), torch.tensor(0.37, device=device), torch.bfloat16, name)),
+        # an eager one-chunk Triton fused loss's backward: dZ [n, V], gathered rows [n, H], token order and count
+        "fused_loss_grads": (torch.ops.ngrpo.fused_loss_grads.default,
+                             (torch.tensor(0.37, device=device), x["weight"], 0.01 * torch.randn(n, V, device=device),
+                              x["hidden"].reshape(n, H), torch.randperm(n, device=device),
+                              torch.tensor([n - 4], dtype=torch.int32, device=device), None, True, True)),
     }
 
 
 @pytest.mark.parametrize("op", ["group_advantages", "policy_loss", "linear_logprobs", "linear_logprobs_backward",
-                                "fused_linear_ngrpo_loss", "scaled_cast"])
+                                "fused_linear_ngrpo_loss", "scaled_cast", "fused_loss_grads"])
 def test_opcheck(op, backend, device):
+    if op == "fused_loss_grads" and backend != "triton":
+        pytest.skip("the deferred backward of the Triton schedule")
     fn, args = _opcheck_cases(backend, device)[op]
     torch.library.opcheck(fn, args)
 
@@ -231,9 +238,8 @@ def test_backward_allocates_no_zero_gradients_for_side_outputs():
     """The ops' side outputs (Stat sums, the stored dX / dW) get no gradient: autograd must not materialise
     zeros for them in backward (at the 7B head a zero dW would be 2.2 GB and a memset). Every op the backward
     dispatches that returns a new [V, H] tensor is recorded: only the returned gradient may appear (made by
-    ``scaled_cast`` from the stored one, or, where the eager route left the gradient GEMMs to backward, an
-    empty tensor those GEMMs fill; in-place ops, such as the interpreter's copies back into it, allocate
-    nothing)."""
+    ``scaled_cast`` from the stored one, or by ``fused_loss_grads`` where the eager route left the gradient
+    GEMMs to backward; in-place ops allocate nothing)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Record(TorchDispatchMode):
@@ -255,7 +261,7 @@ def test_backward_allocates_no_zero_gradients_for_side_outputs():
     loss, _ = nk.fused_linear_ngrpo_loss(hidden, weight, x["targets"], x["mask"], x["old"], advantages=x["adv"])
     with Record() as record:
         loss.backward()
-    assert record.calls in (["ngrpo.scaled_cast.default"], ["aten.empty.memory_format"]), record.calls
+    assert record.calls in (["ngrpo.scaled_cast.default"], ["ngrpo.fused_loss_grads.default"]), record.calls
 
     hidden, weight = _leaves(x["hidden"], x["weight"])
     lp, ent = nk.fused_linear_logprobs(hidden, weight, x["targets"], return_entropy=True)
@@ -305,7 +311,8 @@ def test_eager_calls_skip_the_dispatcher(backend, device, monkeypatch):
         raise AssertionError("an eager call went through the dispatcher")
 
     for op in (_library._fused_loss_op, _library._linear_logprobs_op, _library._linear_logprobs_backward_op,
-               _library._policy_loss_op, _library._group_advantages_op, _library._scaled_cast_op):
+               _library._policy_loss_op, _library._group_advantages_op, _library._scaled_cast_op,
+               _library._fused_loss_grads_op):
         monkeypatch.setattr(op, "op", unusable)
     with nk.use_backend(backend):
         outputs, grads = _every_public_op(_inputs(device))

@@ -255,8 +255,8 @@ def _add_ngrpo_head(model, temperature: float) -> None:
         weight, bias = _head(self)
         hidden = hidden.to(device=weight.device, dtype=weight.dtype)
         # ZeRO-3: gather the partitioned head for the forward; the gradients of a DeepSpeed parameter are
-        # formed right here, in the forward (``ngrpo_kernels.gradients_in_forward``, applied by the loss
-        # itself), so nothing needs the gathered weight in backward.
+        # formed right here, in the forward (the loss recognises a DeepSpeed parameter), so nothing needs the
+        # gathered weight in backward.
         with maybe_gather_lm_head_ctx(*(p for p in (weight, bias) if p is not None)):
             # The head's temperature (the sampling temperature with the model's logit scale folded in), the
             # same as the old and reference log-probs' (_token_logprobs).

@@ -85,7 +85,7 @@ class HeadSchedule:
         self.need_dx, self.need_dw, self.need_db = need_dx, need_dw, need_db
         self.dense = pg.configs.dense_backend(x.dtype, dev)
         self.one_pass = self.dense == "triton" and self.chunk >= N
-        # ``defer``: a one-pass schedule that forms dW leaves its gradient GEMMs to ``backprop_deferred`` (the
+        # ``defer``: a one-pass schedule that forms dW leaves its gradient GEMMs to ``deferred_backprop`` (the
         # autograd backward, which knows the upstream gradient); nothing is allocated for them here. Without
         # dW (a frozen head) there is no float32 [V, H] to save, and dZ would be held for nothing.
         self.deferred = defer and self.one_pass and need_dw
@@ -168,38 +168,50 @@ class HeadSchedule:
                 self.db.addcmul_(dz.sum(0, dtype=torch.float32), scale)
 
     def defer(self, dz, xc, scale=None):
-        """End the forward of a ``deferred`` schedule: returns the tensors its backward needs, (weight, dZ,
-        gathered rows, order, count, fp16 scale or None), for the caller to hand to autograd
-        (``save_for_backward``: freed after backward, seen by saved-tensor hooks and checkpointing); the
-        schedule keeps only shapes and dtypes."""
+        """End the forward of a ``deferred`` schedule: returns what its backward needs, (weight, dZ, gathered
+        rows, order, count, fp16 scale or None), for the caller to hand to autograd (``save_for_backward``:
+        freed after backward, seen by saved-tensor hooks and checkpointing) and then to ``deferred_backprop``;
+        the schedule drops its own references."""
         assert self.deferred
         saved = (self.weight, dz, xc, self.order, self.count, scale)
         self.x = self.weight = self.bias = self.logits = self.x_buf = self.order = self.count = None
         return saved
 
-    def backprop_deferred(self, upstream, weight, dz, xc, order, count, scale=None):
-        """The gradient GEMMs of a ``deferred`` (one-pass) schedule, from what ``defer`` returned, once the
-        upstream gradient of the loss (``upstream``, a 0-dim float32 device tensor) is known: the GEMMs'
-        epilogues multiply by it (times ``scale``, the fp16 chunk factor, when given), so dX and dW come out
-        in the inputs' dtypes, rounded once, with no float32 [V, H] and no cast pass. Returns (dX, dW, db
-        float32); may run again (``retain_graph``): dZ and the gathered rows are only read."""
-        assert self.deferred
-        if weight.shape != self.weight_shape or \
-                weight.untyped_storage().nbytes() < (weight.storage_offset() + weight.numel()) * weight.element_size():
-            raise RuntimeError(
-                "fused_linear_ngrpo_loss: the lm_head weight was freed or re-partitioned between the forward and "
-                "this backward, which reads it (dX = dZ W: a call whose tokens fit one workspace chunk runs its "
-                "gradient GEMMs in backward). Frameworks that free parameters after the forward outside the head "
-                "module's own hooks (FSDP units, DeepSpeed ZeRO-3) need the gradients formed in the forward: call "
-                "the loss inside `with ngrpo_kernels.gradients_in_forward():` (done automatically for DeepSpeed "
-                "parameters).")
-        total = upstream.detach().float().reshape(())
-        if scale is not None:
-            total = total * scale
+    @classmethod
+    def _for_backward(cls, weight, order, count, n, H, dtype, *, need_dx, need_db):
+        """A one-pass schedule over our GEMMs with no forward state: what ``backprop`` reads."""
+        self = cls.__new__(cls)
         self.weight, self.order, self.count = weight, order, count
-        try:
-            self._allocate_grads(weight.dtype)
-            self.backprop(dz, 0, xc, scale=total)
-            return self.dx, self.dw, self.db
-        finally:  # the schedule holds no tensor between backward calls
-            self.weight = self.order = self.count = self.dx = self.dx_buf = self.dw = self.db = None
+        self.N = self.chunk = n
+        self.H, self.V, self.dtype, self.device = H, weight.shape[0], dtype, weight.device
+        self.dense, self.one_pass, self.deferred = "triton", True, True
+        self.need_dx, self.need_dw, self.need_db = need_dx, True, need_db
+        self.dx = self.dx_buf = self.dw = self.db = self._dw_chunk = None
+        return self
+
+
+def deferred_backprop(upstream, weight, dz, xc, order, count, scale=None, *, need_dx, need_db):
+    """The gradient GEMMs of a deferred one-chunk fused loss (``HeadSchedule.defer``), run in the autograd
+    backward once the loss's upstream gradient (``upstream``, a 0-dim float32 device tensor) is known: the
+    GEMMs' epilogues multiply by it (times ``scale``, the fp16 chunk factor, when given), so dX [n, H] and dW
+    come out in the inputs' dtypes, rounded once, with no float32 [V, H] and no cast pass; db in float32.
+    Every call builds its own buffers (a retained graph may run backward twice, even from two threads); dZ
+    and the gathered rows are only read."""
+    n, V = dz.shape
+    H = xc.shape[1]
+    if weight.shape != (V, H) or \
+            weight.untyped_storage().nbytes() < (weight.storage_offset() + weight.numel()) * weight.element_size():
+        raise RuntimeError(
+            "fused_linear_ngrpo_loss: the lm_head weight was freed or re-partitioned between the forward and this "
+            "backward, which reads it (dX = dZ W: a call whose tokens fit one workspace chunk runs its gradient "
+            "GEMMs in backward). Frameworks that free parameters after the forward outside the head module's own "
+            "hooks (FSDP units, DeepSpeed ZeRO-3) need the gradients formed in the forward: call "
+            "`ngrpo_kernels.gradients_in_forward(True)` once before training (DeepSpeed parameters are "
+            "recognised without it).")
+    total = upstream.detach().float().reshape(())
+    if scale is not None:
+        total = total * scale
+    sch = HeadSchedule._for_backward(weight, order, count, n, H, xc.dtype, need_dx=need_dx, need_db=need_db)
+    sch._allocate_grads(weight.dtype)
+    sch.backprop(dz, 0, xc, scale=total)
+    return sch.dx, sch.dw, sch.db

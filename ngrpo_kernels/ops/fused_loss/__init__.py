@@ -18,37 +18,48 @@ from ..policy_loss import _row_scale_and_inverse, _safe_inverse
 from . import schedule
 from .naive import fused_linear_ngrpo_loss_naive
 
-__all__ = ["deferring", "forward", "fused_linear_ngrpo_loss_naive", "gradients_in_forward", "scaled_cast"]
+__all__ = ["deferring", "forming_in_forward", "forward", "fused_linear_ngrpo_loss_naive", "gradients_in_forward",
+           "scaled_cast"]
 
 _DEFERRED: contextvars.ContextVar[list | None] = contextvars.ContextVar("ngrpo_deferred_gradients", default=None)
-_NEVER_DEFER = contextvars.ContextVar("ngrpo_never_defer", default=False)
+_IN_FORWARD_HERE = contextvars.ContextVar("ngrpo_gradients_in_forward_here", default=False)
+_in_forward_always = False
+
+
+def gradients_in_forward(enabled: bool = True) -> bool:
+    """Process-wide: with ``enabled``, ``fused_linear_ngrpo_loss`` forms its gradients in the forward at any
+    size and its backward never reads the lm_head weight (``deferring`` has no effect). For frameworks that
+    free or re-partition the weight between forward and backward outside the head module's own hooks
+    (DeepSpeed parameters are recognised per call without it). A process-wide setting, not a context: a
+    recomputing backward (activation checkpointing, CUDA's autograd thread) must take the same schedule as
+    the forward did. Returns the previous setting. Exported as ``ngrpo_kernels.gradients_in_forward``."""
+    global _in_forward_always
+    previous, _in_forward_always = _in_forward_always, bool(enabled)
+    return previous
 
 
 @contextlib.contextmanager
-def gradients_in_forward():
-    """Within this context ``fused_linear_ngrpo_loss`` forms its gradients in the forward, one chunk or not
-    (``deferring`` has no effect), and its backward never reads the lm_head weight: for frameworks that free
-    or re-partition the weight between forward and backward outside the head module's hooks (applied
-    automatically to DeepSpeed parameters), and for benchmarks timing the two schedules
-    (``benchmarks/gpu_head.py``). Exported as ``ngrpo_kernels.gradients_in_forward``."""
-    token = _NEVER_DEFER.set(True)
+def forming_in_forward():
+    """This thread's calls within the context form their gradients in the forward: for a call whose own
+    inputs ask for it (a DeepSpeed weight, ``_library``; the rule holds again on a recompute)."""
+    token = _IN_FORWARD_HERE.set(True)
     try:
         yield
     finally:
-        _NEVER_DEFER.reset(token)
+        _IN_FORWARD_HERE.reset(token)
 
 
 @contextlib.contextmanager
 def deferring():
     """Within this context a TRITON ``forward`` whose schedule is one chunk through our GEMMs and forms dW
-    leaves its gradient GEMMs undone (dX, dW, db come back None) and appends ``(schedule, saved tensors)`` to
-    the list yielded here, for the autograd backward to run with the loss's upstream gradient
-    (``HeadSchedule.backprop_deferred``; the tensors go through ``save_for_backward``): the gradients
-    then come out of the GEMMs in the inputs' dtypes, with no float32 dW held from forward to backward and
-    no cast pass. The eager autograd route uses it (``_library``); the custom op, whose outputs must be
-    tensors, does not."""
+    leaves its gradient GEMMs undone (dX, dW, db come back None) and appends the tensors its backward needs
+    (``HeadSchedule.defer``: weight, dZ, gathered rows, order, count, fp16 scale) to the list yielded here,
+    for autograd to save and for the backward to run with the loss's upstream gradient
+    (``head_schedule.deferred_backprop``): the gradients then come out of the GEMMs in the inputs' dtypes,
+    with no float32 dW held from forward to backward and no cast pass. The eager autograd route uses it
+    (``_library``); the custom op, whose outputs must be tensors, does not."""
     slot: list = []
-    token = _DEFERRED.set(None if _NEVER_DEFER.get() else slot)
+    token = _DEFERRED.set(None if _in_forward_always or _IN_FORWARD_HERE.get() else slot)
     try:
         yield slot
     finally:

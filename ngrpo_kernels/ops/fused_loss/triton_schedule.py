@@ -13,7 +13,7 @@ Per chunk of compacted tokens (``ops/head_schedule.py``; masked tokens are never
    one read and one write of 2 bytes per logit;
 4. dX = dZ W, dW += dZ^T X, db (``HeadSchedule.backprop``); when the whole pass is one chunk and the
    caller asks for it (``deferred``: the eager autograd route), in the autograd backward instead, with the
-   upstream gradient folded into the GEMMs' epilogues (``HeadSchedule.backprop_deferred``).
+   upstream gradient folded into the GEMMs' epilogues (``head_schedule.deferred_backprop``).
 
 Without gradients, steps 1 (statistics only, nothing stored) and 2 run: 2*N*H*V.
 """
@@ -86,9 +86,9 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
     first GEMM is queued, so that nothing small waits ahead of that GEMM.
 
     ``deferred`` (a list): when the pass is one chunk through our GEMMs and forms dW, its dX / dW / db GEMMs
-    are not run here; ``deferred`` receives ``(schedule, saved tensors)`` instead, for the autograd backward
-    to call ``schedule.backprop_deferred(upstream, *saved)`` with the loss's upstream gradient (no float32
-    dW, no cast pass), and the gradients returned here are None."""
+    are not run here; ``deferred`` receives the tensors they need instead (``HeadSchedule.defer``), for the
+    autograd backward to run ``head_schedule.deferred_backprop`` with the loss's upstream gradient (no
+    float32 dW, no cast pass), and the gradients returned here are None."""
     need_grad = need_dx or need_dw or need_db
     sch = HeadSchedule(x, weight, bias, valid, workspace_bytes=workspace_bytes, need_logits=need_grad,
                        need_dx=need_dx, need_dw=need_dw, need_db=need_db, defer=deferred is not None)
@@ -135,7 +135,7 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
                           targets=tgt_c[row0:row0 + n], h=h, g_h=g_h, m_part=p[0], zero_tail=sch.zero_tail,
                           out_dtype=x.dtype)
             if sch.deferred:  # the only chunk: dZ and the gathered rows wait for the upstream gradient
-                deferred.append((sch, sch.defer(dz, xc, scale)))
+                deferred.append(sch.defer(dz, xc, scale))
             else:
                 sch.backprop(dz, row0, xc, scale=scale)
     return stats, sch.dx, sch.dw, sch.db
