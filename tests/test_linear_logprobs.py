@@ -255,3 +255,20 @@ def test_no_grad_pass_in_several_launches(device, backend, gen):
     assert _max_err(lp.cpu(), want_lp) < 2e-5
     assert _max_err(ent.cpu(), want_ent) < 2e-5
     assert (lp.cpu()[t == -100] == 0).all()
+
+
+@pytest.mark.parametrize("free", ["storage", "data"])
+def test_a_weight_freed_before_backward_is_refused(free, device, backend, gen):
+    """The backward recomputes the logits from the lm_head weight: one freed since the forward (FSDP resizes
+    its storage to 0; DeepSpeed ZeRO-3 swaps in an empty tensor) is refused with an error, never read."""
+    x = torch.randn(2, 5, 16, generator=gen).to(device).requires_grad_()
+    w = (0.3 * torch.randn(40, 16, generator=gen)).to(device).requires_grad_()
+    t = torch.randint(0, 40, (2, 5), generator=gen).to(device)
+    with nk.use_backend(backend):
+        lp = nk.fused_linear_logprobs(x, w, t)
+    if free == "storage":
+        w.untyped_storage().resize_(0)
+    else:
+        w.data = torch.empty(0, device=device)
+    with pytest.raises(RuntimeError, match="freed or re-partitioned.*recomputes the logits"):
+        lp.sum().backward()

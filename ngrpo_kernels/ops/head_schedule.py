@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import weight_kept
 from . import cdiv
 from . import persistent_gemm as pg
 from .compaction import compact
@@ -199,15 +200,12 @@ def deferred_backprop(upstream, weight, dz, xc, order, count, scale=None, *, nee
     and the gathered rows are only read."""
     n, V = dz.shape
     H = xc.shape[1]
-    if weight.shape != (V, H) or \
-            weight.untyped_storage().nbytes() < (weight.storage_offset() + weight.numel()) * weight.element_size():
-        raise RuntimeError(
-            "fused_linear_ngrpo_loss: the lm_head weight was freed or re-partitioned between the forward and this "
-            "backward, which reads it (dX = dZ W: a call whose tokens fit one workspace chunk runs its gradient "
-            "GEMMs in backward). Frameworks that free parameters after the forward outside the head module's own "
-            "hooks (FSDP units, DeepSpeed ZeRO-3) need the gradients formed in the forward: call "
-            "`ngrpo_kernels.gradients_in_forward(True)` once before training (DeepSpeed parameters are "
-            "recognised without it).")
+    weight_kept(weight, torch.Size((V, H)),
+                "fused_linear_ngrpo_loss: a call whose tokens fit one workspace chunk runs its dX = dZ W in backward",
+                "Frameworks that free parameters after the forward outside the head module's own hooks (FSDP units, "
+                "DeepSpeed ZeRO-3) need the gradients formed in the forward: call "
+                "`ngrpo_kernels.gradients_in_forward(True)` once before training (DeepSpeed parameters are "
+                "recognised without it).")
     total = upstream.detach().float().reshape(())
     if scale is not None:
         total = total * scale
