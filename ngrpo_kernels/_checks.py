@@ -64,15 +64,17 @@ def same_device(tensors: dict[str, torch.Tensor | None]) -> torch.device:
     return first.device
 
 
-def weight_kept(weight: torch.Tensor, shape: torch.Size, reads: str, fix: str) -> None:
+def weight_kept(weight: torch.Tensor, shape_ok: bool, reads: str, fix: str) -> None:
     """For a backward that reads the lm_head weight: refuse one freed or re-partitioned since the forward
     (FSDP frees a parameter's storage after its unit's forward, DeepSpeed ZeRO-3 swaps it for an empty
-    tensor) instead of reading whatever the memory holds now. Host-side metadata only: no sync."""
-    needed = (weight.storage_offset() + weight.numel()) * weight.element_size()
-    if weight.shape != shape or weight.untyped_storage().nbytes() < needed:
-        raise RuntimeError(f"the lm_head weight ({describe(weight)} now, shape {tuple(shape)} in the forward) was "
-                           f"freed or re-partitioned between the forward and the backward, which reads it "
-                           f"({reads}). {fix}")
+    tensor) instead of reading whatever the memory holds now. ``shape_ok``: the caller's shape test. Host-side
+    metadata only (no sync); called inside the ops' implementations, where every route (eager, compiled, a
+    compiled backward) runs it on real tensors."""
+    last = weight.storage_offset() + sum((n - 1) * s for n, s in zip(weight.shape, weight.stride()))
+    needed = (last + 1) * weight.element_size() if weight.numel() else 0  # overlapping strides (expand) count once
+    if not shape_ok or weight.untyped_storage().nbytes() < needed:
+        raise RuntimeError(f"the lm_head weight ({describe(weight)} now) was freed or re-partitioned between the "
+                           f"forward and the backward, which reads it ({reads}). {fix}")
 
 
 def nonempty(name: str, x: torch.Tensor) -> None:

@@ -306,6 +306,10 @@ def _linear_logprobs_backward_op(x: Tensor, weight: Tensor, bias: Optional[Tenso
                                  entropy: Tensor, g_lp: Tensor, g_ent: Optional[Tensor], backend: str, scalars: Tensor,
                                  ignore_index: int, need_x: bool, need_w: bool, need_b: bool,
                                  workspace_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
+    check.weight_kept(weight, weight.dim() == 2 and weight.shape[1] == x.shape[1],
+                      "fused_linear_logprobs recomputes the logits in backward",
+                      "Keep it gathered until the backward has run (DeepSpeed ZeRO-3: enter the gather context, "
+                      "e.g. TRL's maybe_gather_lm_head_ctx, around the backward too).")
     (inv_temp,) = _unpack(scalars)
     with inputs_precision(x.device):  # a backward called under autocast: as the forward
         dx, dw, db = _linear_logprobs.impl(Backend(backend)).backward(
@@ -329,7 +333,6 @@ def _linear_logprobs_setup(ctx, inputs, output):
     x, weight, bias, targets, backend, scalars, ignore_index, entropy, workspace_bytes = inputs
     ctx.save_for_backward(x, weight, bias, targets, output[2], output[1], scalars)
     ctx.options = (backend, ignore_index, workspace_bytes)
-    ctx.weight_shape = weight.shape
 
 
 def _linear_logprobs_backward(ctx, g_lp, g_ent, _g_lse):
@@ -341,9 +344,6 @@ def _linear_logprobs_backward(ctx, g_lp, g_ent, _g_lse):
         return (None,) * 9
     if g_lp is None:
         g_lp = torch.zeros_like(lse)
-    check.weight_kept(weight, ctx.weight_shape, "fused_linear_logprobs recomputes the logits in backward",
-                      "Keep it gathered until the backward has run (DeepSpeed ZeRO-3: enter the gather context, "
-                      "e.g. TRL's maybe_gather_lm_head_ctx, around the backward too).")
     dx, dw, db = _linear_logprobs_backward_op(x, weight, bias, targets, lse, ent, g_lp, g_ent, backend, scalars,
                                               ignore_index, need_x, need_w, need_b, workspace_bytes)
     return (dx if need_x else None, dw if need_w else None, db if need_b else None,

@@ -272,3 +272,49 @@ def test_a_weight_freed_before_backward_is_refused(free, device, backend, gen):
         w.data = torch.empty(0, device=device)
     with pytest.raises(RuntimeError, match="freed or re-partitioned.*recomputes the logits"):
         lp.sum().backward()
+
+
+def test_backward_weight_check_on_every_route(device, backend, gen):
+    """The check sits inside the backward op: compiled autograd traces past it (fullgraph), a torch.compile'd
+    backward still runs it on the real weight, and a weight with overlapping strides (expand) is not taken
+    for a freed one."""
+    from torch._dynamo import compiled_autograd
+
+    x = torch.randn(2, 5, 16, generator=gen).to(device)
+    t = torch.randint(0, 40, (2, 5), generator=gen).to(device)
+    w0 = (0.3 * torch.randn(40, 16, generator=gen)).to(device)
+
+    def grads(step=None):
+        h, w = x.clone().requires_grad_(), w0.clone().requires_grad_()
+        with nk.use_backend(backend):
+            lp = nk.fused_linear_logprobs(h, w, t)
+        if step is None:
+            lp.sum().backward()
+        else:
+            step(lp)
+        return h.grad, w.grad
+
+    def compiled_backward(lp):
+        with compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+            lp.sum().backward()
+
+    for a, b in zip(grads(compiled_backward), grads()):
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+
+    row = w0[:1].clone().requires_grad_()
+    with nk.use_backend(backend):
+        nk.fused_linear_logprobs(x, row.expand(40, 16), t).sum().backward()
+    assert torch.isfinite(row.grad).all()
+
+    w = w0.clone().requires_grad_()
+
+    def fn(w):
+        return nk.fused_linear_logprobs(x, w, t).sum()
+
+    with nk.use_backend(backend):
+        out = torch.compile(fn, backend="aot_eager", fullgraph=True)(w)
+    w.untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match="freed or re-partitioned"):
+        out.backward()
+    torch._dynamo.reset()

@@ -200,7 +200,7 @@ def deferred_backprop(upstream, weight, dz, xc, order, count, scale=None, *, nee
     and the gathered rows are only read."""
     n, V = dz.shape
     H = xc.shape[1]
-    weight_kept(weight, torch.Size((V, H)),
+    weight_kept(weight, weight.shape == (V, H),
                 "fused_linear_ngrpo_loss: a call whose tokens fit one workspace chunk runs its dX = dZ W in backward",
                 "Frameworks that free parameters after the forward outside the head module's own hooks (FSDP units, "
                 "DeepSpeed ZeRO-3) need the gradients formed in the forward: call "
