@@ -192,13 +192,20 @@ def _opcheck_cases(backend, device):
                              (torch.tensor(0.37, device=device), x["weight"], 0.01 * torch.randn(n, V, device=device),
                               x["hidden"].reshape(n, H), torch.randperm(n, device=device),
                               torch.tensor([n - 4], dtype=torch.int32, device=device), None, True, True)),
+        # fp16: dZ formed times a power of two (the scale), only dW asked for
+        "fused_loss_grads_fp16": (torch.ops.ngrpo.fused_loss_grads.default,
+                                  (torch.tensor(0.37, device=device), x["weight"].half(),
+                                   (0.01 * torch.randn(n, V, device=device)).half(), x["hidden"].reshape(n, H).half(),
+                                   torch.randperm(n, device=device),
+                                   torch.tensor([n], dtype=torch.int32, device=device),
+                                   torch.tensor(0.25, device=device), False, False)),
     }
 
 
 @pytest.mark.parametrize("op", ["group_advantages", "policy_loss", "linear_logprobs", "linear_logprobs_backward",
-                                "fused_linear_ngrpo_loss", "scaled_cast", "fused_loss_grads"])
+                                "fused_linear_ngrpo_loss", "scaled_cast", "fused_loss_grads", "fused_loss_grads_fp16"])
 def test_opcheck(op, backend, device):
-    if op == "fused_loss_grads" and backend != "triton":
+    if op.startswith("fused_loss_grads") and backend != "triton":
         pytest.skip("the deferred backward of the Triton schedule")
     fn, args = _opcheck_cases(backend, device)[op]
     torch.library.opcheck(fn, args)
