@@ -419,7 +419,7 @@ def _fused_loss_setup(ctx, inputs, output):
     _no_zero_grads(ctx)
     hidden, weight, bias = inputs[:3]
     deferred = getattr(ctx, "eager", None)  # the eager route's slot (``_fused_loss.deferring``)
-    ctx.eager = None
+    ctx.eager = None  # its tensors are kept by save_for_backward below, not by the node's attributes
     ctx.deferred = bool(deferred)
     if ctx.deferred:
         # The gradient GEMMs run in backward, from the weight (an in-place change of it before then is refused
@@ -504,16 +504,12 @@ def fused_linear_ngrpo_loss(backend: Backend, hidden, weight, targets, mask, old
                                      temperature=temperature, skip_zero_advantage=skip_zero_advantage, **options)
     grad = torch.is_grad_enabled()
     tensor_normalizer, number = _split(normalizer)
-    # DeepSpeed ZeRO-3 re-partitions a gathered weight when its gather context exits, before backward: the
-    # gradients must then be formed in the forward (``ops/fused_loss.deferring`` would read it in backward).
-    in_forward = _fused_loss.forming_in_forward() if hasattr(weight, "ds_id") else contextlib.nullcontext()
-    with in_forward:
-        loss, stats, n_tokens, computed_frac, _, _, _ = _fused_loss_op(
-            hidden, weight, bias, targets, mask, old_logprobs, advantages, ref_logprobs, rollout_is_weights,
-            tensor_normalizer, backend.value, loss_agg_mode.value,
-            _scalars(temperature, eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, number, length_budget),
-            workspace_bytes or 0, skip_zero_advantage, grad and hidden.requires_grad, grad and weight.requires_grad,
-            grad and bias is not None and bias.requires_grad)
+    loss, stats, n_tokens, computed_frac, _, _, _ = _fused_loss_op(
+        hidden, weight, bias, targets, mask, old_logprobs, advantages, ref_logprobs, rollout_is_weights,
+        tensor_normalizer, backend.value, loss_agg_mode.value,
+        _scalars(temperature, eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, number, length_budget),
+        workspace_bytes or 0, skip_zero_advantage, grad and hidden.requires_grad, grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad)
     metrics = _policy_loss.metrics_from_stats(stats, n_tokens, entropy=True, logprob=True, kl=ref_logprobs is not None,
                                               dual_clip=clip_ratio_c is not None)
     if skip_zero_advantage:

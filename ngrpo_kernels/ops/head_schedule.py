@@ -72,7 +72,6 @@ class HeadSchedule:
     def __init__(self, x, weight, bias, values, ignore=0, *, workspace_bytes, need_logits, need_dx=False,
                  need_dw=False, need_db=False, dw_dtype=torch.float32, defer=False):
         self.x, self.weight, self.bias = x, weight, bias
-        self.weight_shape = weight.shape
         N, H = x.shape
         V = weight.shape[0]
         self.N, self.H, self.V, self.dtype, self.device = N, H, V, x.dtype, x.device
@@ -185,7 +184,7 @@ class HeadSchedule:
         self.weight, self.order, self.count = weight, order, count
         self.N = self.chunk = n
         self.H, self.V, self.dtype, self.device = H, weight.shape[0], dtype, weight.device
-        self.dense, self.one_pass, self.deferred = "triton", True, True
+        self.dense, self.one_pass = "triton", True
         self.need_dx, self.need_dw, self.need_db = need_dx, True, need_db
         self.dx = self.dx_buf = self.dw = self.db = self._dw_chunk = None
         return self

@@ -18,11 +18,9 @@ from ..policy_loss import _row_scale_and_inverse, _safe_inverse
 from . import schedule
 from .naive import fused_linear_ngrpo_loss_naive
 
-__all__ = ["deferring", "forming_in_forward", "forward", "fused_linear_ngrpo_loss_naive", "gradients_in_forward",
-           "scaled_cast"]
+__all__ = ["deferring", "forward", "fused_linear_ngrpo_loss_naive", "gradients_in_forward", "scaled_cast"]
 
 _DEFERRED: contextvars.ContextVar[list | None] = contextvars.ContextVar("ngrpo_deferred_gradients", default=None)
-_IN_FORWARD_HERE = contextvars.ContextVar("ngrpo_gradients_in_forward_here", default=False)
 _in_forward_always = False
 
 
@@ -30,36 +28,35 @@ def gradients_in_forward(enabled: bool = True) -> bool:
     """Process-wide: with ``enabled``, ``fused_linear_ngrpo_loss`` forms its gradients in the forward at any
     size and its backward never reads the lm_head weight (``deferring`` has no effect). For frameworks that
     free or re-partition the weight between forward and backward outside the head module's own hooks
-    (DeepSpeed parameters are recognised per call without it). A process-wide setting, not a context: a
-    recomputing backward (activation checkpointing, CUDA's autograd thread) must take the same schedule as
-    the forward did. Returns the previous setting. Exported as ``ngrpo_kernels.gradients_in_forward``."""
+    (DeepSpeed parameters are recognised per call without it: ``_defers``). A process-wide setting, not a
+    context: a recomputing backward (activation checkpointing, CUDA's autograd thread) must take the same
+    schedule as the forward did. Returns the previous setting. Exported as
+    ``ngrpo_kernels.gradients_in_forward``."""
     global _in_forward_always
     previous, _in_forward_always = _in_forward_always, bool(enabled)
     return previous
 
 
-@contextlib.contextmanager
-def forming_in_forward():
-    """This thread's calls within the context form their gradients in the forward: for a call whose own
-    inputs ask for it (a DeepSpeed weight, ``_library``; the rule holds again on a recompute)."""
-    token = _IN_FORWARD_HERE.set(True)
-    try:
-        yield
-    finally:
-        _IN_FORWARD_HERE.reset(token)
+def _defers(weight: torch.Tensor) -> list | None:
+    """The slot a TRITON forward leaves its gradient GEMMs in, or None to form them itself: None outside
+    ``deferring``, with ``gradients_in_forward`` on, and for a DeepSpeed parameter (``ds_id``: ZeRO-3
+    re-partitions it when the gather context exits, before backward; the same answer on a recompute)."""
+    if _in_forward_always or hasattr(weight, "ds_id"):
+        return None
+    return _DEFERRED.get()
 
 
 @contextlib.contextmanager
 def deferring():
     """Within this context a TRITON ``forward`` whose schedule is one chunk through our GEMMs and forms dW
-    leaves its gradient GEMMs undone (dX, dW, db come back None) and appends the tensors its backward needs
+    (and whose weight ``_defers`` allows) leaves its gradient GEMMs undone (dX, dW, db come back None) and appends the tensors its backward needs
     (``HeadSchedule.defer``: weight, dZ, gathered rows, order, count, fp16 scale) to the list yielded here,
     for autograd to save and for the backward to run with the loss's upstream gradient
     (``head_schedule.deferred_backprop``): the gradients then come out of the GEMMs in the inputs' dtypes,
     with no float32 dW held from forward to backward and no cast pass. The eager autograd route uses it
     (``_library``); the custom op, whose outputs must be tensors, does not."""
     slot: list = []
-    token = _DEFERRED.set(None if _in_forward_always or _IN_FORWARD_HERE.get() else slot)
+    token = _DEFERRED.set(slot)
     try:
         yield slot
     finally:
@@ -168,7 +165,7 @@ def forward(backend: Backend, hidden, weight, targets, mask, old_logprobs, advan
         # The per-token arrays are formed once the first GEMM is queued (``token_inputs`` is called
         # there): an isolated call then has only the compaction and one gather ahead of that GEMM.
         stats, dx, dw, db = triton_schedule.run(x, w_, b_, flat_computed, token_inputs, row_options=row_options,
-                                                workspace_bytes=workspace_bytes, deferred=_DEFERRED.get(), **needs)
+                                                workspace_bytes=workspace_bytes, deferred=_defers(weight), **needs)
     else:
         if workspace_bytes is None:
             workspace_bytes = schedule.default_workspace_bytes(x.device)
