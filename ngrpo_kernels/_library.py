@@ -37,6 +37,7 @@ come back as empty tensors (a custom op cannot return None); the wrappers here t
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Optional
 
@@ -99,14 +100,33 @@ def _traced(args) -> bool:
             or any(isinstance(a, Tensor) and type(a) not in _PLAIN for a in args))
 
 
+def _inputs_device(args):
+    """The inputs' GPU as the current device while an op runs. Triton launches on the current device (and
+    our workspaces are allocated there); with ``device_map="auto"`` or any model split across GPUs in one
+    process, the head's tensors sit on ``cuda:k`` while the current device is still ``cuda:0``, and the
+    kernels would run on the wrong GPU. The public entry points put all tensors on one device
+    (``_checks.same_device``); host cost when the devices already agree: one ``current_device()``."""
+    for a in args:
+        if isinstance(a, Tensor) and a.is_cuda:
+            if a.get_device() != torch.cuda.current_device():
+                return torch.cuda.device(a.device)
+            break
+    return contextlib.nullcontext()
+
+
 class _Op:
     """One operation, reachable two ways: ``op``, the ``torch.library`` custom op (with its fake
     implementation and autograd formula), and, for plain eager calls, ``impl`` itself under an
     ``autograd.Function`` made of the same setup and backward formulas."""
 
     def __init__(self, name: str, impl):
-        self.name, self.impl = name, impl
-        self.op = torch.library.custom_op(name, impl, mutates_args=())
+        @functools.wraps(impl)  # the signature and annotations are the custom op's schema
+        def on_inputs_device(*args, **kwargs):
+            with _inputs_device(args):
+                return impl(*args, **kwargs)
+
+        self.name, self.impl = name, on_inputs_device
+        self.op = torch.library.custom_op(name, on_inputs_device, mutates_args=())
         self.function = None
 
     def register_fake(self, fn):

@@ -5,6 +5,8 @@ equal eager ones, float options do not recompile per value, value checks still f
 Compiled with ``backend="aot_eager"`` (Dynamo + AOTAutograd + fake tensors: where tracing fails) and, once per
 op, with inductor. Small shapes: the kernels run under the Triton interpreter when TRITON_INTERPRET=1."""
 
+import contextlib
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
@@ -352,3 +354,78 @@ def test_tensor_subclasses_and_transforms_take_the_dispatcher():
     seen = []
     torch.func.grad(lambda v: (seen.append(_library._traced((v,))), v.sum())[1])(t)
     assert seen == [True]
+
+
+# --- the inputs' device ---------------------------------------------------------------------------------
+
+def test_every_kernel_launches_under_the_inputs_device_guard(monkeypatch):
+    """Triton launches on the current device; each op makes its inputs' device current (_inputs_device) for
+    its whole body, on both routes, forward and backward: no launch happens outside that guard."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from ngrpo_kernels.backend import interpreter_enabled
+    if not interpreter_enabled():
+        pytest.skip("counts the Triton interpreter's launches (TRITON_INTERPRET=1)")
+    depth, launches = [0], []
+
+    @contextlib.contextmanager
+    def guard(args):
+        assert any(isinstance(a, torch.Tensor) for a in args)
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    real_run = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        launches.append(depth[0] > 0)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(_library, "_inputs_device", guard)
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    with nk.use_backend("triton"):
+        _every_public_op(_inputs())
+        eager = len(launches)
+        with _library.dispatcher_route():
+            _every_public_op(_inputs())
+    assert eager > 10 and len(launches) > eager + 10 and all(launches), launches
+
+
+class _OnGPU(torch.Tensor):
+    """A CPU tensor that says it lives on cuda:1 (what _inputs_device reads), for a machine without GPUs."""
+    is_cuda = property(lambda self: True)
+    device = property(lambda self: torch.device("cuda", 1))
+
+    def get_device(self):
+        return 1
+
+
+@pytest.mark.parametrize("current", [0, 1])
+def test_inputs_device_becomes_current_only_when_it_differs(monkeypatch, current):
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextlib.nullcontext())
+    on_gpu = torch.Tensor._make_subclass(_OnGPU, torch.zeros(2))
+    with _library._inputs_device(("x", None, on_gpu, torch.zeros(1))):
+        pass
+    assert entered == ([torch.device("cuda", 1)] if current == 0 else [])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("CPU inputs never ask for a GPU"))
+    with _library._inputs_device((torch.zeros(1), 2.0)):
+        pass
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_ops_run_on_the_inputs_gpu_when_another_is_current():
+    """device_map="auto" puts the head on the last GPU while the process's current device stays cuda:0: every
+    op must run there (Triton would launch on cuda:0 with cuda:1's pointers) and leave cuda:0 current."""
+    torch.cuda.set_device(0)
+    x = _inputs(torch.device("cuda", 1))
+    got_out, got_grads = _every_public_op(x)
+    assert torch.cuda.current_device() == 0
+    with torch.cuda.device(1):
+        want_out, want_grads = _every_public_op(x)
+    for a, b in zip(got_out + got_grads, want_out + want_grads):
+        assert a.device == torch.device("cuda", 1)
+        torch.testing.assert_close(a, b)
