@@ -417,7 +417,7 @@ def test_inputs_device_becomes_current_only_when_it_differs(monkeypatch, current
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_ops_run_on_the_inputs_gpu_when_another_is_current():
+def test_cuda_ops_run_on_the_inputs_gpu_when_another_is_current():
     """device_map="auto" puts the head on the last GPU while the process's current device stays cuda:0: every
     op must run there (Triton would launch on cuda:0 with cuda:1's pointers) and leave cuda:0 current."""
     torch.cuda.set_device(0)
