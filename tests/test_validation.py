@@ -178,6 +178,31 @@ def test_liger_adapter_refuses_kl_without_reference_logprobs():
            torch.randn(2), old_per_token_logps=-torch.rand(2, 3))
 
 
+def test_liger_adapter_takes_ligers_importance_ratio_shapes():
+    """Liger's vllm_is_ratio may be (B,) or (B, 1), one ratio per sequence, or (B, T). B == T here, so a (B,)
+    ratio spread along the tokens instead of the sequences would give another loss, not an error."""
+    from ngrpo_kernels.integrations.liger import LigerFusedLinearNGRPOLoss
+
+    g = torch.Generator().manual_seed(0)
+    B = T = 4
+    x, w = torch.randn(B * T, 8, generator=g), torch.randn(11, 8, generator=g)
+    ids, mask = torch.randint(0, 11, (B, T), generator=g), torch.ones(B, T, dtype=torch.long)
+    adv, old = torch.randn(B, generator=g), -torch.rand(B, T, generator=g)
+    ratio = torch.tensor([0.5, 2.0, 1.0, 0.1])
+    fn = LigerFusedLinearNGRPOLoss()
+
+    def loss(r):
+        return fn(x, w, ids, mask, adv, old_per_token_logps=old, vllm_is_ratio=r)[0]
+
+    want = loss(ratio[:, None].expand(B, T).contiguous())
+    assert not torch.equal(want, loss(ratio[None, :].expand(B, T).contiguous()))
+    torch.testing.assert_close(loss(ratio), want)
+    torch.testing.assert_close(loss(ratio[:, None]), want)
+    for bad in (torch.ones(B + 1), torch.ones(B, 2), torch.ones(B, T, 1)):
+        with pytest.raises(ValueError, match="vllm_is_ratio"):
+            loss(bad)
+
+
 def test_liger_adapter_takes_ligers_constructor():
     """The drop-in's positional parameters are Liger's, in Liger's order, so a call written for Liger binds
     the same way; options for behaviour NGRPO lacks are refused, not ignored."""

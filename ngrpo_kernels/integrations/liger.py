@@ -20,6 +20,15 @@ from torch import nn
 from ..functional import fused_linear_ngrpo_loss
 
 
+def _per_token(ratio: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """Liger's ``vllm_is_ratio`` shapes: (B,) or (B, 1) one ratio per sequence, (B, T) one per token."""
+    if ratio.dim() == 1 and ratio.shape[0] == B:
+        ratio = ratio[:, None]  # a (B,) tensor would otherwise broadcast along the tokens
+    if ratio.dim() != 2 or ratio.shape[0] != B or ratio.shape[1] not in (1, T):
+        raise ValueError(f"vllm_is_ratio must have shape ({B},), ({B}, 1) or ({B}, {T}); got {tuple(ratio.shape)}")
+    return ratio.expand(B, T)
+
+
 class LigerFusedLinearNGRPOLoss(nn.Module):
     """Liger's constructor parameters in Liger's order (0.8.5), NGRPO's clip bounds and no KL by default;
     this package's own options come after them, keyword-only. Liger options for behaviour NGRPO does not
@@ -64,8 +73,8 @@ class LigerFusedLinearNGRPOLoss(nn.Module):
             raise ValueError(f"beta={self.beta!r} needs ref_per_token_logps (the KL penalty would silently be off)")
         B, T = selected_token_ids.shape
         hidden = _input.reshape(B, T, _input.shape[-1])
-        if vllm_is_ratio is not None and vllm_is_ratio.shape != (B, T):
-            vllm_is_ratio = vllm_is_ratio.expand(B, T)
+        if vllm_is_ratio is not None:
+            vllm_is_ratio = _per_token(vllm_is_ratio, B, T)
         agg, normalizer, budget = "token-mean", None, None
         if self.loss_type == "dapo" and num_items_in_batch is not None:
             world = torch.distributed.get_world_size() if (
