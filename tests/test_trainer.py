@@ -552,8 +552,97 @@ def test_logit_scaling_folds_into_the_temperature_and_softcapping_is_refused():
     assert _logit_scale(SimpleNamespace()) == 1.0
     assert _logit_scale(SimpleNamespace(logit_scale=0.25)) == 0.25  # Cohere multiplies
     assert _logit_scale(SimpleNamespace(logits_scaling=8.0)) == 0.125  # Granite divides
+    assert _logit_scale(SimpleNamespace(logits_scaling=8.0, model_type="hyperclovax")) == 8.0  # HyperCLOVA X: times
+    assert _logit_scale(SimpleNamespace(lm_head_multiplier=0.5)) == 0.5  # Falcon-H1
+    vlm = SimpleNamespace(get_text_config=lambda: SimpleNamespace(logits_scaling=4.0))  # a VLM's text config
+    assert _logit_scale(vlm) == 0.25
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         _logit_scale(SimpleNamespace(final_logit_softcapping=30.0))
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        _logit_scale(SimpleNamespace(get_text_config=lambda: SimpleNamespace(final_logit_softcapping=30.0)))
+    with pytest.raises(ValueError, match="positive"):
+        _logit_scale(SimpleNamespace(logit_scale=0.0))
+
+
+def _tiny_scaled_models():
+    import transformers
+
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False)
+    return {
+        "granite (divides by logits_scaling)": (transformers.GraniteConfig(logits_scaling=8.0, **shape),
+                                                transformers.GraniteForCausalLM),
+        "hyperclovax (multiplies by logits_scaling)": (transformers.HyperCLOVAXConfig(logits_scaling=0.25, **shape),
+                                                       transformers.HyperCLOVAXForCausalLM),
+        "cohere (logit_scale)": (transformers.CohereConfig(logit_scale=0.125, **shape),
+                                 transformers.CohereForCausalLM),
+        "falcon-h1 (lm_head_multiplier)": (transformers.FalconH1Config(
+            lm_head_multiplier=0.25, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
+            mamba_n_groups=1, mamba_chunk_size=8, projectors_bias=False, **shape), transformers.FalconH1ForCausalLM),
+    }
+
+
+@pytest.mark.parametrize("name", list(_tiny_scaled_models()))
+def test_head_logprobs_match_trls_fused_head_on_scaled_models(name):
+    """Models whose head scales its logits, each its own way: our head's log-probs (the temperature with the
+    scale folded in, as NGRPOTrainer sets it) equal TRL's own fused head's and the model's logits'."""
+    import copy
+
+    from trl.trainer.utils import add_fused_lm_head
+
+    from ngrpo_kernels.integrations.trl import _add_ngrpo_head, _logit_scale
+
+    torch.manual_seed(0)
+    config, cls = _tiny_scaled_models()[name]
+    model = cls(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)  # logits that the scale really changes
+    T = 0.7
+    ids = torch.randint(0, 64, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    with torch.no_grad():
+        truth = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float() / T, -1)
+        truth = truth.gather(-1, ids[:, 1:, None])[..., 0] * (labels[:, 1:] != -100)
+        trl_model = copy.deepcopy(model)
+        add_fused_lm_head(trl_model, temperature=T)
+        trl = trl_model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        _add_ngrpo_head(model, T / _logit_scale(model.config))  # as NGRPOTrainer.__init__ does
+        ours = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+    assert (truth != 0).any() and not torch.allclose(truth, torch.log_softmax(  # the scale matters here
+        model.get_output_embeddings()(model.base_model(input_ids=ids).last_hidden_state[:, :-1]) / T, -1
+    ).gather(-1, ids[:, 1:, None])[..., 0] * (labels[:, 1:] != -100), atol=1e-3)
+    torch.testing.assert_close(trl, truth, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours, truth, rtol=1e-4, atol=1e-4)
+
+
+def test_vision_inputs_reach_the_loss_forward():
+    """TRL hands a VLM's images to the model with each micro-batch; the loss forward must see them too (the
+    old and reference log-probs do, through TRL's own call)."""
+    import types
+
+    from ngrpo_kernels.integrations.trl import NGRPOTrainer
+
+    seen = {}
+
+    def model(**kwargs):
+        seen.update(kwargs)
+        return types.SimpleNamespace(loss=torch.zeros(()), metrics={})
+
+    B, P, K = 2, 3, 4
+    images = dict(pixel_values=torch.randn(8, 12), image_grid_thw=torch.tensor([[1, 2, 2], [1, 2, 2]]),
+                  mm_token_type_ids=torch.zeros(B, P + K, dtype=torch.long))
+    inputs = dict(prompt_ids=torch.ones(B, P, dtype=torch.long), prompt_mask=torch.ones(B, P, dtype=torch.long),
+                  completion_ids=torch.ones(B, K, dtype=torch.long),
+                  completion_mask=torch.ones(B, K, dtype=torch.long), advantages=torch.zeros(B),
+                  num_items_in_batch=torch.tensor(8.0), num_images=[1, 1], **images)
+    trainer = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=False), accelerator=types.SimpleNamespace(num_processes=1, gather=lambda t: t),
+        epsilon_low=0.16, epsilon_high=0.24, beta=0.0, use_adaptive_entropy=False, _entropy_coef_now=lambda m: 0.0,
+        _metrics={"eval": {}})
+    NGRPOTrainer._compute_loss(trainer, model, inputs)
+    assert set(seen) == {"input_ids", "attention_mask", "ngrpo_loss", *images}
+    assert all(seen[k] is v for k, v in images.items())
 
 
 def test_scaled_head_loss_and_old_logprobs_share_the_temperature():

@@ -91,6 +91,13 @@ _UNSUPPORTED = [
 ]
 
 
+# The vision-language inputs TRL 1.16 hands the model with a micro-batch (GRPOTrainer._compute_loss through
+# _get_per_token_logps_and_entropies), as they are for a whole micro-batch; its num_images / num_tiles only
+# serve to slice them when TRL splits a batch.
+_VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                  "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
 class NGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` with NGRPO advantages and the fused NGRPO loss (see the module docstring)."""
 
@@ -174,8 +181,9 @@ class NGRPOTrainer(GRPOTrainer):
             entropy_coef=self._entropy_coef_now(mode), normalizer=normalizer.float(),
             rollout_is_weights=_per_token(inputs.get("importance_sampling_ratio"), completion_ids),
         )
+        images = {key: inputs[key] for key in _VISION_INPUTS if inputs.get(key) is not None}
         out = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
-                    attention_mask=torch.cat([prompt_mask, completion_mask], dim=1), ngrpo_loss=request)
+                    attention_mask=torch.cat([prompt_mask, completion_mask], dim=1), ngrpo_loss=request, **images)
         metrics = out.metrics
         if self.use_adaptive_entropy and mode == "train":
             self._adapt_entropy_coef(metrics["entropy"].detach() * mask.sum(), mask.sum())
@@ -215,17 +223,23 @@ class NGRPOTrainer(GRPOTrainer):
 
 
 def _logit_scale(config) -> float:
-    """The factor a model's head applies to its logits (Cohere's ``logit_scale`` multiplies them, Granite's
-    ``logits_scaling`` divides them), folded into the temperature the kernels divide by. A soft cap
-    (Gemma's ``final_logit_softcapping``) is not a scale: refused."""
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        raise ValueError(f"the model's final_logit_softcapping={config.final_logit_softcapping} is not implemented "
+    """The factor the model's head multiplies its logits by, folded into the temperature the kernels divide
+    by. Read as TRL 1.16's own fused head reads it (``trl.trainer.utils.add_fused_lm_head``), from the text
+    config of a vision-language model: Cohere's ``logit_scale`` (Muse Glimmer's ``output_multiplier``),
+    Falcon-H1's ``lm_head_multiplier``, else ``logits_scaling``, which Granite and MiniCPM3 divide by and
+    HyperCLOVA X multiplies by. A soft cap (Gemma's ``final_logit_softcapping``) is not a scale: refused."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "final_logit_softcapping", None) is not None:
+        raise ValueError(f"the model's final_logit_softcapping={text.final_logit_softcapping} is not implemented "
                          "by the fused head (it would train on uncapped logits)")
-    scale = 1.0
-    if getattr(config, "logit_scale", None) is not None:
-        scale *= float(config.logit_scale)
-    if getattr(config, "logits_scaling", None) is not None:
-        scale /= float(config.logits_scaling)
+    scale = next((getattr(text, name) for name in ("logit_scale", "output_multiplier", "lm_head_multiplier")
+                  if getattr(text, name, None) is not None), None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scaling = float(text.logits_scaling)
+        scale = scaling if getattr(text, "model_type", None) == "hyperclovax" else 1.0 / scaling
+    scale = 1.0 if scale is None else float(scale)
+    if not 0.0 < scale < float("inf"):
+        raise ValueError(f"the model's logit scale {scale} must be positive and finite (it divides the temperature)")
     return scale
 
 
