@@ -79,11 +79,14 @@ def _reference_inputs(hidden, weight, bias, valid):
     """The REFERENCE backend under the public contract: half inputs computed in float32 (the precision the
     kernels' statistics have; bf16 arithmetic would be the naive path's, not the specification's), and rows
     that do not count zeroed, so padding is never read into a result or a gradient (it may hold NaN)."""
-    def widen(t):
-        return t.float() if t is not None and t.dtype in (torch.bfloat16, torch.float16) else t
-
-    hidden, weight, bias = widen(hidden), widen(weight), widen(bias)
+    hidden, weight, bias = _widen(hidden, weight, bias)
     return torch.where(valid[..., None], hidden, 0), weight, bias
+
+
+def _widen(*tensors):
+    """Half-precision tensors in float32 (differentiably), for the REFERENCE backend: the kernels compute in
+    float32 whatever the inputs' dtype, and the specification is the exact computation, not bf16 arithmetic."""
+    return [t.float() if t is not None and t.dtype in (torch.bfloat16, torch.float16) else t for t in tensors]
 
 
 def _detached(*tensors):
@@ -286,6 +289,8 @@ def policy_loss(backend: Backend, logprobs, old_logprobs, advantages, mask, *, e
     if backend == Backend.REFERENCE:
         old_logprobs, advantages, ref_logprobs, rollout_is_weights = _detached(
             old_logprobs, advantages, ref_logprobs, rollout_is_weights)
+        logprobs, old_logprobs, advantages, ref_logprobs, entropy, rollout_is_weights = _widen(
+            logprobs, old_logprobs, advantages, ref_logprobs, entropy, rollout_is_weights)
         return _policy_loss.policy_loss_naive(
             logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, entropy=entropy,
             loss_agg_mode=loss_agg_mode, normalizer=normalizer, length_budget=length_budget,

@@ -227,6 +227,27 @@ def test_float64_inputs_keep_float64_precision(mode, gen):
     torch.testing.assert_close(loss, want, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_backend_computes_half_inputs_in_float32(dtype, gen):
+    """The REFERENCE backend is the specification: half-precision inputs are computed in float32, as the
+    kernels compute them, not in bf16 / fp16 arithmetic (which moves ratios across the clip bounds)."""
+    x = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in _inputs(4, 64, gen, garbage_padding=False).items()}
+
+    def run(widen):
+        t = {k: (v.float() if widen and v.is_floating_point() else v) for k, v in x.items()}
+        lp, ent = t["logp"].clone().requires_grad_(), t["ent"].clone().requires_grad_()
+        with nk.use_backend("reference"):
+            loss, metrics = nk.ngrpo_policy_loss(lp, t["old"], t["adv"], t["mask"], entropy=ent, entropy_coef=0.05,
+                                                 ref_logprobs=t["ref"], beta=0.1, rollout_is_weights=t["isw"])
+        loss.backward()
+        return loss, metrics["clip_frac"], lp.grad, ent.grad
+
+    got, want = run(False), run(True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=0)
+    assert got[1] == want[1]
+    assert got[2].dtype == dtype and torch.equal(got[2], want[2].to(dtype)) and torch.equal(got[3], want[3].to(dtype))
+
+
 def test_upstream_gradient_and_dtypes(device, backend, gen):
     x = _inputs(3, 5, gen, garbage_padding=False)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
