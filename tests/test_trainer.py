@@ -780,6 +780,29 @@ def test_two_processes_use_the_single_process_advantages(tmp_path):
     assert (tmp_path / "out" / "final").exists() and len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_fsdp2_head_gradient_is_averaged_over_ranks(tmp_path):
+    """FSDP2 on two CPU processes: with the head in the root unit and with the head its own unit (the loss
+    then gathers a sharded DTensor), every parameter's gradient is the mean over ranks of the unsharded
+    model's, the head's included (a plain full_tensor() left each rank's own unreduced rows)."""
+    import os
+    import subprocess
+    import sys
+
+    here = Path(__file__).parent
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "errors.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(here / "fsdp2_head_run.py"), str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(out.read_text())
+    assert errors["head in the root unit"].pop("read as") == "Parameter"  # unsharded by the root's forward
+    assert errors["head its own unit"].pop("read as") == "DTensor"  # the case this is about
+    for layout, per_param in errors.items():
+        assert len(per_param) > 10 and max(per_param.values()) < 1e-5, (layout, per_param)
+
+
 def test_ablation_arms_and_report(tmp_path):
     """The ablation's arms differ only in estimator, clip bounds and the all-correct filter; a one-seed,
     two-arm run at a few steps writes the table, the plot and the raw results."""

@@ -285,10 +285,21 @@ def _add_ngrpo_head(model, temperature: float) -> None:
 def _head(model):
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
-    if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters as DTensors
-        weight = weight.full_tensor()
-        bias = None if bias is None else bias.full_tensor()
-    return weight, bias
+    return _whole(weight), None if bias is None else _whole(bias)
+
+
+def _whole(param):
+    """A parameter as one plain tensor. FSDP2 leaves the head sharded (a DTensor) when it is its own unit, since
+    its forward, which would unshard it, is never called: gather it. Each rank's gradient of the whole tensor
+    is its own tokens' part, so it goes back as a partial to be averaged (reduce-scattered) over the mesh, as
+    FSDP2 averages every other gradient; a plain ``full_tensor()`` would treat it as identical on every rank
+    and keep each rank's unreduced rows. (Mesh dimensions along which the ranks see the same tokens, as with
+    tensor parallelism, average identical parts: unchanged.)"""
+    if not hasattr(param, "full_tensor"):
+        return param
+    from torch.distributed.tensor import Partial
+
+    return param.full_tensor(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
 
 
 def _token_logprobs(model, temperature, *args, labels, fused_lm_head=True, num_items_in_batch=None, **kwargs):
