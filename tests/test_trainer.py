@@ -20,8 +20,9 @@ SMALL = dict(model_config=dict(hidden_size=32, intermediate_size=64, num_hidden_
              save_steps=2, num_train=64, optimizer_steps_per_generation=1)
 
 
-def _trainer(tmp_path, reward, estimator="ngrpo", num_generations=8):
+def _trainer(tmp_path, reward, estimator="ngrpo", num_generations=8, **config):
     from datasets import Dataset
+    from transformers import AutoModelForCausalLM
 
     from ngrpo_kernels.integrations.trl import NGRPOConfig, NGRPOTrainer
     from ngrpo_train.train import build_model, build_tokenizer
@@ -29,12 +30,51 @@ def _trainer(tmp_path, reward, estimator="ngrpo", num_generations=8):
     p = dataclasses.replace(preset("tiny"), **SMALL)
     tok = build_tokenizer(p)
     model = build_model(p, tok, seed=0)
+    if config.get("beta"):  # TRL loads the reference model from the policy's path
+        model.save_pretrained(tmp_path / "init")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "init")
     args = NGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=num_generations,
                        num_generations=num_generations, max_completion_length=3, max_steps=1, report_to=[],
-                       advantage_estimator=estimator, save_strategy="no", disable_tqdm=True, bf16=False)
+                       advantage_estimator=estimator, save_strategy="no", disable_tqdm=True, bf16=False, **config)
     rows = tasks.arithmetic_problems(8, max_operand=10, seed=0, split="train")
     return NGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
                         processing_class=tok), rows
+
+
+def test_reference_model_is_patched_inside_its_wrapper(tmp_path, monkeypatch):
+    """GRPOTrainer wraps the reference model (a DeepSpeed engine, FSDP1, DDP: each holds it as .module) before
+    NGRPOTrainer can patch it: the patch goes on the model inside, so the wrapper's own forward still runs."""
+    from accelerate import Accelerator
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    prepare = Accelerator.prepare_model
+
+    def wrapping(self, model, device_placement=None, evaluation_mode=False):
+        model = prepare(self, model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+        return Wrapper(model) if evaluation_mode else model
+
+    monkeypatch.setattr(Accelerator, "prepare_model", wrapping)
+    trainer, _ = _trainer(tmp_path, lambda prompts, completions, **_: [0.0] * len(completions), beta=0.04,
+                          use_bias_correction_kl=False)
+    ref = trainer.ref_model
+    assert isinstance(ref, Wrapper) and "forward" not in vars(ref)
+    ids = torch.randint(0, ref.module.config.vocab_size, (2, 6))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    with torch.no_grad():
+        out = ref(input_ids=ids, labels=labels, fused_lm_head=True)  # TRL's reference log-prob call
+        want = torch.log_softmax(type(ref.module).forward(ref.module, input_ids=ids).logits[:, :-1] / trainer.temperature, -1)
+    assert ref.calls == 1
+    torch.testing.assert_close(out.log_probs, want.gather(-1, ids[:, 1:, None])[..., 0] * (labels[:, 1:] != -100),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_all_wrong_group_of_8_gets_minus_one_third(tmp_path):

@@ -110,8 +110,9 @@ class NGRPOTrainer(GRPOTrainer):
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         temperature = self.temperature / _logit_scale(model.config)
         _add_ngrpo_head(model, temperature)
-        if self.ref_model is not None:
-            _add_ngrpo_head(self.ref_model, self.temperature / _logit_scale(self.ref_model.config))
+        if self.ref_model is not None:  # already prepared: patch the model inside its wrapper
+            ref = _unwrapped(self.ref_model)
+            _add_ngrpo_head(ref, self.temperature / _logit_scale(ref.config))
 
     # ------------------------------------------------------------------ advantages
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -280,6 +281,15 @@ def _add_ngrpo_head(model, temperature: float) -> None:
         return types.SimpleNamespace(loss=loss, metrics=metrics)
 
     model.forward = types.MethodType(forward, model)
+
+
+def _unwrapped(model):
+    """The model inside the wrappers ``GRPOTrainer.__init__`` puts the reference model in before we can patch
+    it (a DeepSpeed engine, FSDP1, DDP: each holds it as ``.module``). Patching the wrapper instead would
+    bypass the wrapper's own forward (FSDP1's unsharding of its root parameters, for one)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
 
 
 def _head(model):
