@@ -2,8 +2,8 @@
 ``torchrun --nproc_per_node 2`` on the CPU (gloo): a tiny Qwen2 under FSDP2 (fully_shard), each rank its own
 batch, the NGRPO loss through the patched forward (_add_ngrpo_head). The reference is the mean over ranks of
 the unsharded model's gradients, which is what FSDP2 computes for every parameter. Layouts: the head in the
-root unit (its weight is unsharded when the loss reads it) and the head as its own unit (the loss reads a
-sharded DTensor, whose forward never runs). Rank 0 writes the errors to OUT as JSON."""
+root unit (its weight is unsharded when the loss reads it), the same with the root resharded after the
+forward, and the head as its own unit (the loss reads a sharded DTensor, whose forward never runs). Rank 0 writes the errors to OUT as JSON."""
 
 import json
 import os
@@ -47,13 +47,16 @@ def main(out):
         loss(reference, r).backward()
     want = {n: p.grad / world for n, p in reference.named_parameters()}
     errors = {}
-    for layout in ("head in the root unit", "head its own unit"):
+    for layout in ("head in the root unit", "head in the root unit, resharded after forward", "head its own unit"):
         m = model()
         for layer in m.model.layers:
             fully_shard(layer, mesh=mesh)
         if layout == "head its own unit":
             fully_shard(m.lm_head, mesh=mesh)
-        fully_shard(m, mesh=mesh)
+        # accelerate before 1.11 kept embeddings, norm and head in the root and resharded it after forward
+        # (fsdp_reshard_after_forward: true): its backward must re-gather them, which FSDP2 arranges on
+        # the tensors it finds in the forward's output
+        fully_shard(m, mesh=mesh, reshard_after_forward=layout.endswith("forward"))
         seen, whole = [], ngrpo_trl._whole
         ngrpo_trl._whole = lambda param: (seen.append(type(param).__name__), whole(param))[1]
         try:
@@ -72,3 +75,6 @@ def main(out):
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main(sys.argv[1])
+    # gloo's teardown at interpreter exit sometimes aborts ("terminate called without an active exception")
+    # after everything above has finished, which would fail the run for nothing
+    os._exit(0)

@@ -231,7 +231,8 @@ def test_float64_inputs_keep_float64_precision(mode, gen):
 def test_reference_backend_computes_half_inputs_in_float32(dtype, gen):
     """The REFERENCE backend is the specification: half-precision inputs are computed in float32, as the
     kernels compute them, not in bf16 / fp16 arithmetic (which moves ratios across the clip bounds)."""
-    x = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in _inputs(4, 64, gen, garbage_padding=False).items()}
+    x = _inputs(4, 64, gen, garbage_padding=False)
+    x = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in x.items()}
 
     def run(widen):
         t = {k: (v.float() if widen and v.is_floating_point() else v) for k, v in x.items()}

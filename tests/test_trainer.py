@@ -71,7 +71,8 @@ def test_reference_model_is_patched_inside_its_wrapper(tmp_path, monkeypatch):
     labels[:, :3] = -100
     with torch.no_grad():
         out = ref(input_ids=ids, labels=labels, fused_lm_head=True)  # TRL's reference log-prob call
-        want = torch.log_softmax(type(ref.module).forward(ref.module, input_ids=ids).logits[:, :-1] / trainer.temperature, -1)
+        logits = type(ref.module).forward(ref.module, input_ids=ids).logits[:, :-1]
+        want = torch.log_softmax(logits / trainer.temperature, -1)
     assert ref.calls == 1
     torch.testing.assert_close(out.log_probs, want.gather(-1, ids[:, 1:, None])[..., 0] * (labels[:, 1:] != -100),
                                rtol=1e-5, atol=1e-5)
@@ -656,6 +657,21 @@ def test_head_logprobs_match_trls_fused_head_on_scaled_models(name):
     torch.testing.assert_close(ours, truth, rtol=1e-4, atol=1e-4)
 
 
+def test_backbone_is_found_as_trl_finds_it(monkeypatch):
+    """Under transformers 4 a vision-language model's base_model is the model itself (empty prefix): its
+    language backbone is .model there, as TRL's fused head reads it; text models and transformers 5 use
+    base_model."""
+    from types import SimpleNamespace
+
+    from ngrpo_kernels.integrations import trl as ngrpo_trl
+
+    text = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text.config))
+    vlm = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: SimpleNamespace()))
+    for version, want in (("4.57.1", "model"), ("5.0.0", "base_model")):
+        monkeypatch.setattr(ngrpo_trl.transformers, "__version__", version)
+        assert ngrpo_trl._backbone_name(vlm) == want and ngrpo_trl._backbone_name(text) == "base_model"
+
+
 def test_vision_inputs_reach_the_loss_forward():
     """TRL hands a VLM's images to the model with each micro-batch; the loss forward must see them too (the
     old and reference log-probs do, through TRL's own call)."""
@@ -677,7 +693,8 @@ def test_vision_inputs_reach_the_loss_forward():
                   completion_mask=torch.ones(B, K, dtype=torch.long), advantages=torch.zeros(B),
                   num_items_in_batch=torch.tensor(8.0), num_images=[1, 1], **images)
     trainer = types.SimpleNamespace(
-        model=types.SimpleNamespace(training=False), accelerator=types.SimpleNamespace(num_processes=1, gather=lambda t: t),
+        model=types.SimpleNamespace(training=False),
+        accelerator=types.SimpleNamespace(num_processes=1, gather=lambda t: t),
         epsilon_low=0.16, epsilon_high=0.24, beta=0.0, use_adaptive_entropy=False, _entropy_coef_now=lambda m: 0.0,
         _metrics={"eval": {}})
     NGRPOTrainer._compute_loss(trainer, model, inputs)
@@ -821,9 +838,11 @@ def test_two_processes_use_the_single_process_advantages(tmp_path):
 
 
 def test_fsdp2_head_gradient_is_averaged_over_ranks(tmp_path):
-    """FSDP2 on two CPU processes: with the head in the root unit and with the head its own unit (the loss
-    then gathers a sharded DTensor), every parameter's gradient is the mean over ranks of the unsharded
-    model's, the head's included (a plain full_tensor() left each rank's own unreduced rows)."""
+    """FSDP2 on two CPU processes: with the head in the root unit, in a root resharded after the forward (its
+    backward must re-gather the parameters: it found no tensor in the loss's old plain-object output and
+    read freed storage), and as its own unit (the loss then gathers a sharded DTensor), every parameter's
+    gradient is the mean over ranks of the unsharded model's, the head's included (a plain full_tensor()
+    left each rank's own unreduced rows)."""
     import os
     import subprocess
     import sys
@@ -837,7 +856,8 @@ def test_fsdp2_head_gradient_is_averaged_over_ranks(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(out.read_text())
-    assert errors["head in the root unit"].pop("read as") == "Parameter"  # unsharded by the root's forward
+    for layout in ("head in the root unit", "head in the root unit, resharded after forward"):
+        assert errors[layout].pop("read as") == "Parameter"  # unsharded by the root's forward
     assert errors["head its own unit"].pop("read as") == "DTensor"  # the case this is about
     for layout, per_param in errors.items():
         assert len(per_param) > 10 and max(per_param.values()) < 1e-5, (layout, per_param)

@@ -33,8 +33,11 @@ import dataclasses
 import types
 
 import torch
+import transformers
+from packaging.version import Version
+from transformers.utils import ModelOutput
 from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import maybe_gather_lm_head_ctx
+from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
 from ..functional import fused_linear_logprobs, fused_linear_ngrpo_loss, group_advantages
 from ..variants import Estimator
@@ -89,6 +92,16 @@ _UNSUPPORTED = [
     ("scale_rewards", "group", "TRL's reward scaling; the advantages are NGRPO's (advantage_estimator)"),
     ("multi_objective_aggregation", "sum_then_normalize", "reward aggregation other than the weighted sum"),
 ]
+
+
+@dataclasses.dataclass
+class NGRPOLossOutput(ModelOutput):
+    """What ``model(..., ngrpo_loss=request)`` returns. A ``ModelOutput`` (a pytree node), not a plain object:
+    FSDP2's root unit registers its pre-backward hook, which re-gathers parameters it resharded after the
+    forward, on the tensors it finds in the forward's output."""
+
+    loss: torch.Tensor | None = None
+    metrics: dict | None = None
 
 
 # The vision-language inputs TRL 1.16 hands the model with a micro-batch (GRPOTrainer._compute_loss through
@@ -254,17 +267,18 @@ def _add_ngrpo_head(model, temperature: float) -> None:
     ``fused_lm_head=True`` log-prob calls (old policy, reference), which ``fused_linear_logprobs`` serves.
     """
     previous = model.forward
+    backbone = _backbone_name(model)
 
     def forward(self, *args, ngrpo_loss=None, **kwargs):
         if ngrpo_loss is None:
             if kwargs.get("fused_lm_head") and kwargs.get("shift_labels") is None \
                     and not kwargs.get("output_router_logits"):
-                return _token_logprobs(self, temperature, *args, **kwargs)
+                return _token_logprobs(self, backbone, temperature, *args, **kwargs)
             return previous(*args, **kwargs)
         request = dict(ngrpo_loss)
         targets = request.pop("targets")
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        hidden = getattr(self, backbone)(*args, **kwargs).last_hidden_state
         K = targets.shape[1]
         hidden = hidden[:, -K - 1:-1]  # position t predicts token t + 1
         weight, bias = _head(self)
@@ -278,9 +292,19 @@ def _add_ngrpo_head(model, temperature: float) -> None:
             loss, metrics = fused_linear_ngrpo_loss(hidden, weight, targets, request.pop("mask"),
                                                     request.pop("old_logprobs"), bias=bias, temperature=temperature,
                                                     validate=False, **request)
-        return types.SimpleNamespace(loss=loss, metrics=metrics)
+        return NGRPOLossOutput(loss=loss, metrics=metrics)
 
     model.forward = types.MethodType(forward, model)
+
+
+def _backbone_name(model) -> str:
+    """Where the model below the head is, as TRL's fused head finds it: ``base_model``, except for a
+    vision-language model under transformers 4, whose empty ``base_model_prefix`` makes ``base_model`` the
+    model itself; its language backbone is ``model`` there. Looked up by name at each call (FSDP and PEFT
+    replace modules after patching)."""
+    if model.config.get_text_config() is not model.config and Version(transformers.__version__) < Version("5"):
+        return "model"
+    return "base_model"
 
 
 def _unwrapped(model):
@@ -302,9 +326,10 @@ def _whole(param):
     """A parameter as one plain tensor. FSDP2 leaves the head sharded (a DTensor) when it is its own unit, since
     its forward, which would unshard it, is never called: gather it. Each rank's gradient of the whole tensor
     is its own tokens' part, so it goes back as a partial to be averaged (reduce-scattered) over the mesh, as
-    FSDP2 averages every other gradient; a plain ``full_tensor()`` would treat it as identical on every rank
-    and keep each rank's unreduced rows. (Mesh dimensions along which the ranks see the same tokens, as with
-    tensor parallelism, average identical parts: unchanged.)"""
+    FSDP2 averages every other gradient by default; a plain ``full_tensor()`` would treat it as identical on
+    every rank and keep each rank's unreduced rows. (Mesh dimensions along which the ranks see the same
+    tokens, as with tensor parallelism, average identical parts: unchanged.) A custom
+    ``set_gradient_divide_factor`` is not seen here: the head's gradient stays the mean."""
     if not hasattr(param, "full_tensor"):
         return param
     from torch.distributed.tensor import Partial
@@ -312,11 +337,12 @@ def _whole(param):
     return param.full_tensor(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
 
 
-def _token_logprobs(model, temperature, *args, labels, fused_lm_head=True, num_items_in_batch=None, **kwargs):
+def _token_logprobs(model, backbone, temperature, *args, labels, fused_lm_head=True, num_items_in_batch=None,
+                    **kwargs):
     """What TRL's fused head returns for ``model(..., labels=labels, fused_lm_head=True)``: per-position
     log-probs of the next token and the entropy, [B, L - 1], zero where the label is -100."""
     kwargs["use_cache"] = False
-    hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+    hidden = getattr(model, backbone)(*args, **kwargs).last_hidden_state[:, :-1]
     targets = labels[:, 1:]
     weight, bias = _head(model)
     with maybe_gather_lm_head_ctx(*(p for p in (weight, bias) if p is not None)):
@@ -325,7 +351,7 @@ def _token_logprobs(model, temperature, *args, labels, fused_lm_head=True, num_i
                                                    return_entropy=True, validate=False)
     mask = targets != -100
     loss = -log_probs.sum() / mask.sum().clamp(min=1)
-    return types.SimpleNamespace(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask)
+    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask)
 
 
 def _per_token(weights, completion_ids):
