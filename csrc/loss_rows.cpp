@@ -147,14 +147,21 @@ void one_row(const float* z, OutT* dz, const float* bias, int64_t V, int64_t tar
     dual = (A < 0.f) && (bound < loss);
     if (dual) { loss = bound; dloss = 0.f; }
   }
-  if (o.has_isw) { loss *= isw; dloss *= isw; }
+  // A weight of 0 (a token the rollout correction masks out) or beta = 0 (a KL only logged) gives 0, also where
+  // the ratio or exp(log_r) overflows to inf (0 * inf would be NaN).
+  if (o.has_isw) {
+    loss = isw == 0.f ? 0.f : loss * isw;
+    dloss = isw == 0.f ? 0.f : dloss * isw;
+  }
   float k3 = 0.f;
   if (o.has_ref) {
     const float log_r = ref_lp - lp;
     const float e = std::exp(log_r);
     k3 = e - log_r - 1.f;
-    loss += o.beta * k3;
-    dloss += o.beta * (1.f - e);
+    if (o.beta != 0.f) {
+      loss += o.beta * k3;
+      dloss += o.beta * (1.f - e);
+    }
   }
   loss -= o.entropy_coef * H;
   if (!ok) loss = dloss = kNaN;  // the comparisons above may have dropped a NaN

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ngrpo_kernels as nk
+from ngrpo_kernels.backend import interpreter_enabled
 from ngrpo_kernels.ops.policy_loss.naive import policy_loss_naive
 
 MODES = [m.value for m in nk.AggMode]
@@ -259,6 +260,45 @@ def test_upstream_gradient_and_dtypes(device, backend, gen):
         assert logp.grad.dtype == dtype
         _, _, want, _ = _reference({k: (v.to(dtype).double() if v.is_floating_point() else v) for k, v in x.items()})
         torch.testing.assert_close(logp.grad.cpu().double(), 2.5 * want, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "cpp", "triton", "reference"])
+def test_zero_weights_never_multiply_an_overflow(backend_name, device):
+    """Two factors of 0 meet an overflowing exponential: a token the rollout correction weighs 0 whose ratio
+    overflows (log-ratio 95, A < 0, no dual clip: its clipped term is +inf), and ref_logprobs passed with
+    beta = 0 (the KL only logged) where k3 overflows. Each contributes exactly 0 (0 * inf was a NaN loss);
+    verl, which clamps the log-ratio, gives the same loss and gradient here. The fused head loss too."""
+    if backend_name in ("cpp", "torch") and device.type != "cpu" or backend_name == "cpp" and not nk.cpp_available():
+        pytest.skip("a CPU backend")
+    if backend_name == "triton" and device.type == "cpu" and not interpreter_enabled():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    mask = torch.ones(1, 2, dtype=torch.bool, device=device)
+    old, adv = torch.tensor([[-100.0, -1.1]], device=device), torch.tensor([-1.0], device=device)
+    weights = torch.tensor([[0.0, 1.0]], device=device)
+    with nk.use_backend(backend_name):
+        lp = torch.tensor([[-5.0, -1.0]], device=device, requires_grad=True)
+        loss, _ = nk.ngrpo_policy_loss(lp, old, adv, mask, rollout_is_weights=weights)
+        loss.backward()
+        want = 0.5 * math.exp(0.1)  # the second token's -A * ratio over 2 tokens
+        assert loss.item() == pytest.approx(want, rel=1e-6)
+        assert lp.grad[0].tolist() == pytest.approx([0.0, want], rel=1e-6)
+
+        lp = torch.tensor([[-95.0, -1.0]], device=device, requires_grad=True)
+        loss, metrics = nk.ngrpo_policy_loss(lp, lp.detach(), torch.tensor([1.0], device=device), mask,
+                                             ref_logprobs=torch.tensor([[0.0, -1.0]], device=device), beta=0.0)
+        loss.backward()
+        assert loss.item() == -1.0 and lp.grad.tolist() == [[-0.5, -0.5]] and metrics["kl"].item() == math.inf
+
+        if backend_name != "reference":
+            g = torch.Generator().manual_seed(0)
+            hidden = torch.randn(1, 2, 8, generator=g).to(device).requires_grad_()
+            weight = torch.randn(11, 8, generator=g).to(device).requires_grad_()
+            targets = torch.tensor([[3, 4]], device=device)
+            loss, _ = nk.fused_linear_ngrpo_loss(hidden, weight, targets, mask, old, advantages=adv,
+                                                 rollout_is_weights=weights)
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(weight.grad).all() and torch.isfinite(hidden.grad).all()
+            assert hidden.grad[0, 0].abs().max() == 0  # the weighed-out token has no gradient
 
 
 def test_no_grad_and_frozen_inputs(device, backend, gen):

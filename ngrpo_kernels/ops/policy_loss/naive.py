@@ -64,10 +64,12 @@ def policy_loss_naive(
         _, clipped, dual_clipped = clipped_term(torch.exp(log_ratio))
     # Where the term is constant, exp's (zero) gradient is not taken: with an overflowing ratio it would be
     # 0 * inf = NaN.
-    constant = (A == 0) | clipped | dual_clipped
+    # A token the rollout correction weighs 0 contributes 0, whatever its ratio.
+    w_is = None if rollout_is_weights is None else masked(rollout_is_weights.to(logprobs.dtype))
+    constant = (A == 0) | clipped | dual_clipped | (False if w_is is None else w_is == 0)
     pg, _, _ = clipped_term(torch.exp(torch.where(constant, log_ratio.detach(), log_ratio)))
-    if rollout_is_weights is not None:
-        pg = pg * masked(rollout_is_weights.to(logprobs.dtype))
+    if w_is is not None:
+        pg = torch.where(w_is == 0, 0.0, pg * w_is)
     per_token = pg
 
     metrics = {}
@@ -78,7 +80,8 @@ def policy_loss_naive(
     if ref_logprobs is not None:
         log_r = masked(ref_logprobs.to(logprobs.dtype)) - logp
         k3 = torch.exp(log_r) - log_r - 1.0  # k3 estimator of KL(pi || pi_ref)
-        per_token = per_token + beta * k3
+        if beta != 0:  # with beta = 0 the KL is only reported (an overflowing k3 must not make 0 * inf)
+            per_token = per_token + beta * k3
         metrics["kl"] = token_mean(k3.detach())
     if entropy is not None:
         H = masked(entropy.to(logprobs.dtype))

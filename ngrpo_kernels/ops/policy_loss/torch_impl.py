@@ -32,14 +32,17 @@ def token_terms(lp, old, A, valid, w, ref, H, isw, *, eps_neg, eps_pos, clip_rat
         loss = torch.where(dual, bound, loss)
         dloss = torch.where(dual, zero, dloss)
         stats[0, Stat.DUAL_CLIPPED] = dual.sum()
+    # A weight of 0 (a token the rollout correction masks out) or beta = 0 (a KL only logged) gives 0, also where
+    # the ratio or exp(log_r) overflows to inf (0 * inf would be NaN).
     if isw is not None:
-        loss, dloss = loss * isw, dloss * isw
+        loss, dloss = torch.where(isw == 0, zero, loss * isw), torch.where(isw == 0, zero, dloss * isw)
     if ref is not None:
         log_r = ref - lp
         e = torch.exp(log_r)
         k3 = e - log_r - 1.0
-        loss = loss + beta * k3
-        dloss = dloss + beta * (1.0 - e)
+        if beta != 0:
+            loss = loss + beta * k3
+            dloss = dloss + beta * (1.0 - e)
         stats[0, Stat.KL_REF] = torch.where(valid, k3, zero).sum()
     if H is not None:
         loss = loss - entropy_coef * H

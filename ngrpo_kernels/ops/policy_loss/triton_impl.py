@@ -53,16 +53,18 @@ def token_loss(lp, old, A, valid, ref, H, isw, eps_neg, eps_pos, clip_c, beta, e
         dual = (A < 0.0) & (bound < loss)
         loss = tl.where(dual, bound, loss)
         dloss = tl.where(dual, 0.0, dloss)
+    # A weight of 0 (a token the rollout correction masks out) or beta = 0 (a KL only logged) gives 0, also where
+    # the ratio or exp(log_r) overflows to inf (0 * inf would be NaN).
     if HAS_ISW:
-        loss = loss * isw
-        dloss = dloss * isw
+        loss = tl.where(isw == 0.0, 0.0, loss * isw)
+        dloss = tl.where(isw == 0.0, 0.0, dloss * isw)
     k3 = loss * 0.0
     if HAS_REF:
         log_r = ref - lp
         e = tl.exp(log_r)
         k3 = tl.where(valid, e - log_r - 1.0, 0.0)
-        loss = loss + beta * k3
-        dloss = dloss + beta * (1.0 - e)
+        loss = tl.where(beta == 0.0, loss, loss + beta * k3)
+        dloss = tl.where(beta == 0.0, dloss, dloss + beta * (1.0 - e))
     if HAS_ENT:
         loss = loss - entropy_coef * H
     # A NaN or inf input (possible only with validate=False) gives a NaN loss and d loss / d logp, never the finite
