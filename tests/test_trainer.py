@@ -451,6 +451,15 @@ def test_unscorable_completions_get_zero_advantage_and_leave_the_stats(tmp_path)
     torch.testing.assert_close(got[[1, 3, 4, 6, 7]].double(), want, rtol=1e-6, atol=1e-6)
 
 
+def test_a_completion_scored_alone_in_its_group_gets_zero_advantage(tmp_path):
+    """With every other completion of its group unscored, the one reward has nothing to be compared with:
+    advantage 0, as in TRL (not a singleton group's r / (1 + eps))."""
+    pattern = [None, None, None, 1.0, None, None, None, None]
+    trainer, rows = _trainer(tmp_path, lambda prompts, completions, **_: pattern[:len(completions)])
+    trainer.model.train()
+    assert trainer._generate_and_score_completions([rows[0]] * 8)["advantages"].tolist() == [0.0] * 8
+
+
 def test_soft_overlong_penalty_by_hand():
     penalty = tasks.soft_overlong_penalty(max_length=8, cache=4)
     ids = [[0] * n for n in (3, 4, 5, 6, 8, 9)]
