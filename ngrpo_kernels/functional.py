@@ -208,7 +208,7 @@ def _loss_options(loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, has_ref, 
                   length_budget, normalizer, device):
     """Checks the scalar options shared by the policy-loss entry points; returns them normalised."""
     eps_neg = check.open_unit("eps_neg", eps_neg)
-    eps_pos = check.open_unit("eps_pos", eps_pos)
+    eps_pos = check.positive("eps_pos", eps_pos)  # the upper bound 1 + eps_pos may be any ratio above 1
     if clip_ratio_c is not None:
         clip_ratio_c = check.finite_number("clip_ratio_c", clip_ratio_c)
         if clip_ratio_c <= 1.0:

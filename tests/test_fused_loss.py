@@ -561,7 +561,7 @@ def test_module_and_rewards_path(device, loss_backend, gen):
     torch.testing.assert_close(loss, want)
     assert "entropy_coef=0.001" in repr(module)
     with pytest.raises(ValueError, match="eps_pos"):
-        nk.NGRPOLoss(eps_pos=1.5)
+        nk.NGRPOLoss(eps_pos=-0.5)
     with pytest.raises(ValueError, match="skip_zero_advantage"):
         nk.NGRPOLoss(skip_zero_advantage=True, entropy_coef=0.001)
     put["adv"][:3] = 0.0

@@ -125,6 +125,14 @@ def test_asymmetric_clip_by_hand(rho, adv, clipped, device, backend):
     assert clip_frac == (1.0 if clipped else 0.0)
 
 
+def test_upper_bound_may_exceed_a_ratio_of_two(device, backend):
+    """eps_pos is any positive number (verl configs set clip_ratio_high >= 1 to widen the upper clip)."""
+    loss, grad, clip_frac = _one_token(math.log(2.2), 0.0, 1.0, backend, device, eps_pos=1.5)
+    assert (loss, grad, clip_frac) == (pytest.approx(-2.2), pytest.approx(-2.2), 0.0)
+    loss, grad, clip_frac = _one_token(math.log(3.0), 0.0, 1.0, backend, device, eps_pos=1.5)
+    assert (loss, grad, clip_frac) == (pytest.approx(-2.5), 0.0, 1.0)
+
+
 def test_dual_clip_by_hand(device, backend):
     # A = -1, rho = 5 > c = 3: the loss is bounded at -c * A = 3 with no gradient.
     loss, grad, _ = _one_token(math.log(5.0), 0.0, -1.0, backend, device, clip_ratio_c=3.0)

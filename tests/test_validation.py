@@ -83,7 +83,7 @@ def test_nan_rewards_pass_without_validation():
     ({"rollout_is_weights": torch.zeros(3, 2)}, ValueError, ["rollout_is_weights"]),
     ({"loss_agg_mode": "seq-mean"}, ValueError, ["loss_agg_mode", "'seq-mean'", "token-mean"]),
     ({"eps_neg": 0.0}, ValueError, ["eps_neg", "(0, 1)"]),
-    ({"eps_pos": 1.2}, ValueError, ["eps_pos", "(0, 1)"]),
+    ({"eps_pos": 0.0}, ValueError, ["eps_pos", "> 0"]),
     ({"eps_pos": float("nan")}, ValueError, ["eps_pos"]),
     ({"clip_ratio_c": 1.0}, ValueError, ["clip_ratio_c", "> 1"]),
     ({"beta": 0.1}, ValueError, ["beta", "ref_logprobs"]),
