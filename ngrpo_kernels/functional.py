@@ -123,7 +123,7 @@ def ngrpo_policy_loss(
     Args:
         logprobs: [B, T] float, the current policy's log-probs of the sampled tokens (gets a gradient).
         old_logprobs: [B, T] float, the behaviour policy's log-probs (no gradient).
-        advantages: [B] (one per sequence) or [B, T] float (no gradient).
+        advantages: [B] or [B, 1] (one per sequence) or [B, T] float (no gradient).
         mask: [B, T] bool, or 0/1 integer or float: which tokens count. Masked positions are never read
             into the result, so padding may hold anything (even NaN).
         ref_logprobs, entropy, rollout_is_weights: optional [B, T] float; ``entropy`` gets a gradient.
@@ -156,6 +156,7 @@ def ngrpo_policy_loss(
     check.mask_like("mask", mask)
     check.tensor("advantages", advantages, ranks=(1, 2))
     check.floating("advantages", advantages)
+    advantages = _per_sequence(advantages, logprobs.shape)
     if advantages.dim() == 1 and advantages.shape[0] != logprobs.shape[0]:
         raise ValueError(
             f"advantages of rank 1 must have shape ({logprobs.shape[0]},) (one per sequence of logprobs "
@@ -245,6 +246,13 @@ def _loss_options(loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, has_ref, 
                       "padded length T: give length_budget= (e.g. max_completion_length) so that micro-batches "
                       "padded differently add up to the whole batch", stacklevel=3)
     return eps_neg, eps_pos, clip_ratio_c, beta, entropy_coef, length_budget, normalizer
+
+
+def _per_sequence(advantages: torch.Tensor, bt) -> torch.Tensor:
+    """[B, 1] advantages (TRL's layout: one per sequence, unsqueezed for broadcasting) as [B]."""
+    if advantages.dim() == 2 and advantages.shape[1] == 1 and tuple(advantages.shape) != tuple(bt):
+        return advantages[:, 0]
+    return advantages
 
 
 def _loss_value_checks(mask, advantages, normalizer, per_token: dict) -> check.ValueChecks:
@@ -390,8 +398,8 @@ def fused_linear_ngrpo_loss(
         targets: [B, T] sampled token ids; ``mask``: [B, T] bool or 0/1, the response tokens that count.
         old_logprobs: [B, T] behaviour-policy log-probs, or None for on-policy updates (the ratio is then
             exactly 1, as in TRL with one iteration per generation).
-        advantages: [B] or [B, T]; or ``rewards`` [B] with ``group_ids`` [B], from which NGRPO advantages
-            are computed in-op (``r_max``, ``num_virtual``; see ``ngrpo_advantages``).
+        advantages: [B] (or [B, 1]) or [B, T]; or ``rewards`` [B] with ``group_ids`` [B], from which NGRPO
+            advantages are computed in-op (``r_max``, ``num_virtual``; see ``ngrpo_advantages``).
         temperature: the sampling temperature; logits are divided by it.
         eps_neg, eps_pos, clip_ratio_c, ref_logprobs, beta, rollout_is_weights, loss_agg_mode, normalizer,
             length_budget: as in ``ngrpo_policy_loss``.
@@ -460,6 +468,7 @@ def fused_linear_ngrpo_loss(
             raise ValueError("group_ids= goes with rewards=, not with advantages=")
         check.tensor("advantages", advantages, ranks=(1, 2))
         check.floating("advantages", advantages)
+        advantages = _per_sequence(advantages, bt)
         if advantages.shape not in ((B,), bt):
             raise ValueError(f"advantages must have shape ({B},) or {bt}, got {check.describe(advantages)}")
     else:

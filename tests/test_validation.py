@@ -169,6 +169,21 @@ def test_numpy_scalars_are_numbers():
         _loss(eps_neg=np.bool_(True))
 
 
+def test_advantages_of_shape_b_by_1_are_per_sequence():
+    """TRL keeps per-sequence advantages as [B, 1]: accepted as [B], in both losses."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 3, 5, 8, 11
+    lp, adv, mask = -torch.rand(B, T, generator=g), torch.randn(B, generator=g), torch.ones(B, T)
+    want, _ = nk.ngrpo_policy_loss(lp, lp + 0.1, adv, mask)
+    torch.testing.assert_close(nk.ngrpo_policy_loss(lp, lp + 0.1, adv[:, None], mask)[0], want)
+    x, w = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g)
+    t = torch.randint(0, V, (B, T), generator=g)
+    want, _ = nk.fused_linear_ngrpo_loss(x, w, t, mask, None, advantages=adv)
+    torch.testing.assert_close(nk.fused_linear_ngrpo_loss(x, w, t, mask, None, advantages=adv[:, None])[0], want)
+    with pytest.raises(ValueError, match="advantages"):
+        nk.ngrpo_policy_loss(lp, lp, torch.randn(B, 2), mask)
+
+
 def test_liger_adapter_refuses_kl_without_reference_logprobs():
     from ngrpo_kernels.integrations.liger import LigerFusedLinearNGRPOLoss
 
