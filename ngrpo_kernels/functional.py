@@ -63,12 +63,12 @@ def group_advantages(
     eps = check.open_unit("eps", eps)
     w_lambda = check.finite_number("w_lambda", w_lambda)
     correct_threshold = check.finite_number("correct_threshold", correct_threshold)
-    if validate:
+    if check.flag("validate", validate):
         values = check.ValueChecks()
         values.finite("rewards", rewards)
         values.run()
-    return _library.group_advantages(
-        selected_backend(device), rewards, group_ids, estimator=estimator, r_max=r_max,
+    return _library.group_advantages(  # no gradient, on every backend: rewards are data
+        selected_backend(device), rewards.detach(), group_ids, estimator=estimator, r_max=r_max,
         num_virtual=num_virtual, eps=eps, unbiased=check.flag("unbiased", unbiased), w_lambda=w_lambda,
         correct_threshold=correct_threshold,
     )
@@ -126,7 +126,8 @@ def ngrpo_policy_loss(
         advantages: [B] or [B, 1] (one per sequence) or [B, T] float (no gradient).
         mask: [B, T] bool, or 0/1 integer or float: which tokens count. Masked positions are never read
             into the result, so padding may hold anything (even NaN).
-        ref_logprobs, entropy, rollout_is_weights: optional [B, T] float; ``entropy`` gets a gradient.
+        ref_logprobs, entropy, rollout_is_weights: optional [B, T] float; ``entropy`` gets a gradient;
+            ``rollout_is_weights`` may also be [B, 1] (one per sequence).
         normalizer: replaces the aggregation's denominator (the token count for token-mean, the number
             of non-empty sequences for the seq-mean modes, 1 for seq-mean-token-sum-norm). Give every
             micro-batch the whole batch's value (e.g. TRL's ``num_items_in_batch``): micro-batch losses
@@ -164,6 +165,7 @@ def ngrpo_policy_loss(
         )
     if advantages.dim() == 2:
         check.same_shape("advantages", advantages, "logprobs", logprobs)
+    rollout_is_weights = _per_token(rollout_is_weights, logprobs.shape)
     optional = {"ref_logprobs": ref_logprobs, "entropy": entropy, "rollout_is_weights": rollout_is_weights}
     for name, x in optional.items():
         if x is not None:
@@ -177,7 +179,7 @@ def ngrpo_policy_loss(
         loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, ref_logprobs is not None, entropy_coef,
         entropy is not None, length_budget, normalizer, logprobs.device)
 
-    if validate:
+    if check.flag("validate", validate):
         values = _loss_value_checks(mask, advantages, normalizer,
                                     {"logprobs": logprobs, "old_logprobs": old_logprobs, **optional})
         values.run()
@@ -255,6 +257,13 @@ def _per_sequence(advantages: torch.Tensor, bt) -> torch.Tensor:
     return advantages
 
 
+def _per_token(weights: torch.Tensor | None, bt) -> torch.Tensor | None:
+    """[B, 1] importance weights (TRL's sequence-level correction) broadcast to [B, T]."""
+    if isinstance(weights, torch.Tensor) and weights.dim() == 2 and weights.shape[1] == 1 and len(bt) == 2:
+        return weights.expand(*bt)
+    return weights
+
+
 def _loss_value_checks(mask, advantages, normalizer, per_token: dict) -> check.ValueChecks:
     """The data checks shared by the loss entry points (run by the caller, with its own additions)."""
     values = check.ValueChecks()
@@ -287,7 +296,8 @@ def fused_linear_logprobs(
     without materialising the [tokens, vocab] logits (docs/algorithm.md §5).
 
     Args:
-        hidden: [..., H] final hidden states (after the final norm), bf16 / fp16 / fp32.
+        hidden: [..., H] final hidden states (after the final norm), bf16 / fp16 / fp32. No tokens (a
+            leading size 0) give empty outputs.
         weight: [V, H] lm_head weight, same dtype as ``hidden``. ``bias``: optional [V].
         targets: [...] integer token ids (the leading shape of ``hidden``); ``ignore_index`` marks
             positions that get log-prob 0, entropy 0 and no gradient.
@@ -334,7 +344,6 @@ def fused_linear_logprobs(
         if bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype:
             raise ValueError(f"bias must have shape ({weight.shape[0]},) and dtype {weight.dtype}, "
                              f"got {check.describe(bias)}")
-    check.nonempty("hidden", hidden)
     if weight.shape[0] == 0 or H == 0:
         raise ValueError(f"weight must be non-empty, got {check.describe(weight)}")
     device = check.same_device({"hidden": hidden, "weight": weight, "targets": targets, "bias": bias})
@@ -342,7 +351,10 @@ def fused_linear_logprobs(
     ignore_index = check.integer_option("ignore_index", ignore_index)
     workspace_bytes = check.workspace("workspace_bytes", workspace_bytes)
     return_entropy = check.flag("return_entropy", return_entropy)
-    if validate:
+    if targets.numel() == 0:  # no tokens (an all-padding micro-batch): empty outputs, as a plain head gives
+        empty = _no_tokens(hidden, weight, bias)
+        return (empty, empty.clone()) if return_entropy else empty
+    if check.flag("validate", validate):
         values = check.ValueChecks()
         V = weight.shape[0]
         values.add((targets == ignore_index) | ((targets >= 0) & (targets < V)),
@@ -357,6 +369,16 @@ def fused_linear_logprobs(
             ignore_index=ignore_index, return_entropy=bool(return_entropy), deterministic=bool(deterministic),
             workspace_bytes=workspace_bytes,
         )
+
+
+def _no_tokens(hidden, weight, bias) -> torch.Tensor:
+    """Float32 zeros of hidden's leading (empty) shape, in the autograd graph of the inputs that require a
+    gradient, so that a backward through them gives zero gradients instead of an error."""
+    out = hidden.new_zeros(hidden.shape[:-1], dtype=torch.float32)
+    for x in (hidden, weight, bias):
+        if x is not None and x.requires_grad and torch.is_grad_enabled():
+            out = out + x.sum().float() * 0
+    return out
 
 
 def fused_linear_ngrpo_loss(
@@ -451,6 +473,7 @@ def fused_linear_ngrpo_loss(
     check.integer("targets", targets)
     check.tensor("mask", mask, ranks=(2,))
     check.mask_like("mask", mask)
+    rollout_is_weights = _per_token(rollout_is_weights, bt)
     optional = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "rollout_is_weights": rollout_is_weights}
     for name, x in (("targets", targets), ("mask", mask), *optional.items()):
         if x is None:
@@ -475,6 +498,7 @@ def fused_linear_ngrpo_loss(
         if group_ids is None:
             raise ValueError("rewards= needs group_ids= (one id per prompt)")
         check.tensor("rewards", rewards)
+        check.tensor("group_ids", group_ids)
         if rewards.shape != (B,):
             raise ValueError(f"rewards must have shape ({B},) (one per sequence), got {check.describe(rewards)}")
     device = check.same_device({"hidden": hidden, "weight": weight, "bias": bias, "targets": targets, "mask": mask,
@@ -505,7 +529,7 @@ def fused_linear_ngrpo_loss(
                       "advantages once over the whole batch and pass advantages=", stacklevel=2)
     if rewards is not None:  # validates rewards / group_ids itself (the same validate= convention)
         advantages = ngrpo_advantages(rewards, group_ids, r_max=r_max, num_virtual=num_virtual, validate=validate)
-    if validate:
+    if check.flag("validate", validate):
         values = _loss_value_checks(mask, advantages, normalizer, optional)
         values.add((mask == 0) | ((targets >= 0) & (targets < V)),
                    "targets must lie in [0, V) at valid (mask != 0) positions",

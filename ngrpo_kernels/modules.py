@@ -35,7 +35,7 @@ class NGRPOLoss(nn.Module):
         self.options = dict(temperature=temperature, eps_neg=eps_neg, eps_pos=eps_pos, clip_ratio_c=clip_ratio_c,
                             beta=beta, entropy_coef=entropy_coef, loss_agg_mode=mode, length_budget=length_budget,
                             r_max=r_max, num_virtual=num_virtual, workspace_bytes=workspace_bytes,
-                            skip_zero_advantage=skip_zero_advantage, validate=validate)
+                            skip_zero_advantage=skip_zero_advantage, validate=check.flag("validate", validate))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v.value if isinstance(v, AggMode) else v}" for k, v in self.options.items())

@@ -167,7 +167,6 @@ def test_deterministic_backward_is_bitwise_repeatable(device, backend, gen):
     (dict(targets=torch.tensor([0, 10, 1])), ValueError, ["targets", "[0, 10)"]),
     (dict(targets=torch.tensor([0, -1, 1])), ValueError, ["targets", "ignore_index"]),
     (dict(temperature=0.0), ValueError, ["temperature", "> 0"]),
-    (dict(hidden=torch.zeros(0, 8), targets=torch.zeros(0, dtype=torch.int64)), ValueError, ["empty"]),
 ])
 def test_bad_input(bad, error, words):
     args = dict(hidden=torch.randn(3, 8), weight=torch.randn(10, 8), targets=torch.tensor([0, 9, -100]))
@@ -177,6 +176,23 @@ def test_bad_input(bad, error, words):
         nk.fused_linear_logprobs(h, w, t, **args)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+@pytest.mark.parametrize("leading", [(0,), (2, 0)])
+def test_no_tokens_give_empty_outputs(leading, device, backend):
+    """An all-padding micro-batch (hidden[mask] with no True): empty log-probs and entropy, as a plain head
+    gives, and a backward through them gives zero gradients."""
+    hidden = torch.randn(*leading, 8, device=device, requires_grad=True)
+    weight = torch.randn(10, 8, device=device, requires_grad=True)
+    with nk.use_backend(backend):
+        lp, ent = nk.fused_linear_logprobs(hidden, weight, torch.zeros(leading, dtype=torch.int64, device=device),
+                                           return_entropy=True)
+    assert lp.shape == ent.shape == leading and lp.dtype == torch.float32
+    (lp.sum() + ent.sum()).backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and hidden.grad.shape == hidden.shape
+    with pytest.raises(ValueError, match="temperature"):  # options are still checked
+        nk.fused_linear_logprobs(hidden, weight, torch.zeros(leading, dtype=torch.int64, device=device),
+                                 temperature=0.0)
 
 
 def test_hopper_code_generation_report():

@@ -184,6 +184,80 @@ def test_advantages_of_shape_b_by_1_are_per_sequence():
         nk.ngrpo_policy_loss(lp, lp, torch.randn(B, 2), mask)
 
 
+def test_validate_is_a_flag_everywhere():
+    """validate="False" (a YAML or CLI string) is refused, not read as True; so is a non-bool switch."""
+    from ngrpo_kernels.integrations.liger import LigerFusedLinearNGRPOLoss
+
+    lp = -torch.rand(2, 3)
+    with pytest.raises(TypeError, match="validate"):
+        nk.ngrpo_policy_loss(lp, lp, torch.randn(2), torch.ones(2, 3), validate="False")
+    with pytest.raises(TypeError, match="validate"):
+        nk.ngrpo_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), validate="no")
+    with pytest.raises(TypeError, match="validate"):
+        nk.fused_linear_logprobs(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), validate="False")
+    with pytest.raises(TypeError, match="validate"):
+        nk.NGRPOLoss(validate="False")
+    with pytest.raises(TypeError, match="validate"):
+        LigerFusedLinearNGRPOLoss(validate="False")
+    with pytest.raises(TypeError, match="enabled"):
+        nk.gradients_in_forward("no")
+    assert nk.gradients_in_forward(False) is False
+
+
+def test_group_ids_of_the_wrong_type_are_named():
+    np = pytest.importorskip("numpy")
+    x, w, t = torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.int64)
+    for ids in (np.array([0, 0]), [0, 0]):
+        with pytest.raises(TypeError, match="group_ids"):
+            nk.fused_linear_ngrpo_loss(x, w, t, torch.ones(2, 3), None, rewards=torch.tensor([1.0, 0.0]),
+                                       group_ids=ids)
+
+
+def test_sequence_level_importance_weights_broadcast():
+    """[B, 1] rollout importance weights (TRL's sequence-level correction) weigh every token of the sequence."""
+    g = torch.Generator().manual_seed(0)
+    B, T = 3, 5
+    lp, mask, adv = -torch.rand(B, T, generator=g), torch.ones(B, T), torch.randn(B, generator=g)
+    old, w = lp + 0.3 * torch.randn(B, T, generator=g), torch.rand(B, 1, generator=g) + 0.5
+    want, _ = nk.ngrpo_policy_loss(lp, old, adv, mask, rollout_is_weights=w.expand(B, T).contiguous())
+    torch.testing.assert_close(nk.ngrpo_policy_loss(lp, old, adv, mask, rollout_is_weights=w)[0], want)
+    x, head = torch.randn(B, T, 4, generator=g), torch.randn(7, 4, generator=g)
+    t = torch.randint(0, 7, (B, T), generator=g)
+    want, _ = nk.fused_linear_ngrpo_loss(x, head, t, mask, old, advantages=adv, rollout_is_weights=w.expand(B, T))
+    torch.testing.assert_close(nk.fused_linear_ngrpo_loss(x, head, t, mask, old, advantages=adv,
+                                                          rollout_is_weights=w)[0], want)
+
+
+def test_rewards_never_get_a_gradient():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0], requires_grad=True)
+    for backend in ("torch", "reference"):
+        with nk.use_backend(backend):
+            assert not nk.ngrpo_advantages(rewards, torch.tensor([0, 0, 1, 1])).requires_grad
+
+
+def test_liger_adapter_casts_hidden_states_to_the_heads_dtype():
+    """bf16 activations with a float32 master head (Liger accepts them): computed as float32 hidden states."""
+    from ngrpo_kernels.integrations.liger import LigerFusedLinearNGRPOLoss
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6, 8, generator=g).bfloat16().requires_grad_(), torch.randn(11, 8, generator=g)
+    ids, mask, adv = torch.randint(0, 11, (2, 3), generator=g), torch.ones(2, 3), torch.randn(2, generator=g)
+    loss, _ = LigerFusedLinearNGRPOLoss()(x, w, ids, mask, adv)
+    want, _ = LigerFusedLinearNGRPOLoss()(x.detach().float(), w, ids, mask, adv)
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16
+
+
+def test_reference_never_takes_a_counted_target_for_an_ignore_marker():
+    """validate=False, a counted position whose target is -100: the specification does not silently ignore
+    it (the PyTorch paths raise an index error, the kernels give NaN)."""
+    x, w, mask = torch.randn(1, 2, 4), torch.randn(5, 4), torch.ones(1, 2)
+    with nk.use_backend("reference"), pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+        nk.fused_linear_ngrpo_loss(x, w, torch.tensor([[1, -100]]), mask, None, advantages=torch.ones(1),
+                                   validate=False)
+
+
 def test_liger_adapter_refuses_kl_without_reference_logprobs():
     from ngrpo_kernels.integrations.liger import LigerFusedLinearNGRPOLoss
 

@@ -10,6 +10,9 @@ token sum / (B * max_completion_length). The returned metrics follow Liger's lay
 ``fused_linear_ngrpo_loss`` directly for the full metric dict). As Liger, it reads no tensor value
 back to the host (``validate=False`` by default; ``validate=True`` adds the value checks and their
 one synchronisation), and ``beta > 0`` without reference log-probs is an error, not a silent KL of 0.
+``attention_mask`` is a 0/1 mask (TRL's completion mask): Liger also weights tokens by fractional mask
+values, the drop-in does not (``validate=True`` refuses a value other than 0 and 1). Hidden states in
+another dtype than the head's weight (bf16 activations, float32 master weights) are cast to the weight's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import _checks as check
 from ..functional import fused_linear_ngrpo_loss
 
 
@@ -59,7 +63,8 @@ class LigerFusedLinearNGRPOLoss(nn.Module):
         del compiled, use_ref_model, chunk_size, sapo_temperature_pos, sapo_temperature_neg
         del vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg
         self.beta, self.loss_type, self.max_completion_length = beta, loss_type, max_completion_length
-        self.validate = validate  # Liger does not read tensor values back: neither does the drop-in by default
+        # Liger does not read tensor values back: neither does the drop-in by default
+        self.validate = check.flag("validate", validate)
         self.options = dict(eps_neg=epsilon_low, eps_pos=epsilon_high, temperature=temperature,
                             entropy_coef=entropy_coef, clip_ratio_c=clip_ratio_c, workspace_bytes=workspace_bytes)
 
@@ -73,6 +78,10 @@ class LigerFusedLinearNGRPOLoss(nn.Module):
             raise ValueError(f"beta={self.beta!r} needs ref_per_token_logps (the KL penalty would silently be off)")
         B, T = selected_token_ids.shape
         hidden = _input.reshape(B, T, _input.shape[-1])
+        if hidden.dtype != lin_weight.dtype:  # bf16 activations with float32 master weights: Liger accepts them
+            hidden = hidden.to(lin_weight.dtype)
+        if bias is not None and bias.dtype != lin_weight.dtype:
+            bias = bias.to(lin_weight.dtype)
         if vllm_is_ratio is not None:
             vllm_is_ratio = _per_token(vllm_is_ratio, B, T)
         agg, normalizer, budget = "token-mean", None, None

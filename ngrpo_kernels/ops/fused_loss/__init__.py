@@ -12,6 +12,7 @@ import contextvars
 
 import torch
 
+from ..._checks import flag
 from ...backend import Backend
 from ...variants import Stat
 from ..policy_loss import _row_scale_and_inverse, _safe_inverse
@@ -33,7 +34,7 @@ def gradients_in_forward(enabled: bool = True) -> bool:
     schedule as the forward did. Returns the previous setting. Exported as
     ``ngrpo_kernels.gradients_in_forward``."""
     global _in_forward_always
-    previous, _in_forward_always = _in_forward_always, bool(enabled)
+    previous, _in_forward_always = _in_forward_always, flag("enabled", enabled)
     return previous
 
 

@@ -6,6 +6,8 @@ gives the gradients. Materialises [tokens, V] logits: tests and small inputs onl
 
 from __future__ import annotations
 
+import torch
+
 from ..advantages.naive import ngrpo_advantages_naive
 from ..linear_logprobs.naive import linear_logprobs_naive
 from ..policy_loss.naive import policy_loss_naive
@@ -18,8 +20,12 @@ def fused_linear_ngrpo_loss_naive(
     if advantages is None:
         advantages = ngrpo_advantages_naive(rewards.double(), group_ids, r_max=r_max, num_virtual=num_virtual)
     valid = mask != 0
-    logprobs, entropy = linear_logprobs_naive(hidden, weight, targets.masked_fill(~valid, -100), bias=bias,
-                                              temperature=temperature)
+    # Masked positions read target 0 and are zeroed after; a valid position's target is read as it is (one
+    # outside [0, V), possible only with validate=False, is an index error, never taken for an ignore marker).
+    logprobs, entropy = linear_logprobs_naive(hidden, weight, torch.where(valid, targets, 0), bias=bias,
+                                              temperature=temperature, ignore_index=None)
+    zero = logprobs.new_zeros(())
+    logprobs, entropy = torch.where(valid, logprobs, zero), torch.where(valid, entropy, zero)
     if old_logprobs is None:  # on-policy: the ratio is exactly 1 and carries the gradient of logp
         old_logprobs = logprobs.detach()
     loss, metrics = policy_loss_naive(logprobs, old_logprobs, advantages.to(logprobs.dtype), mask,
