@@ -251,15 +251,17 @@ def _loss_options(loss_agg_mode, eps_neg, eps_pos, clip_ratio_c, beta, has_ref, 
 
 
 def _per_sequence(advantages: torch.Tensor, bt) -> torch.Tensor:
-    """[B, 1] advantages (TRL's layout: one per sequence, unsqueezed for broadcasting) as [B]."""
-    if advantages.dim() == 2 and advantages.shape[1] == 1 and tuple(advantages.shape) != tuple(bt):
+    """[B, 1] advantages (TRL's layout: one per sequence, unsqueezed for broadcasting) as [B]; any other
+    shape as given, for the shape check to name."""
+    if len(bt) == 2 and tuple(advantages.shape) == (bt[0], 1) and bt[1] != 1:
         return advantages[:, 0]
     return advantages
 
 
 def _per_token(weights: torch.Tensor | None, bt) -> torch.Tensor | None:
-    """[B, 1] importance weights (TRL's sequence-level correction) broadcast to [B, T]."""
-    if isinstance(weights, torch.Tensor) and weights.dim() == 2 and weights.shape[1] == 1 and len(bt) == 2:
+    """[B, 1] importance weights (TRL's sequence-level correction) broadcast to [B, T]; any other shape as
+    given, for the shape check to name."""
+    if isinstance(weights, torch.Tensor) and len(bt) == 2 and tuple(weights.shape) == (bt[0], 1):
         return weights.expand(*bt)
     return weights
 

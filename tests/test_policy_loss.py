@@ -297,16 +297,26 @@ def test_zero_weights_never_multiply_an_overflow(backend_name, device):
         loss.backward()
         assert loss.item() == -1.0 and lp.grad.tolist() == [[-0.5, -0.5]] and metrics["kl"].item() == math.inf
 
-        if backend_name != "reference":
-            g = torch.Generator().manual_seed(0)
-            hidden = torch.randn(1, 2, 8, generator=g).to(device).requires_grad_()
-            weight = torch.randn(11, 8, generator=g).to(device).requires_grad_()
-            targets = torch.tensor([[3, 4]], device=device)
-            loss, _ = nk.fused_linear_ngrpo_loss(hidden, weight, targets, mask, old, advantages=adv,
-                                                 rollout_is_weights=weights)
-            loss.backward()
-            assert torch.isfinite(loss) and torch.isfinite(weight.grad).all() and torch.isfinite(hidden.grad).all()
-            assert hidden.grad[0, 0].abs().max() == 0  # the weighed-out token has no gradient
+    # The fused head loss, against the reference backend on the same inputs (whose gradients are autograd's):
+    # the weighed-out overflowing token, and a reference given with beta = 0 whose k3 overflows.
+    g = torch.Generator().manual_seed(0)
+    hidden0, weight0 = torch.randn(1, 2, 8, generator=g).to(device), torch.randn(11, 8, generator=g).to(device)
+    targets = torch.tensor([[3, 4]], device=device)
+    results = {}
+    for name in (backend_name, "reference"):
+        hidden, weight = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+        with nk.use_backend(name):
+            a, _ = nk.fused_linear_ngrpo_loss(hidden, weight, targets, mask, old, advantages=adv,
+                                              rollout_is_weights=weights)
+            b, metrics = nk.fused_linear_ngrpo_loss(hidden, weight, targets, mask, None, advantages=adv,
+                                                    ref_logprobs=torch.tensor([[90.0, -1.0]], device=device))
+        (a + b).backward()
+        assert metrics["kl"].item() == math.inf
+        results[name] = (a.detach(), b.detach(), hidden.grad, weight.grad)
+    assert hidden.grad[0, 0].abs().max() > 0  # (the second loss's first token does count)
+    for got, want in zip(results[backend_name], results["reference"]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_no_grad_and_frozen_inputs(device, backend, gen):

@@ -458,6 +458,12 @@ def test_a_completion_scored_alone_in_its_group_gets_zero_advantage(tmp_path):
     trainer, rows = _trainer(tmp_path, lambda prompts, completions, **_: pattern[:len(completions)])
     trainer.model.train()
     assert trainer._generate_and_score_completions([rows[0]] * 8)["advantages"].tolist() == [0.0] * 8
+    # W-REINFORCE scores each completion on its own (+w_lambda when correct): no group needed
+    trainer, rows = _trainer(tmp_path, lambda prompts, completions, **_: pattern[:len(completions)],
+                             estimator="w_reinforce")
+    trainer.model.train()
+    got = trainer._generate_and_score_completions([rows[0]] * 8)["advantages"].tolist()
+    assert got == pytest.approx([0.0] * 3 + [trainer.args.w_lambda] + [0.0] * 4)
 
 
 def test_soft_overlong_penalty_by_hand():

@@ -226,6 +226,13 @@ def test_sequence_level_importance_weights_broadcast():
     want, _ = nk.fused_linear_ngrpo_loss(x, head, t, mask, old, advantages=adv, rollout_is_weights=w.expand(B, T))
     torch.testing.assert_close(nk.fused_linear_ngrpo_loss(x, head, t, mask, old, advantages=adv,
                                                           rollout_is_weights=w)[0], want)
+    for bad in (w[:2], w[:1]):  # another batch size is refused by name, never broadcast
+        with pytest.raises(ValueError, match="rollout_is_weights"):
+            nk.ngrpo_policy_loss(lp, old, adv, mask, rollout_is_weights=bad)
+        with pytest.raises(ValueError, match="rollout_is_weights"):
+            nk.fused_linear_ngrpo_loss(x, head, t, mask, old, advantages=adv, rollout_is_weights=bad)
+    with pytest.raises(ValueError, match=r"got shape \(2, 1\)"):  # the shape as passed
+        nk.fused_linear_ngrpo_loss(x, head, t, mask, old, advantages=adv[:2, None])
 
 
 def test_rewards_never_get_a_gradient():

@@ -145,10 +145,11 @@ class NGRPOTrainer(GRPOTrainer):
                        w_lambda=args.w_lambda)
         # Completions that no reward function could score (all None) carry no signal: as in TRL, they get
         # advantage 0 and stay out of their group's statistics. So does a completion scored alone in its
-        # group: it has nothing to be compared with (group_advantages would treat it as a singleton group,
-        # r / (1 + eps)).
+        # group, for the estimators that compare it with its group (group_advantages would treat it as a
+        # singleton group, r / (1 + eps)); W-REINFORCE scores each completion on its own.
         scorable = ~torch.isnan(rewards_per_func).all(dim=1)
-        scorable &= (scorable.view(-1, G).sum(dim=1) > 1).repeat_interleave(G)
+        if Estimator.parse(args.advantage_estimator) != Estimator.W_REINFORCE:
+            scorable &= (scorable.view(-1, G).sum(dim=1) > 1).repeat_interleave(G)
         if bool(scorable.all()):
             advantages = group_advantages(rewards.float(), group_ids, **options)
         else:
