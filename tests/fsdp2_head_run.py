@@ -3,7 +3,8 @@
 batch, the NGRPO loss through the patched forward (_add_ngrpo_head). The reference is the mean over ranks of
 the unsharded model's gradients, which is what FSDP2 computes for every parameter. Layouts: the head in the
 root unit (its weight is unsharded when the loss reads it), the same with the root resharded after the
-forward, and the head as its own unit (the loss reads a sharded DTensor, whose forward never runs). Rank 0 writes the errors to OUT as JSON."""
+forward, and the head as its own unit (the loss reads a sharded DTensor, whose forward never runs). Rank 0
+writes the errors to OUT as JSON."""
 
 import json
 import os
