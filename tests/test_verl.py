@@ -304,11 +304,20 @@ def test_filter_drops_only_all_correct_groups_and_refills(sampler, monkeypatch):
     assert not any(k.split("_")[0] in evicted for k in fake.store)  # evicted groups left TransferQueue
 
 
-def test_filter_needs_the_batch_size():
+def test_filter_needs_the_batch_size_and_the_sync_trainer():
     from ngrpo_kernels.integrations.verl.sampler import NGRPOReplayBuffer
 
     with pytest.raises(ValueError, match="train_batch_size"):
         NGRPOReplayBuffer("sync", {}, None, "drop", {}, refill_fn=lambda n: None)
+    with pytest.raises(ValueError, match="correct_rewrd"):  # a misspelt option is not a silent default
+        NGRPOReplayBuffer("sync", {}, None, "drop", {"train_batch_size": 4, "correct_rewrd": 0.5},
+                          refill_fn=lambda n: None)
+    for mode in ("colocate_async", "separate_async"):  # verl would call the async buffer's methods
+        with pytest.raises(ValueError, match="trainer_mode"):
+            NGRPOReplayBuffer(mode, {}, None, "drop", {"train_batch_size": 4}, refill_fn=lambda n: None)
+    buffer = NGRPOReplayBuffer("sync", {}, None, "drop", {"train_batch_size": 4, "sync_refill_failed_groups": True},
+                               refill_fn=lambda n: None)
+    assert buffer.sync_refill_failed_groups and buffer.correct_reward == 1.0
 
 
 # --- torch.compile of the plugin's loss ----------------------------------------------------------------------

@@ -18,7 +18,7 @@ Mapping onto verl (checked on verl 0.9.1's v1 trainer, its default):
   with clip 0.16 / 0.24 and no dual clip (``clip_ratio_c`` 1e9: the released loss had none), token-mean,
   entropy bonus 0.001, no KL (no reference model is built), lr 1e-6 constant, weight decay 0.01, clip 1.0.
 - The all-correct filter with refill: ``NGRPOReplayBuffer`` (verl's dynamic sampling narrowed to all-correct
-  groups). verl counts ``trainer.total_epochs`` in optimizer-step units of the dataset (~7,490 prompts //
+  groups). verl counts ``trainer.total_epochs`` in generation steps over the dataset (~7,490 prompts //
   1,024 = 7 generations per epoch), so 20 epochs are the recipe's ~140 generations.
 - Lengths: prompt <= 1,024, response <= 3,072 tokens; vLLM rollout at temperature 1.0, TP 2; the actor's
   log-probs and entropy from the fused head (``fused_kernel_options.impl_backend=ngrpo``).
