@@ -78,6 +78,20 @@ def test_reference_model_is_patched_inside_its_wrapper(tmp_path, monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_trainer_needs_an_ngrpo_config(tmp_path):
+    """A plain GRPOConfig (or none, which TRL would fill with one) skips NGRPO's refusals and lacks its
+    knobs: refused at construction, not at the first generation."""
+    from trl import GRPOConfig
+
+    from ngrpo_kernels.integrations.trl import NGRPOTrainer
+
+    for args in (GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, delta=2.0), None):
+        with pytest.raises(TypeError, match="NGRPOConfig"):
+            NGRPOTrainer(model="unused", reward_funcs=lambda completions, **_: [0.0] * len(completions), args=args)
+        with pytest.raises(TypeError, match="NGRPOConfig"):
+            NGRPOTrainer("unused", lambda completions, **_: [0.0] * len(completions), args)
+
+
 def test_all_wrong_group_of_8_gets_minus_one_third(tmp_path):
     trainer, rows = _trainer(tmp_path, lambda prompts, completions, **_: [0.0] * len(completions))
     trainer.model.train()

@@ -115,6 +115,10 @@ class NGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` with NGRPO advantages and the fused NGRPO loss (see the module docstring)."""
 
     def __init__(self, *args, **kwargs):
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if not isinstance(config, NGRPOConfig):  # a GRPOConfig has neither NGRPO's knobs nor its refusals
+            raise TypeError(f"NGRPOTrainer needs args=NGRPOConfig(...) (NGRPO's options, and the refusal of TRL "
+                            f"options the fused loss does not implement), got {type(config).__name__}")
         super().__init__(*args, **kwargs)
         if self.aux_loss_enabled:  # TRL adds a MoE router's load-balancing loss; the fused loss path does not
             raise ValueError(
