@@ -762,12 +762,11 @@ def test_scaled_head_loss_and_old_logprobs_share_the_temperature():
     torch.testing.assert_close(metrics["logprob_mean"], old.mean(), rtol=1e-5, atol=1e-5)
 
 
-def test_sequence_level_weights_broadcast_and_tool_tokens_are_not_counted():
-    from ngrpo_kernels.integrations.trl import _loss_tokens, _per_token
+def test_tool_tokens_are_not_counted():
+    # (TRL's [B, 1] sequence-level importance weights go to the loss as they are: test_validation's
+    # test_sequence_level_importance_weights_broadcast checks that the loss broadcasts them)
+    from ngrpo_kernels.integrations.trl import _loss_tokens
 
-    ids = torch.zeros(3, 5, dtype=torch.long)
-    w = torch.tensor([[0.5], [1.0], [2.0]])
-    assert torch.equal(_per_token(w, ids), w.expand(3, 5)) and _per_token(None, ids) is None
     mask = torch.ones(3, 5)
     tool = torch.ones(3, 5)
     tool[0, 1:3] = 0

@@ -24,13 +24,14 @@ from .. import _checks as check
 from ..functional import fused_linear_ngrpo_loss
 
 
-def _per_token(ratio: torch.Tensor, B: int, T: int) -> torch.Tensor:
-    """Liger's ``vllm_is_ratio`` shapes: (B,) or (B, 1) one ratio per sequence, (B, T) one per token."""
+def _is_ratio(ratio: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """Liger's ``vllm_is_ratio`` shapes, (B,) or (B, 1) one ratio per sequence and (B, T) one per token, as the
+    loss's ``rollout_is_weights`` takes them ((B, 1) or (B, T)); refused under Liger's argument name otherwise."""
     if ratio.dim() == 1 and ratio.shape[0] == B:
         ratio = ratio[:, None]  # a (B,) tensor would otherwise broadcast along the tokens
     if ratio.dim() != 2 or ratio.shape[0] != B or ratio.shape[1] not in (1, T):
         raise ValueError(f"vllm_is_ratio must have shape ({B},), ({B}, 1) or ({B}, {T}); got {tuple(ratio.shape)}")
-    return ratio.expand(B, T)
+    return ratio
 
 
 class LigerFusedLinearNGRPOLoss(nn.Module):
@@ -83,7 +84,7 @@ class LigerFusedLinearNGRPOLoss(nn.Module):
         if bias is not None and bias.dtype != lin_weight.dtype:
             bias = bias.to(lin_weight.dtype)
         if vllm_is_ratio is not None:
-            vllm_is_ratio = _per_token(vllm_is_ratio, B, T)
+            vllm_is_ratio = _is_ratio(vllm_is_ratio, B, T)
         agg, normalizer, budget = "token-mean", None, None
         if self.loss_type == "dapo" and num_items_in_batch is not None:
             world = torch.distributed.get_world_size() if (

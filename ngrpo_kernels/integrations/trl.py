@@ -201,7 +201,8 @@ class NGRPOTrainer(GRPOTrainer):
             advantages=inputs["advantages"], eps_neg=self.epsilon_low,
             eps_pos=self.epsilon_high, beta=self.beta, ref_logprobs=inputs.get("ref_per_token_logps"),
             entropy_coef=self._entropy_coef_now(mode), normalizer=normalizer.float(),
-            rollout_is_weights=_per_token(inputs.get("importance_sampling_ratio"), completion_ids),
+            # TRL's importance weights: [B, T], or [B, 1] for its sequence-level modes (the loss takes both)
+            rollout_is_weights=inputs.get("importance_sampling_ratio"),
         )
         images = {key: inputs[key] for key in _VISION_INPUTS if inputs.get(key) is not None}
         out = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
@@ -360,13 +361,6 @@ def _token_logprobs(model, backbone, temperature, *args, labels, fused_lm_head=T
     mask = targets != -100
     loss = -log_probs.sum() / mask.sum().clamp(min=1)
     return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask)
-
-
-def _per_token(weights, completion_ids):
-    """TRL's importance weights are [B, T], or [B, 1] for sequence-level vLLM correction: broadcast."""
-    if weights is None or weights.shape == completion_ids.shape:
-        return weights
-    return weights.expand(completion_ids.shape)
 
 
 def _loss_tokens(output):
