@@ -89,6 +89,51 @@ def _widen(*tensors):
     return [t.float() if t is not None and t.dtype in (torch.bfloat16, torch.float16) else t for t in tensors]
 
 
+class _ReferenceGraph(torch.autograd.Function):
+    """The REFERENCE backend's autograd graph, built in forward on detached copies of the differentiable
+    inputs and run in backward under ``inputs_precision``: plain autograd runs its backward GEMMs under the
+    autocast of the ``backward()`` call (on the CPU, bf16 ones: 3e-3 gradient error on float32 inputs),
+    while every kernel backend's backward computes in the inputs' precision wherever it is called."""
+
+    @staticmethod
+    def forward(ctx, fn, spec, *inputs):
+        leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+        with torch.enable_grad():
+            out, spec[0] = torch.utils._pytree.tree_flatten(fn(*leaves))
+        ctx.device = inputs[0].device
+        ctx.leaves, ctx.out = leaves, out
+        returned = tuple(o.detach() for o in out)
+        ctx.mark_non_differentiable(*[r for r, o in zip(returned, out) if not o.requires_grad])
+        return returned
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _first_order()
+        pairs = [(o, g) for o, g in zip(ctx.out, grads) if o.requires_grad and g is not None]
+        wanted = [x for x in ctx.leaves if x.requires_grad]
+        with inputs_precision(ctx.device):
+            got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                           allow_unused=True, retain_graph=True) if pairs else [None] * len(wanted))
+        return (None, None, *[next(got) if x.requires_grad else None for x in ctx.leaves])
+
+
+def _reference(fn, *inputs):
+    """``fn(*inputs)`` for the REFERENCE backend: plain autograd, its backward in the inputs' precision
+    (``_ReferenceGraph``). Traced calls (torch.compile, torch.func) and calls without a gradient run ``fn``
+    as it is."""
+    if _traced(inputs) or not (torch.is_grad_enabled() and torch._C._any_requires_grad(*inputs)):
+        return fn(*inputs)
+    spec = [None]
+    present = [x for x in inputs if x is not None]
+    out = _ReferenceGraph.apply(lambda *xs: fn(*_refill(inputs, xs)), spec, *present)
+    return torch.utils._pytree.tree_unflatten(list(out), spec[0])
+
+
+def _refill(inputs, present):
+    present = iter(present)
+    return [None if x is None else next(present) for x in inputs]
+
+
 def _detached(*tensors):
     """Inputs the ops give no gradient (behaviour / reference log-probs, advantages, importance weights)."""
     return [None if t is None else t.detach() for t in tensors]
@@ -383,10 +428,14 @@ def linear_logprobs(backend: Backend, hidden, weight, targets, *, bias, temperat
     del deterministic  # every backward is deterministic (fixed chunk order, no atomics)
     if backend == Backend.REFERENCE:
         targets = targets.long()
-        hidden, weight, bias = _reference_inputs(hidden, weight, bias, targets != ignore_index)
-        lp, ent = _linear_logprobs.linear_logprobs_naive(hidden, weight, targets, bias=bias, temperature=temperature,
-                                                         ignore_index=ignore_index)
-        lp, ent = lp.float(), ent.float()
+
+        def spec(hidden, weight, bias):
+            hidden, weight, bias = _reference_inputs(hidden, weight, bias, targets != ignore_index)
+            lp, ent = _linear_logprobs.linear_logprobs_naive(hidden, weight, targets, bias=bias,
+                                                             temperature=temperature, ignore_index=ignore_index)
+            return lp.float(), ent.float()
+
+        lp, ent = _reference(spec, hidden, weight, bias)
         return (lp, ent) if return_entropy else lp
     lead = targets.shape
     lp, ent, _ = _linear_logprobs_op(
@@ -501,17 +550,20 @@ def _fused_loss_reference(hidden, weight, targets, mask, old_logprobs, advantage
     """The specification computes every token; with ``skip_zero_advantage`` its metrics cover the tokens the
     other backends compute (``computed_frac``), as theirs do, while the loss keeps every valid token."""
     valid = mask != 0
-    hidden, weight, bias = _reference_inputs(hidden, weight, bias, valid)
     old_logprobs, advantages, options["ref_logprobs"], options["rollout_is_weights"] = _detached(
         old_logprobs, advantages, options["ref_logprobs"], options["rollout_is_weights"])
-    args = (hidden, weight, targets.long())
-    loss, metrics = _fused_loss.fused_linear_ngrpo_loss_naive(*args, mask, old_logprobs, advantages=advantages,
-                                                              bias=bias, temperature=temperature, **options)
+
+    def spec(hidden, weight, bias, counted=mask):
+        hidden, weight, bias = _reference_inputs(hidden, weight, bias, valid)
+        return _fused_loss.fused_linear_ngrpo_loss_naive(hidden, weight, targets.long(), counted, old_logprobs,
+                                                         advantages=advantages, bias=bias, temperature=temperature,
+                                                         **options)
+
+    loss, metrics = _reference(spec, hidden, weight, bias)
     if skip_zero_advantage:
         computed = valid & ((advantages if advantages.dim() == 2 else advantages[:, None]) != 0)
         with torch.no_grad():
-            _, metrics = _fused_loss.fused_linear_ngrpo_loss_naive(*args, computed, old_logprobs, advantages=advantages,
-                                                                   bias=bias, temperature=temperature, **options)
+            _, metrics = spec(hidden, weight, bias, counted=computed)
         n_valid = valid.sum(dtype=torch.float32)
         metrics["computed_frac"] = torch.where(n_valid > 0, computed.sum(dtype=torch.float32) / n_valid.clamp_min(1), 0)
     return loss, metrics

@@ -2,6 +2,8 @@
 other terms), a second-order request (create_graph=True) raises instead of returning a graph-less
 gradient."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -58,11 +60,38 @@ def test_nonlinear_use_is_exact_to_first_order(op, gen):
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
 @pytest.mark.parametrize("op", ["fused_loss", "logprobs", "policy_loss"])
-def test_second_order_is_refused(op, gen):
+def test_second_order_is_refused(op, backend, gen):
+    """Also on the REFERENCE backend's head ops, whose backward runs their autograd graph on detached copies
+    of the inputs (in the inputs' precision, whatever the autocast): a second-order graph would miss terms."""
+    if backend == "reference" and op == "policy_loss":
+        pytest.skip("the reference policy loss is plain autograd on log-probs, differentiable twice")
     b = _batch(gen)
     ours, _ = _ops(b)[op]
     x = b["x"].clone().requires_grad_()
     w = b["w"].clone().requires_grad_()
+    with nk.use_backend(backend) if backend else contextlib.nullcontext():
+        y = ours(x, w)
     with pytest.raises(RuntimeError, match="create_graph=True"):
-        torch.autograd.grad(ours(x, w), (x, w), create_graph=True)
+        torch.autograd.grad(y, (x, w), create_graph=True)
+
+
+def test_reference_head_backward_twice_and_in_part():
+    """The REFERENCE head ops' graph survives a retained backward, gives only the gradients asked for, and
+    leaves its outputs' metrics out of the graph."""
+    gen = torch.Generator().manual_seed(3)
+    b = _batch(gen)
+    x, w = b["x"].clone().requires_grad_(), b["w"].clone()
+    bias = torch.randn(w.shape[0], generator=gen, requires_grad=True)
+    with nk.use_backend("reference"):
+        loss, metrics = nk.fused_linear_ngrpo_loss(x, w, b["t"], b["mask"], b["old"], advantages=b["adv"], bias=bias)
+    assert not any(v.requires_grad for v in metrics.values())
+    first = torch.autograd.grad(loss, (x, bias), retain_graph=True)
+    second = torch.autograd.grad(loss * 2, (x, bias))
+    want = torch.autograd.grad(fused_linear_ngrpo_loss_naive(
+        torch.where(b["mask"][..., None], x, 0), w, b["t"], b["mask"], b["old"], advantages=b["adv"], bias=bias)[0],
+        (x, bias))
+    for f, s, e in zip(first, second, want):
+        torch.testing.assert_close(f, e)
+        torch.testing.assert_close(s, 2 * e)
