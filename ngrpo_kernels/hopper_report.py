@@ -248,7 +248,7 @@ def _cases():
            compaction._compact_from_counts, sig, dict(BLOCK=compaction.BLOCK, MAX_BLOCKS=128), 4, 1, 90, False, False)
 
     sig = {"R": "*fp32", "ORDER": "*i64", "SORTED_IDS": "*i64", "SEG_END": "*i64", "OUT": "*fp32",
-           "r_max": "fp32", "num_virtual": "fp32", "eps": "fp32"}
+           "r_max_bits": "i64", "num_virtual": "fp32", "eps": "fp32"}
     const = dict(UNBIASED=True, USE_STD=True, BLOCK=32)
     sig.update({k: "constexpr" for k in const})
     yield ("group_advantages", "BLOCK=32 w1", False, _group_advantages_kernel, sig, const, 1, 1, 90, False, False)

@@ -106,6 +106,21 @@ def test_virtual_samples_options(device, backend):
     assert out == pytest.approx([(-1 / 3) / math.sqrt(7 / 3), (-4 / 3) / math.sqrt(7 / 3)], rel=1e-6)
 
 
+@pytest.mark.parametrize("r_max", [0.7, 1000.1, -0.3])
+def test_r_max_is_not_rounded_to_float32(r_max, device, backend):
+    """An all-correct group of float64 rewards equal to an r_max that float32 cannot hold: every sample equals
+    the virtual one, so the advantages are exactly 0. A float32-rounded r_max left a std of ~1e-8 and gave
+    advantages of 2e-3 (0.7) to 0.76 (1000.1) on the PyTorch path; compiled Triton passes a Python float
+    argument as float32."""
+    rewards = torch.full((6,), r_max, dtype=torch.float64, device=device)
+    ids = torch.tensor([0, 0, 0, 1, 1, 1], device=device)
+    rewards[3] = r_max - 1.0  # a mixed group beside it, against the float64 spec
+    out = _run(backend, nk.ngrpo_advantages, rewards, ids, r_max=r_max)
+    assert out[:3].tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(out.cpu().double(), group_advantages_naive(rewards.cpu(), ids.cpu(), r_max=r_max),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_num_virtual_zero_is_grpo(device, backend, gen):
     rewards = torch.randint(0, 2, (37,), generator=gen).float().to(device)
     ids = torch.randint(0, 6, (37,), generator=gen).to(device)

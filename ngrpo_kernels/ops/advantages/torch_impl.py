@@ -21,7 +21,9 @@ def group_stats_advantages_torch(
     r = rewards.to(torch.float64)[seg.order]
     count = (seg.end - seg.start).to(torch.float64)
     grouped = count >= 2  # singletons: mean 0, std 1, no virtual sample
-    M = torch.where(grouped, float(num_virtual if estimator == Estimator.NGRPO else 0), 0.0)
+    # float64 like the rest (a float32 M would round M * r_max: an all-correct group of float64 rewards 0.7 then
+    # had a std of ~1e-8 and advantages of 2e-3 instead of 0)
+    M = grouped.to(torch.float64) * float(num_virtual if estimator == Estimator.NGRPO else 0)
     N = count + M
 
     sums = torch.zeros_like(r).index_add_(0, seg.start, r)[seg.start]
