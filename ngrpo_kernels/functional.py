@@ -192,13 +192,19 @@ def ngrpo_policy_loss(
     )
 
 
-def _head_value_checks(values: check.ValueChecks, weight, bias) -> None:
+def _head_value_checks(values: check.ValueChecks, weight, bias, temperature: float) -> None:
     """The lm_head's values: a NaN or inf there reaches every token's logsumexp. -inf is refused too: a banned
-    token is a large negative finite bias (-1e4 here is exp(-1e4) = 0), which every backend handles alike."""
+    token is a large negative finite bias (-1e4 here is exp(-1e4) = 0), which every backend handles alike, as
+    long as it stays finite once divided by the temperature (``torch.finfo(torch.float32).min`` does not at
+    a temperature below 1: the logit is then -inf, and its 0 * -inf entropy terms NaN)."""
     values.finite("weight", weight)
     if bias is not None:
         values.add(torch.isfinite(bias), "bias has NaN or inf values (to ban tokens, use a large negative finite bias "
                    "such as -1e4, not -inf)", lambda: check.describe(bias))
+        values.add(torch.isfinite(bias.float() * (1.0 / temperature)) | ~torch.isfinite(bias),
+                   f"bias / temperature overflows float32 (temperature={temperature!r}); to ban tokens use a "
+                   f"large negative bias such as -1e4, not the most negative float",
+                   lambda: check.describe(bias))
 
 
 def _check_skip_zero_advantage(skip_zero_advantage, entropy_coef, beta):
@@ -272,12 +278,15 @@ def _loss_value_checks(mask, advantages, normalizer, per_token: dict) -> check.V
     valid = mask != 0
     if mask.dtype != torch.bool:
         values.add((mask == 0) | (mask == 1), "mask must hold only 0 and 1", lambda: check.describe(mask))
-    values.finite("advantages", advantages, valid if advantages.dim() == 2 else None)
+    # per-sequence advantages are read only for sequences with a valid token (an all-padding row may hold NaN)
+    values.finite("advantages", advantages, valid if advantages.dim() == 2 else valid.any(-1))
     for name, x in per_token.items():
         if x is not None:
             values.finite(name, x, valid)
-    if isinstance(normalizer, torch.Tensor):
-        values.add(torch.isfinite(normalizer) & (normalizer > 0), "normalizer must be finite and > 0")
+    if isinstance(normalizer, torch.Tensor):  # as the kernels take it: in float32 (1e300 is inf there, 1e-300 is 0)
+        n32 = normalizer.float()
+        values.add(torch.isfinite(n32) & (n32 > 0), "normalizer must be finite and > 0 (in float32)",
+                   lambda: check.describe(normalizer))
     return values
 
 
@@ -359,11 +368,12 @@ def fused_linear_logprobs(
     if check.flag("validate", validate):
         values = check.ValueChecks()
         V = weight.shape[0]
-        values.add((targets == ignore_index) | ((targets >= 0) & (targets < V)),
+        wide = targets.long()  # as the ops read them: in uint8, -100 would wrap to 156 and pass for an ignore marker
+        values.add((wide == ignore_index) | ((wide >= 0) & (wide < V)),
                    "targets must lie in [0, V) or equal ignore_index",
                    lambda: f"here [0, {V}) or {ignore_index}; {check.describe(targets)}")
-        values.finite("hidden", hidden, (targets != ignore_index)[..., None])
-        _head_value_checks(values, weight, bias)
+        values.finite("hidden", hidden, (wide != ignore_index)[..., None])
+        _head_value_checks(values, weight, bias, temperature)
         values.run()
     with _library.inputs_precision(device):
         return _library.linear_logprobs(
@@ -537,7 +547,7 @@ def fused_linear_ngrpo_loss(
                    "targets must lie in [0, V) at valid (mask != 0) positions",
                    lambda: f"here [0, {V}); {check.describe(targets)}")
         values.finite("hidden", hidden, (mask != 0)[..., None])
-        _head_value_checks(values, weight, bias)
+        _head_value_checks(values, weight, bias, temperature)
         values.run()
 
     with _library.inputs_precision(device):

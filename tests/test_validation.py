@@ -93,6 +93,9 @@ def test_nan_rewards_pass_without_validation():
     ({"normalizer": float("inf")}, ValueError, ["normalizer"]),
     ({"normalizer": torch.tensor(0.0)}, ValueError, ["normalizer", "> 0"]),
     ({"normalizer": torch.tensor([3.0])}, ValueError, ["normalizer", "rank 0"]),
+    # as the kernels take it, in float32: inf there, and 0 (they once gave a NaN and a -inf loss)
+    ({"normalizer": torch.tensor(1e300, dtype=torch.float64)}, ValueError, ["normalizer", "float32"]),
+    ({"normalizer": torch.tensor(1e-300, dtype=torch.float64)}, ValueError, ["normalizer", "float32"]),
     ({"length_budget": 10}, ValueError, ["length_budget", "seq-mean-token-sum-norm"]),
     ({"length_budget": 0, "loss_agg_mode": "seq-mean-token-sum-norm"}, ValueError, ["length_budget", "> 0"]),
     ({"mask": torch.full((2, 3), 2.0)}, ValueError, ["mask", "0 and 1"]),
@@ -106,11 +109,42 @@ def test_policy_loss_input_errors(overrides, error, words):
         assert word in str(info.value), (word, str(info.value))
 
 
+NAN_BACKENDS = ["torch", "triton", "reference"] + (["cpp"] if nk.cpp_available() else [])
+
+
 def test_nan_at_masked_positions_is_not_an_error():
     lp = torch.tensor([[-0.5, float("nan")]])
     loss, _ = nk.ngrpo_policy_loss(lp, torch.tensor([[-0.5, float("-inf")]]), torch.tensor([1.0]),
                                    torch.tensor([[True, False]]))
     assert float(loss) == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+def test_an_all_padding_sequence_may_hold_a_nan_advantage(backend):
+    """Per-sequence advantages [B] of a sequence with no valid token are never read, as per-token ones at
+    masked positions are not: a NaN there is accepted (it was refused in [B] form only), and the loss is the
+    other sequences'."""
+    lp = torch.tensor([[-1.0, -2.0], [0.0, 0.0], [-0.5, -0.1]])
+    mask = torch.tensor([[True, True], [False, False], [True, False]])
+    with nk.use_backend(backend):
+        got, _ = nk.ngrpo_policy_loss(lp, lp, torch.tensor([0.5, float("nan"), -1.0]), mask)
+        want, _ = nk.ngrpo_policy_loss(lp, lp, torch.tensor([0.5, 0.0, -1.0]), mask)
+        torch.testing.assert_close(got, want)
+        with pytest.raises(ValueError, match="advantages has NaN"):  # a sequence with a valid token is read
+            nk.ngrpo_policy_loss(lp, lp, torch.tensor([0.5, 0.0, float("nan")]), mask)
+
+
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+def test_unsigned_targets_are_checked_as_the_ops_read_them(backend):
+    """uint8 targets: -100 wraps to 156 in uint8, so a target of 156 passed the check for an ignore marker,
+    then reached the op (as int64, a real id past V) and gave NaN or an index error."""
+    h, w = torch.randn(1, 3, 8), torch.randn(100, 8)
+    t = torch.tensor([[1, 156, 2]], dtype=torch.uint8)
+    with nk.use_backend(backend), pytest.raises(ValueError, match="targets must lie in"):
+        nk.fused_linear_logprobs(h, w, t)
+    t[0, 1] = 99
+    with nk.use_backend(backend):
+        torch.testing.assert_close(nk.fused_linear_logprobs(h, w, t), nk.fused_linear_logprobs(h, w, t.long()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
@@ -346,7 +380,46 @@ def _head_batch(device, *, seed, B=2, T=3, H=8, V=11):
     return h, w, t, torch.ones(B, T, dtype=torch.bool, device=device), gen
 
 
-NAN_BACKENDS = ["torch", "triton", "reference"] + (["cpp"] if nk.cpp_available() else [])
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+def test_a_banning_bias_on_half_inputs_gives_the_references_gradients(backend, device):
+    """A banned token's bias of -1e6 (finite, so accepted) at temperature 0.5 with bf16 inputs: the fused loss
+    stores half-precision logits shifted by their slice's max in fp16, where that logit is -inf, and its
+    entropy-gradient term was 0 * -inf, NaN in every gradient (Triton). The banned tokens have probability 0;
+    loss, entropy and gradients must match the reference's (float32 arithmetic on the same inputs)."""
+    h, w, t, m, gen = _head_batch(device, seed=5, T=4, H=16, V=37)
+    t = t.masked_fill((t == 3) | (t == 20), 0)
+    bias = torch.zeros(37, device=device)
+    bias[[3, 20]] = -1e6
+    h, w, bias = (x.to(torch.bfloat16) for x in (h, w, bias))
+    old, adv = (-torch.rand(2, 4, generator=gen) - 2).to(device), torch.tensor([1.0, -0.5], device=device)
+
+    def run(name):
+        x, wt = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with nk.use_backend(name):
+            loss, metrics = nk.fused_linear_ngrpo_loss(x, wt, t, m, old, advantages=adv, bias=bias, temperature=0.5,
+                                                       entropy_coef=0.05)
+            loss.backward()
+            lp, ent = nk.fused_linear_logprobs(x.detach().requires_grad_(), wt.detach(), t, bias=bias,
+                                               temperature=0.5, return_entropy=True)
+        return loss, metrics["entropy"], lp, ent, x.grad.float(), wt.grad.float()
+
+    got, want = run(backend), run("reference")
+    for g, e in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2 * e.abs().max().item())
+
+
+def test_a_bias_that_overflows_at_the_temperature_is_refused():
+    """torch.finfo(float32).min is finite, but divided by a temperature below 1 it is -inf (NaN entropy terms)."""
+    h, w, t, m, _ = _head_batch("cpu", seed=6)
+    bias = torch.zeros(11)
+    bias[4] = torch.finfo(torch.float32).min
+    adv = torch.tensor([1.0, -1.0])
+    nk.fused_linear_logprobs(h, w, t, bias=bias)  # temperature 1: finite
+    with pytest.raises(ValueError, match="bias / temperature overflows"):
+        nk.fused_linear_logprobs(h, w, t, bias=bias, temperature=0.7)
+    with pytest.raises(ValueError, match="bias / temperature overflows"):
+        nk.fused_linear_ngrpo_loss(h, w, t, m, None, advantages=adv, bias=bias, temperature=0.7)
 
 
 @pytest.mark.parametrize("backend", NAN_BACKENDS)

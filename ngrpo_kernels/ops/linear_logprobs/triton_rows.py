@@ -137,7 +137,9 @@ def _dlogits_kernel(
     if HAS_G_H:
         g_h = tl.load(G_H + rows, mask=row_ok, other=0.0)
         h = tl.load(H_ROW + rows, mask=row_ok, other=0.0)
-        d -= g_h[:, None] * p * (logp + h[:, None])
+        # A logit far below its slice's max (a banning bias) is stored as fp16 -inf: p = 0, and its entropy
+        # term must be 0, not 0 * -inf.
+        d -= g_h[:, None] * p * (tl.maximum(logp, -1e30) + h[:, None])
     d = tl.where(row_ok[:, None], d * inv_temp, 0.0)
     if ZERO_TAIL:
         write = in_chunk
