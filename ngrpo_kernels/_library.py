@@ -93,28 +93,34 @@ class _ReferenceGraph(torch.autograd.Function):
     """The REFERENCE backend's autograd graph, built in forward on detached copies of the differentiable
     inputs and run in backward under ``inputs_precision``: plain autograd runs its backward GEMMs under the
     autocast of the ``backward()`` call (on the CPU, bf16 ones: 3e-3 gradient error on float32 inputs),
-    while every kernel backend's backward computes in the inputs' precision wherever it is called."""
+    while every kernel backend's backward computes in the inputs' precision wherever it is called. A
+    second-order request (``create_graph=True``) differentiates the specification again, on the inputs
+    themselves, so that the gradient's own graph reaches them: the reference stays differentiable twice."""
 
     @staticmethod
     def forward(ctx, fn, spec, *inputs):
         leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
         with torch.enable_grad():
             out, spec[0] = torch.utils._pytree.tree_flatten(fn(*leaves))
-        ctx.device = inputs[0].device
+        ctx.device, ctx.fn = inputs[0].device, fn
         ctx.leaves, ctx.out = leaves, out
+        ctx.save_for_backward(*inputs)
         returned = tuple(o.detach() for o in out)
         ctx.mark_non_differentiable(*[r for r, o in zip(returned, out) if not o.requires_grad])
         return returned
 
     @staticmethod
     def backward(ctx, *grads):
-        _first_order()
-        pairs = [(o, g) for o, g in zip(ctx.out, grads) if o.requires_grad and g is not None]
-        wanted = [x for x in ctx.leaves if x.requires_grad]
+        second_order = torch.is_grad_enabled()
+        inputs = ctx.saved_tensors if second_order else ctx.leaves
         with inputs_precision(ctx.device):
-            got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                           allow_unused=True, retain_graph=True) if pairs else [None] * len(wanted))
-        return (None, None, *[next(got) if x.requires_grad else None for x in ctx.leaves])
+            out = torch.utils._pytree.tree_flatten(ctx.fn(*inputs))[0] if second_order else ctx.out
+            pairs = [(o, g) for o, g in zip(out, grads) if o.requires_grad and g is not None]
+            wanted = [x for x in inputs if x.requires_grad]
+            got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True,
+                                           retain_graph=True, create_graph=second_order)
+                       if pairs else [None] * len(wanted))
+        return (None, None, *[next(got) if x.requires_grad else None for x in inputs])
 
 
 def _reference(fn, *inputs):
