@@ -224,6 +224,9 @@ def test_cli_parses_overrides():
 def test_boxed_answer_and_math_reward():
     assert tasks.boxed_answer(r"so \boxed{\frac{1}{2}} and finally \boxed{x^{2}}") == "x^{2}"
     assert tasks.boxed_answer("no box") is None
+    # a later bare or unclosed \boxed (a completion cut off) does not hide the last complete answer
+    assert tasks.boxed_answer(r"\boxed{5} \boxed") == "5"
+    assert tasks.boxed_answer(r"\boxed{5} and \boxed{6") == "5"
     pytest.importorskip("math_verify")
     got = tasks.math_verify_reward(None, [r"thus \boxed{\frac{1}{2}}", r"\boxed{0.5}", r"\boxed{3}", "7"],
                                    answer=["1/2", r"\frac12", "4", "7"])
@@ -259,6 +262,24 @@ def test_math_parquet_layouts(layout, tmp_path):
     pd.DataFrame(row).to_parquet(tmp_path / "x.parquet")
     (got,) = tasks.load_math_parquet(str(tmp_path / "x.parquet"))
     assert got == {"prompt": [{"role": "user", "content": question + tasks.MATH_SUFFIX}], "answer": "2"}
+
+
+def test_held_out_problems_are_matched_however_they_are_spaced(tmp_path):
+    """``without_seen`` (``ngrpo-eval --exclude``, ``verl_recipe prepare``) drops a held-out problem that the
+    training file holds with other spacing, ``$`` placement or \\left/\\right (MATH test repeats two training
+    problems so); a reference wrapped in newlines is read stripped (it could never be rewarded)."""
+    import pandas as pd
+
+    train = [r"The parabola $y=x^2+bx+c$ passes through $(2,3)$. What is $c$?", r"If $f(6)-f(2)=12$. find $f(12)$",
+             r"Find $\left(1+2\right)^2$."]
+    test = [r"The parabola $y = x^2 + bx + c$ passes through $(2, 3)$.  What is $c$?", r"If $f(6) - f(2) = 12.$ find $f(12)$",
+            r"Find $(1+2)^2$.", r"The parabola $y = x^2 + bx + c$ passes through $(2, 4)$. What is $c$?"]
+    for name, questions in (("train", train), ("test", test)):
+        pd.DataFrame({"problem": questions, "answer": ["\n11\n"] * len(questions)}).to_parquet(tmp_path / f"{name}.parquet")
+    held = tasks.load_math_parquet(str(tmp_path / "test.parquet"))
+    kept, dropped = tasks.without_seen(held, tasks.load_math_parquet(str(tmp_path / "train.parquet")))
+    assert dropped == 3 and [r["prompt"][0]["content"] for r in kept] == [test[3] + tasks.MATH_SUFFIX]
+    assert kept[0]["answer"] == "11"
 
 
 def test_rows_without_a_reference_answer(tmp_path):

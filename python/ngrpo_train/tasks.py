@@ -97,14 +97,16 @@ def load_math_parquet(path: str, limit: int | None = None, log=print):
 
 
 def _question_key(row) -> str:
-    """A problem's question with case and whitespace normalised: the same problem in two files."""
+    """A problem's question without case, whitespace, ``$`` or ``\\left``/``\\right``: the same problem in
+    two files (MATH's train and test hold ``$y=x^2+bx+c$`` and ``$y = x^2 + bx + c$``, ``= 12.$`` and ``=12$.``)."""
     question = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
-    return " ".join(question.removesuffix(MATH_SUFFIX).split()).lower()
+    question = re.sub(r"\\(left|right)\b", "", question.removesuffix(MATH_SUFFIX))
+    return re.sub(r"[\s$]", "", question).lower()
 
 
 def without_seen(rows, seen) -> tuple[list, int]:
     """``rows`` less the problems that also occur in ``seen`` (e.g. a held-out set less what the training
-    file holds: MATH's own train and test share a problem), and how many were dropped. Rows as
+    file holds: MATH's own train and test share problems), and how many were dropped. Rows as
     ``load_math_parquet`` returns them."""
     keys = {_question_key(r) for r in seen}
     kept = [r for r in rows if _question_key(r) not in keys]
@@ -129,7 +131,7 @@ def question_and_answer(row) -> tuple[str, str]:
         truth = boxed_answer(row["solution"])
         if truth is None:
             raise ValueError(f"no \\boxed{{}} answer in the solution of {question[:80]!r}")
-    return _strip_suffix(question), str(truth)
+    return _strip_suffix(question), str(truth).strip()  # one MATH train reference is wrapped in newlines
 
 
 def _strip_suffix(question: str) -> str:
@@ -138,22 +140,20 @@ def _strip_suffix(question: str) -> str:
 
 
 def boxed_answer(text: str) -> str | None:
-    """The content of the last \\boxed{...} (balanced braces), or None."""
-    start = text.rfind("\\boxed")
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1:j]
-    return None
+    """The content of the last complete \\boxed{...} (balanced braces), or None. A later bare or unclosed
+    ``\\boxed`` (a completion cut off mid-answer) does not hide an earlier complete one."""
+    answer = None
+    for match in re.finditer(r"\\boxed\s*\{", text):
+        depth = 0
+        for j in range(match.end() - 1, len(text)):
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    answer = text[match.end():j]
+                    break
+    return answer
 
 
 def math_verify_reward(prompts, completions, answer, **_):
