@@ -55,8 +55,17 @@ Tensor = torch.Tensor
 
 
 def _scalars(*values) -> Tensor:
-    """Float options as one float64 CPU tensor; None becomes NaN (validated options are finite)."""
-    return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64)
+    """Float options as one float64 CPU tensor; None becomes NaN (validated options are finite).
+
+    Under torch.compile a float argument becomes symbolic after its first recompile (automatic dynamic), but
+    a factory (``torch.tensor``, ``full``, ``scalar_tensor``) taking it makes the compiled graph specialise on
+    its value again (a recompile per value: the 9th is an error under ``fullgraph=True``); arithmetic on a
+    tensor keeps it an input of the graph."""
+    values = [math.nan if v is None else v for v in values]
+    if not torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float64)
+    one = torch.ones((), dtype=torch.float64)
+    return torch.stack([one * v for v in values])
 
 
 def _unpack(scalars: Tensor) -> list:
