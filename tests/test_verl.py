@@ -425,6 +425,26 @@ def test_recipe_reward_and_data(tmp_path):
     assert score(None, r"\boxed{3}", {"target": "3"}) == 1.0
 
 
+def test_recipe_reward_is_bounded_in_time_from_a_worker_thread():
+    """verl's reward loop calls compute_score from worker threads, where math-verify's signal-based timeouts
+    cannot run: with them switched off, one answer (a tower of powers) kept a step waiting for ever. From a
+    thread the score runs in a process pool, math-verify's timeouts on; a slow one counts as wrong."""
+    import concurrent.futures
+    import time
+
+    from ngrpo_train import verl_recipe
+
+    pytest.importorskip("math_verify")
+    start = time.perf_counter()
+    threads = concurrent.futures.ThreadPoolExecutor(2)
+    right = threads.submit(verl_recipe.compute_score, None, r"so \boxed{\frac{6}{2}}", "3")
+    tower = threads.submit(verl_recipe.compute_score, None, r"so the answer is \boxed{9^{9^{9^{9}}}}", "5")
+    limit = verl_recipe.SCORE_TIMEOUT + 20
+    assert (right.result(timeout=limit), tower.result(timeout=limit)) == (1.0, 0.0)
+    assert time.perf_counter() - start < limit
+    threads.shutdown(wait=False)
+
+
 def test_recipe_launch_dry_run(tmp_path, capsys):
     from ngrpo_train import verl_recipe
 

@@ -28,10 +28,14 @@ Mapping onto verl (checked on verl 0.9.1's v1 trainer, its default):
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shlex
 import subprocess
 import sys
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 
 from . import tasks
@@ -76,22 +80,40 @@ def prepare(src: str, out: str) -> dict[str, int]:
     return written
 
 
+# Seconds one score may take in a worker thread before it counts as wrong; math-verify's own 5 s timeouts
+# then work in the scoring process (a main thread), so a stuck sample frees its worker as well.
+SCORE_TIMEOUT = 30.0
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def _score_pool() -> ProcessPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ProcessPoolExecutor(max_workers=4, mp_context=multiprocessing.get_context("spawn"))
+    return _pool
+
+
+def _score(solution_str: str, ground_truth: str) -> float:
+    return tasks.math_verify_reward(None, [solution_str], answer=[ground_truth])[0]
+
+
 def compute_score(data_source=None, solution_str="", ground_truth="", extra_info=None, **_unused) -> float:
     """verl's custom reward signature: 1.0 if the last \\boxed{} answer of the response equals the reference
-    mathematically (math-verify), else 0.0. math-verify's signal-based timeouts are off: verl's reward workers
-    may call this outside the main thread."""
-    from math_verify import parse, verify
-
+    mathematically (math-verify), else 0.0, in bounded time. math-verify's timeouts use ``signal.alarm``, which
+    works in a main thread only; verl's reward loop calls this from worker threads, and without timeouts one
+    answer such as ``\\boxed{9^{9^{9^{9}}}}`` never returned. From a thread the score is computed in a
+    process pool (as verl's own math_verify reward does), and after ``SCORE_TIMEOUT`` seconds counts as wrong."""
     if isinstance(ground_truth, dict):
         ground_truth = ground_truth["target"]
-    boxed = tasks.boxed_answer(solution_str)
-    if boxed is None:
+    if tasks.boxed_answer(solution_str) is None:
         return 0.0
+    if threading.current_thread() is threading.main_thread():
+        return _score(solution_str, ground_truth)
     try:
-        gold = parse(f"${ground_truth}$", parsing_timeout=None)
-        answer = parse(f"$\\boxed{{{boxed}}}$", parsing_timeout=None)
-        return 1.0 if verify(gold, answer, timeout_seconds=None) else 0.0
-    except Exception:  # a malformed answer is a wrong answer
+        return _score_pool().submit(_score, solution_str, ground_truth).result(timeout=SCORE_TIMEOUT)
+    except FuturesTimeout:
         return 0.0
 
 
