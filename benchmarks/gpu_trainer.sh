@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue #12's end-to-end run on one GPU: `ngrpo-train --preset gpu-qwen-small` (a Qwen2.5-0.5B-shaped model with
 # the real 151,936-entry vocabulary, random weights, bf16, 16 prompts x 8 completions of up to 256 tokens) once
-# with NGRPOTrainer and once with TRL's stock GRPOTrainer, one after the other on the same GPU. Writes under OUTDIR:
+# with NGRPOTrainer and once with TRL's stock GRPOTrainer, one after the other on the same GPU, both running GRPO
+# (--algo grpo: the one algorithm TRL's trainer implements, so that both do the same work). Writes under OUTDIR:
 #   ngrpo/, trl/      each run's metrics.jsonl, summary.json (seconds per step after the first two, peak GPU memory)
 #   ngrpo.log, trl.log, machine.txt, and prints a two-row table.
 #
@@ -38,7 +39,7 @@ cat "$OUT/machine.txt"
 steps=()
 [ -n "$STEPS" ] && steps=(--max-steps "$STEPS")
 for impl in ngrpo trl; do
-  timeout "${TRAINER_TIMEOUT:-280}" python3 -m ngrpo_train --preset "$PRESET" --trainer "$impl" --output-dir "$OUT/$impl" \
+  timeout "${TRAINER_TIMEOUT:-280}" python3 -m ngrpo_train --preset "$PRESET" --algo grpo --trainer "$impl" --output-dir "$OUT/$impl" \
     "${steps[@]}" >"$OUT/$impl.log" 2>&1
   echo "$impl exit code: $?" | tee -a "$OUT/machine.txt"
 done

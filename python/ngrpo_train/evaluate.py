@@ -42,10 +42,10 @@ def _generate_hf(model_dir, prompts, *, n, temperature, top_p, max_new_tokens, b
     return outputs
 
 
-def _generate_vllm(model_dir, prompts, *, n, temperature, top_p, max_new_tokens):
+def _generate_vllm(model_dir, prompts, *, n, temperature, top_p, max_new_tokens, seed):
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir)
+    llm = LLM(model=model_dir, seed=seed)
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
     if isinstance(prompts[0], str):
         results = llm.generate(prompts, params)
@@ -55,7 +55,8 @@ def _generate_vllm(model_dir, prompts, *, n, temperature, top_p, max_new_tokens)
 
 
 def evaluate(model_dir: str, rows: list[dict], task: str, *, n: int, temperature: float, top_p: float,
-             max_new_tokens: int, out_dir: str | None = None, tokenizer=None, problem_set: str = "given") -> dict:
+             max_new_tokens: int, out_dir: str | None = None, tokenizer=None, problem_set: str = "given",
+             seed: int = 1234) -> dict:
     """``problem_set`` names where ``rows`` come from ("held-out split", a file...): it is reported."""
     prompts = [r["prompt"] for r in rows]
     use_vllm = False
@@ -68,7 +69,9 @@ def evaluate(model_dir: str, rows: list[dict], task: str, *, n: int, temperature
         pass
     gen = _generate_vllm if use_vllm else _generate_hf
     kwargs = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-    if not use_vllm:
+    if use_vllm:
+        kwargs["seed"] = seed  # HF generate follows torch's seed, set by main
+    else:
         kwargs["tokenizer"] = tokenizer
     samples = gen(model_dir, prompts, **kwargs)
     grade = tasks.exact_answer_reward if task == "arithmetic" else tasks.math_verify_reward
@@ -117,7 +120,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--max-new-tokens", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="default: 4 for arithmetic (the tiny presets' completions), 4096 for math (docs/algorithm.md §7)")
     ap.add_argument("--seed", type=int, default=1234, help="problem generation and sampling seed")
     ap.add_argument("--output-dir", default=None, help="default: MODEL/../eval")
     args = ap.parse_args(argv)
@@ -125,6 +129,12 @@ def main(argv=None) -> dict:
         ap.error(f"--limit must be >= 1, got {args.limit}")
     if args.n < 1:
         ap.error(f"--n must be >= 1, got {args.n}")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 4 if args.task == "arithmetic" else 4096
+    if args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature > 0 or not 0 < args.top_p <= 1:
+        ap.error(f"--temperature must be > 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
     model = Path(args.model)
     looks_local = (model.is_absolute() or args.model.startswith((".", "~")) or args.model.count("/") != 1
                    or Path(args.model.split("/")[0]).exists())
@@ -141,6 +151,11 @@ def main(argv=None) -> dict:
             from .tokenizer import char_tokenizer
 
             tokenizer = char_tokenizer(tasks.ALPHABET)
+            config = model / "config.json"
+            vocab = json.loads(config.read_text()).get("vocab_size") if config.exists() else None
+            if vocab is not None and vocab != len(tokenizer):
+                ap.error(f"--model {args.model} has no tokenizer and a {vocab}-token vocabulary, not the "
+                         f"{len(tokenizer)}-token character tokenizer's: save its tokenizer beside it")
         problem_set = "held-out split of a+b= (never in a warm-start or RL set)"
     else:
         if not args.data:
@@ -155,7 +170,7 @@ def main(argv=None) -> dict:
     out_dir = args.output_dir or str(Path(args.model).parent / "eval")
     result = evaluate(args.model, rows, args.task, n=args.n, temperature=args.temperature, top_p=args.top_p,
                       max_new_tokens=args.max_new_tokens, out_dir=out_dir, tokenizer=tokenizer,
-                      problem_set=problem_set)
+                      problem_set=problem_set, seed=args.seed)
     print(json.dumps(result, indent=2))
     return result
 

@@ -102,7 +102,7 @@ PRESETS = {
     # One GPU, end to end, timed: a Qwen2.5-0.5B-shaped model with the real 151,936-entry vocabulary and
     # random weights (no download), bf16, 256-token completions (random weights sample until the limit,
     # so every step runs the head on 16 x 8 x 256 tokens), 20 optimizer steps. Run it twice on the same
-    # GPU, with `--trainer ngrpo` and `--trainer trl` (TRL's stock GRPO loss and fused head), to compare
+    # GPU, with `--algo grpo` and `--trainer ngrpo` or `--trainer trl` (TRL's stock GRPO loss and fused head), to compare
     # step time and peak memory (summary.json). Not a learning run: the reward stays ~0.
     "gpu-qwen-small": Preset(
         name="gpu-qwen-small",
@@ -169,7 +169,10 @@ def trl_args(p: Preset, a: Algo, *, output_dir: str, seed: int, num_processes: i
     per_step = completions // steps
     per_device = p.per_device_train_batch_size or per_step // num_processes
     gradient_accumulation_steps = per_step // (num_processes * per_device) if per_device else 0
-    if per_step * steps != completions or gradient_accumulation_steps * num_processes * per_device != per_step:
+    if per_step * steps != completions:
+        raise ValueError(f"{completions} completions per generation ({p.prompts_per_generation} prompts x "
+                         f"{p.num_generations}) do not split into optimizer_steps_per_generation={steps} equal steps")
+    if gradient_accumulation_steps * num_processes * per_device != per_step:
         raise ValueError(
             f"{completions} completions per generation in {steps} optimizer steps of {per_step} do not split into "
             f"{num_processes} processes x micro-batches of {per_device}: choose a process count and "

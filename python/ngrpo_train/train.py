@@ -172,17 +172,67 @@ def last_checkpoint(output_dir: Path) -> str | None:
     return str(max(done, key=checkpoint_step)) if done else None
 
 
-def _check_resume(out: Path, resume_from: str, p: Preset, algo_name: str, seed: int) -> None:
-    """A resumed run continues the run in ``out``: same preset, algorithm and seed, its warm start there."""
+def check_options(p: Preset, a: Algo, trainer_impl: str) -> None:
+    """What can be refused before anything is built or trained (the batch split is ``trl_args``'s)."""
+    if trainer_impl not in ("ngrpo", "trl"):
+        raise ValueError(f"trainer_impl={trainer_impl!r} is not 'ngrpo' or 'trl'")
+    at_least = dict(max_steps=1, num_generations=2, prompts_per_generation=1, optimizer_steps_per_generation=1,
+                    max_completion_length=1, save_steps=1, num_train=1, warm_start_steps=0)
+    for name, low in at_least.items():
+        if getattr(p, name) < low:
+            raise ValueError(f"{name} must be >= {low}, got {getattr(p, name)}")
+    if p.per_device_train_batch_size is not None and p.per_device_train_batch_size < 1:
+        raise ValueError(f"per_device_train_batch_size must be >= 1 (or unset), got {p.per_device_train_batch_size}")
+    for name in ("learning_rate", "temperature"):
+        if not getattr(p, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(p, name)}")
+    if p.save_steps % p.optimizer_steps_per_generation and p.save_steps < p.max_steps:
+        raise ValueError(f"save_steps={p.save_steps} is not a multiple of optimizer_steps_per_generation="
+                         f"{p.optimizer_steps_per_generation}: a checkpoint inside a generation cannot be resumed "
+                         "as the run would have gone on (the generation's last optimizer steps would sample a new one)")
+    if p.train_path is not None and p.task != "math":
+        raise ValueError(f"train_path is read by the math presets; preset {p.name!r} generates its {p.task} problems")
+    if p.model is not None and p.tokenizer != "model":
+        raise ValueError(f"model={p.model!r} is read with its own tokenizer (tokenizer='model'), not {p.tokenizer!r}")
+    if trainer_impl == "trl" and (a.estimator != "grpo" or a.filter_all_correct or a.filter_all_wrong):
+        raise ValueError("the 'trl' trainer is TRL's stock GRPOTrainer: group-normalised GRPO advantages and no "
+                         "group filters; run it with algo 'grpo' (NGRPO, DAPO and W-REINFORCE need NGRPOTrainer)")
+
+
+def _config_record(p: Preset, a: Algo, algo_name: str, seed: int, trainer_impl: str, resolved: dict) -> dict:
+    """config.json: what the run was made with, as JSON reads it back."""
+    return json.loads(json.dumps({"preset": dataclasses.asdict(p), "algo": dataclasses.asdict(a),
+                                  "algo_name": algo_name, "seed": seed, "trainer": trainer_impl,
+                                  "trl_args": resolved}, default=str))
+
+
+def _changed(before: dict, now: dict) -> list[str]:
+    """The options two config.json records give differently (one level down: preset.*, algo.*, trl_args.*),
+    other than ``max_steps`` (a run may be extended) and those the earlier record does not hold (older versions)."""
+    out = []
+    for part, value in now.items():
+        if isinstance(value, dict):
+            old = before.get(part) or {}
+            out += [f"{part}.{k} {old[k]!r} -> {value[k]!r}" for k in value
+                    if k not in ("max_steps", "output_dir") and k in old and old[k] != value[k]]
+        elif part in before and before[part] != value:
+            out.append(f"{part} {before[part]!r} -> {value!r}")
+    return sorted(out)
+
+
+def _check_resume(out: Path, resume_from: str, record: dict) -> None:
+    """A resumed run continues the run in ``out`` with the same options (only ``max_steps`` may grow), and
+    its warm start there."""
     checkpoint_step(resume_from)
     config = out / "config.json"
     if config.exists():
-        before = json.loads(config.read_text())
-        was = (before.get("preset", {}).get("name"), before.get("algo_name"), before.get("seed"))
-        if was != (p.name, algo_name, seed):
-            raise ValueError(f"--resume: {out} holds a run of preset/algo/seed {was}, not {(p.name, algo_name, seed)}; "
-                             "resume with the same options or use another --output-dir")
-    if p.model is None and p.warm_start_steps and not (out / "warm_start" / "config.json").exists():
+        changed = _changed(json.loads(config.read_text()), record)
+        if changed:
+            raise ValueError(f"--resume: {out} holds a run made with other options ({', '.join(changed[:6])}"
+                             f"{', ...' if len(changed) > 6 else ''}); resume with the same options (only "
+                             "--max-steps may change) or use another --output-dir")
+    p = record["preset"]
+    if p["model"] is None and p["warm_start_steps"] and not (out / "warm_start" / "config.json").exists():
         raise ValueError(f"--resume: {out / 'warm_start'} is missing: the run's initial weights are not there")
 
 
@@ -220,8 +270,7 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
 
     from ngrpo_kernels.integrations.trl import NGRPOConfig, NGRPOTrainer
 
-    if p.max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {p.max_steps}")
+    check_options(p, a, trainer_impl)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):  # find out now, not after the warm start
@@ -231,9 +280,22 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     state = PartialState(cpu=not torch.cuda.is_available())
     main = state.is_main_process
     log = (lambda *_: None) if quiet or not main else print
+    if p.bf16 and os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true" \
+            and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        import warnings
+
+        warnings.warn(f"preset {p.name!r} trains bf16 weights, without FSDP or DeepSpeed (the accelerate configs in "
+                      "python/ngrpo_train/accelerate keep float32 master weights): updates below bf16's resolution "
+                      f"are lost (at learning rate {p.learning_rate:g}, most of them)", stacklevel=2)
+    # the batch split is checked here, before the warm start (its error would otherwise come after it)
+    resolved = trl_args(p, a, output_dir=str(out), seed=seed, num_processes=state.num_processes)
+    if trainer_impl == "trl":
+        for name in ("advantage_estimator", "filter_all_correct", "filter_all_wrong"):
+            resolved.pop(name)  # TRL's own: group-normalised advantages, no filters (check_options)
+    record = _config_record(p, a, algo_name, seed, trainer_impl, resolved)
     resume_from = last_checkpoint(out) if resume == "auto" else resume
     if resume_from is not None:
-        _check_resume(out, resume_from, p, algo_name, seed)
+        _check_resume(out, resume_from, record)
         if checkpoint_step(resume_from) >= p.max_steps and (out / "summary.json").exists():
             log(f"{out}: already trained to step {checkpoint_step(resume_from)} (max_steps {p.max_steps}); nothing to do")
             return json.loads((out / "summary.json").read_text())
@@ -248,6 +310,9 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
         heldout = heldout_rows or None
     if p.max_prompt_length is not None:
         rows = drop_overlong_prompts(rows, tokenizer, p.max_prompt_length, log=log)
+    if len(rows) < p.prompts_per_generation:
+        raise ValueError(f"{len(rows)} training prompts cannot fill one generation of prompts_per_generation="
+                         f"{p.prompts_per_generation}")
     # On this process's device from the start (a GPU where there is one): the warm start and the held-out
     # evaluation run before the trainer would move the model, and on a CPU the evaluation took the
     # gpu-qwen-small preset past the 110 s that benchmarks/gpu_trainer.sh allowed on an H200.
@@ -255,15 +320,15 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
     summary: dict = {"preset": p.name, "algo": algo_name, "seed": seed}
 
     warm_dir = out / "warm_start"
-    record = _warm_start_record(p, seed, warm_rows) if p.model is None else None
+    warm_record = _warm_start_record(p, seed, warm_rows) if p.model is None else None
     with state.main_process_first():  # the main process warm-starts; the others then load its weights
         if p.model is None and (warm_dir / "config.json").exists():
             # The run's initial weights (a fresh run re-uses them; a resumed one starts "before" from them),
             # if they were made by this recipe (weights saved before the record existed are taken as they are).
             stored = warm_dir / WARM_START_RECORD
-            if stored.exists() and json.loads(stored.read_text()) != record:
+            if stored.exists() and json.loads(stored.read_text()) != warm_record:
                 raise ValueError(f"{warm_dir} was made by another warm start ({stored.read_text().strip()}), not "
-                                 f"{json.dumps(record)}: use another --output-dir, or delete {warm_dir}")
+                                 f"{json.dumps(warm_record)}: use another --output-dir, or delete {warm_dir}")
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(warm_dir).to(state.device)
@@ -276,7 +341,8 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
             tmp = out / "warm_start.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
-            (tmp / WARM_START_RECORD).write_text(json.dumps(record))
+            tokenizer.save_pretrained(tmp)  # ngrpo-eval reads the "before" model with its own tokenizer
+            (tmp / WARM_START_RECORD).write_text(json.dumps(warm_record))
             tmp.rename(warm_dir)
     if p.model is None:
         # TRL builds the KL reference model (beta > 0) from config._name_or_path: point it at the
@@ -286,14 +352,9 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
         summary["heldout_problems"] = len(heldout)
         summary["heldout_greedy_accuracy_before"] = greedy_accuracy(model, tokenizer, heldout, p.max_completion_length)
 
-    if trainer_impl not in ("ngrpo", "trl"):
-        raise ValueError(f"trainer_impl={trainer_impl!r} is not 'ngrpo' or 'trl'")
-    resolved = trl_args(p, a, output_dir=str(out), seed=seed, num_processes=state.num_processes)
     if trainer_impl == "trl":
         from trl import GRPOConfig, GRPOTrainer
 
-        for name in ("advantage_estimator", "filter_all_correct", "filter_all_wrong"):
-            resolved.pop(name)
         args = GRPOConfig(**resolved)
         trainer_cls = GRPOTrainer
     else:
@@ -301,9 +362,7 @@ def run(p: Preset, a: Algo, algo_name: str, output_dir: str, *, seed: int = 0, r
         trainer_cls = NGRPOTrainer
     metrics_path = out / "metrics.jsonl"
     if main:
-        (out / "config.json").write_text(json.dumps({"preset": dataclasses.asdict(p), "algo": dataclasses.asdict(a),
-                                                     "algo_name": algo_name, "seed": seed, "trl_args": resolved},
-                                                    indent=2, default=str))
+        (out / "config.json").write_text(json.dumps(record, indent=2))
         if resume_from is None and metrics_path.exists():
             metrics_path.unlink()
     state.wait_for_everyone()
