@@ -18,9 +18,13 @@
 # 600 here), or the tool kills the packing too:
 #   timeout 540 bash benchmarks/gpu_suite.sh /tmp/s; tar czf $OUT/suite.tgz -C /tmp s; sed -n '/^###/,$p' /tmp/s/head.md
 #
-# The GPU image has torch, triton, pytest, pytest-xdist and pytest-benchmark but nothing from outside:
-# carry the peers as wheels (downloaded here, .whl/ is git-ignored) and name .whl in the device tool's
-# carry:  pip download --no-deps -d .whl liger-kernel==0.8.5 cut-cross-entropy trl==1.16.0 verl==0.9.1
+# The GPU image has torch, triton, transformers, accelerate, pandas, pytest, pytest-xdist and pytest-benchmark,
+# but no peer: carry them as wheels (downloaded here, .whl/ is git-ignored) and name .whl in the device tool's
+# carry (TRL's chunked head imports datasets in its backward; without it that peer is skipped):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 verl==0.9.1 datasets==4.7.0 dill==0.4.0 \
+#     multiprocess==0.70.18
 # (verl's fused heads are loaded from its files without its dependencies: benchmarks/impls.py)
 # A copy of an earlier ngrpo_kernels renamed ngrpo_base in .baseline/ (carried too) is timed beside
 # this tree for before/after tables:

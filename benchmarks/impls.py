@@ -77,12 +77,28 @@ def inputs(case: Case):
     if case.padded:
         lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
         mask = torch.arange(T)[None, :] < lengths[:, None]
-    old = -torch.rand(B, T, generator=g) * 4
-    rewards = torch.randint(0, 2, (B,), generator=g).float()
+    noise = torch.randn(B, T, generator=g) * 0.1
+    # every group of 4 mixed (no zero advantage: seed 0 once drew an all-correct batch, loss and gradients 0)
+    rewards = (torch.arange(B) % 3 == 0).float()
     adv = nk.ngrpo_advantages(rewards, torch.arange(B) // 4)
     dev, dt = case.device, case.dtype
-    return dict(hidden=hidden.to(dev, dt), weight=weight.to(dev, dt), targets=targets.to(dev), mask=mask.to(dev),
-                old=old.to(dev), adv=adv.to(dev))
+    hidden, weight, targets = hidden.to(dev, dt), weight.to(dev, dt), targets.to(dev)
+    old = head_logprobs(hidden, weight, targets) + noise.to(dev)
+    return dict(hidden=hidden, weight=weight, targets=targets, mask=mask.to(dev), old=old, adv=adv.to(dev))
+
+
+def head_logprobs(hidden, weight, targets, chunk=2048):
+    """The head's own log-probs of ``targets`` (plain PyTorch, in chunks of tokens): the benchmarks' old
+    log-probs are these plus noise of std 0.1, so that the ratios are near 1 as in an RL step (most tokens
+    inside the clip band, some outside). Drawn independently of the model, old log-probs in [-4, 0] against
+    the 7B head's ~-14 put every ratio near 1e-5: every A < 0 token clipped to a zero gradient, the rest
+    scaled by 1e-5, and half of every dZ zero rows in the contenders' gradient GEMMs."""
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    out = torch.empty(flat_t.shape, dtype=torch.float32, device=hidden.device)
+    for lo in range(0, flat_t.numel(), chunk):
+        z = (flat_h[lo:lo + chunk] @ weight.T).float()
+        out[lo:lo + chunk] = torch.log_softmax(z, -1).gather(1, flat_t[lo:lo + chunk, None])[:, 0]
+    return out.view(targets.shape)
 
 
 def _sync(case):
@@ -223,6 +239,8 @@ _trl_logprobs = _only_valid(_trl_flat_logprobs)
 
 def loss_trl_fused(case):
     _peer("trl.kernels.chunked_logprob", "ChunkedLogProbFunction", "trl >= 1.15")  # fail early, not mid-timing
+    # its backward imports trl.trainer.utils (datasets, accelerate, pandas): absent, it would fail mid-backward
+    _peer("trl.trainer.utils", "maybe_gather_lm_head_ctx", "trl's trainer utilities (datasets, accelerate)")
     return _train_step(case, lambda h, w, x: _policy_loss(_trl_logprobs(h, w, x["targets"], x["mask"]), x))
 
 
