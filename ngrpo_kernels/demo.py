@@ -1,4 +1,4 @@
-"""`make demo` until the trainer lands: the library on a small example.
+"""`make library-demo`: the library on a small example (`make demo` runs the trainer).
 
 1. docs/algorithm.md §2's advantage table (G = 8, binary rewards) computed by ``ngrpo_advantages`` beside GRPO.
 2. One fused policy-loss call on a random batch, with its metrics and the gradient it produces.

@@ -319,7 +319,7 @@ def fused_linear_logprobs(
         workspace_bytes: bound on the logits workspace (default min(1.25 GiB, memory / 16) on a GPU,
             where the backward holds chunks of logits at 2 bytes each for half inputs, and the forward,
             which stores none, its statistics and gathered rows: ~21 KB a token at the 7B head, one GEMM
-            launch up to ~60k tokens; 64 MiB on CPU). Ignored positions cost no GEMM FLOPs on a GPU and
+            launch up to ~60k tokens; 64 MiB on the CPU backends, 32 MiB for Triton's interpreter). Ignored positions cost no GEMM FLOPs on a GPU and
             are never read.
         validate: check that targets lie in [0, V) or equal ``ignore_index``, that hidden states are
             finite where they are not ignored and that weight and bias are finite (one sync). Without the

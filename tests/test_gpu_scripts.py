@@ -41,6 +41,30 @@ def test_gpu_head_runs_every_section(tmp_path):
     check = json.loads((out / "head.json").read_text())["check"]
     assert all(c["finite"] for c in check.values())
     assert check["fused_loss fp16"]["dx_rel"] < 2 * check["fused_loss fp16"]["floor_dx_rel"] + 1e-3
+    assert json.loads((out / "head.json").read_text())["check_failures"] == []
+    assert "**Checks: all passed**" in md
+
+
+def test_gpu_head_checks_can_fail():
+    """--check's verdict (the exit code and head.md's line) names each bound a broken kernel breaks."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_head
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    fused = dict(finite=True, masked_dx_zero=True, loss_rel=1e-8, dx_rel=3e-3, dw_rel=3e-3, naive_bf16_dx_rel=2e-2,
+                 naive_bf16_dw_rel=2e-2)
+    lp = dict(finite=True, ignored_zero=True, lp_max_abs=2e-5, ent_max_abs=3e-5, dx_rel=2e-3, dw_rel=2e-3)
+    fp16 = dict(finite=True, dx_rel=3e-4, dw_rel=3e-4, floor_dx_rel=2e-4, floor_dw_rel=2e-4)
+    res = {f"{op} {tag}": dict(r) for tag in ("all valid", "padded (NaN in padding)")
+           for op, r in (("fused_loss", fused), ("logprobs", lp))}
+    res["fused_loss fp16"] = fp16
+    assert gpu_head.check_failures(res) == []
+    res["fused_loss all valid"]["dw_rel"] = 0.5
+    res["logprobs padded (NaN in padding)"]["ent_max_abs"] = float("nan")
+    res["fused_loss fp16"]["finite"] = False
+    failures = gpu_head.check_failures(res)
+    assert len(failures) == 3 and "dw rel 5.0e-01" in failures[0] and "fp16" in failures[2]
 
 
 @pytest.mark.parametrize("script", ["gpu_suite.sh", "gpu_trainer.sh"])

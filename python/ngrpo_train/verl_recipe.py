@@ -47,7 +47,7 @@ HELD_OUT = ("math_test", "aime2025", "amc23")
 def prepare(src: str, out: str) -> dict[str, int]:
     """Write train.parquet (from ``src``/math_train.parquet) and the held-out sets present in ``src`` in
     verl's layout, each held-out set less the problems the training file also holds (MATH's test repeats
-    one of its training problems). Returns {file stem: rows}."""
+    three of its training problems). Returns {file stem: rows}."""
     import pandas as pd
 
     src_dir, out_dir = Path(src), Path(out)
