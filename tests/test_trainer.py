@@ -545,6 +545,8 @@ def test_eval_defaults_follow_the_task(tmp_path, monkeypatch, capsys):
     pd.DataFrame({"problem": ["What is $1+1$?"], "answer": ["2"]}).to_parquet(tmp_path / "m.parquet")
     evaluate.main(["--model", str(tmp_path), "--task", "math", "--data", str(tmp_path / "m.parquet")])
     assert seen["max_new_tokens"] == 4096
+    evaluate.main(["--model", str(tmp_path), "--temperature", "0"])  # greedy (vLLM's reading of 0; HF: no sampling)
+    assert seen["temperature"] == 0.0 and seen["max_new_tokens"] == 4
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 151936}))
     with pytest.raises(SystemExit):
         evaluate.main(["--model", str(tmp_path)])
@@ -893,6 +895,24 @@ def test_bad_options_are_refused_before_any_work(change, words, tmp_path, monkey
     p = dataclasses.replace(preset("tiny"), **dict(SMALL, **change))
     with pytest.raises(ValueError, match=words):
         train.run(p, algo("ngrpo"), "ngrpo", str(tmp_path / "x"), quiet=True)
+
+
+def test_resume_may_change_the_process_count_but_not_the_batch():
+    """TRL's micro-batching follows from the preset and the process count: a run resumed on another number of
+    GPUs is the same run; another generation size or trainer is not (and the difference is named)."""
+    from ngrpo_train.train import _changed, _config_record
+
+    p, a = preset("tiny"), algo("ngrpo")
+
+    def record(p=p, processes=1, trainer="ngrpo"):
+        return _config_record(p, a, "ngrpo", 0, trainer, trl_args(p, a, output_dir="o", seed=0,
+                                                                  num_processes=processes))
+
+    assert _changed(record(), record(processes=2)) == []
+    assert _changed(record(), record(dataclasses.replace(p, max_steps=900))) == []
+    assert _changed(record(), record(dataclasses.replace(p, prompts_per_generation=32))) == [
+        "preset.prompts_per_generation 16 -> 32"]
+    assert _changed(record(), record(trainer="trl")) == ["trainer 'ngrpo' -> 'trl'"]
 
 
 @pytest.mark.parametrize("name", ["ngrpo", "dapo", "w_reinforce"])

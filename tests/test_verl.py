@@ -445,6 +445,24 @@ def test_recipe_reward_is_bounded_in_time_from_a_worker_thread():
     threads.shutdown(wait=False)
 
 
+def test_recipe_reward_survives_a_dead_scoring_process():
+    """A scoring process killed (the OOM killer) broke the pool for good: every later reward call raised. That
+    answer now counts as wrong and the next call gets a new pool."""
+    import concurrent.futures
+    import os
+    import signal
+
+    from ngrpo_train import verl_recipe
+
+    pytest.importorskip("math_verify")
+    threads = concurrent.futures.ThreadPoolExecutor(1)
+    score = lambda: threads.submit(verl_recipe.compute_score, None, r"\boxed{3}", "3").result(timeout=60)  # noqa: E731
+    assert score() == 1.0
+    os.kill(next(iter(verl_recipe._pool._processes)), signal.SIGKILL)
+    assert [score() for _ in range(3)][1:] == [1.0, 1.0]  # the call that met the dead pool may count 0
+    threads.shutdown(wait=False)
+
+
 def test_recipe_launch_dry_run(tmp_path, capsys):
     from ngrpo_train import verl_recipe
 

@@ -34,8 +34,9 @@ def _generate_hf(model_dir, prompts, *, n, temperature, top_p, max_new_tokens, b
             for lo in range(0, n, batch):
                 k = min(batch, n - lo)
                 enc = tok([text] * k, return_tensors="pt", padding=True)
-                out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
-                                     max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
+                    dict(do_sample=False)  # temperature 0: greedy, as vLLM reads it
+                out = model.generate(**enc, **sampling, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                                      eos_token_id=tok.eos_token_id)
                 samples += tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
             outputs.append(samples)
@@ -133,8 +134,9 @@ def main(argv=None) -> dict:
         args.max_new_tokens = 4 if args.task == "arithmetic" else 4096
     if args.max_new_tokens < 1:
         ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.temperature > 0 or not 0 < args.top_p <= 1:
-        ap.error(f"--temperature must be > 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
+    if not args.temperature >= 0 or not 0 < args.top_p <= 1:
+        ap.error(f"--temperature must be >= 0 (0: greedy) and --top-p in (0, 1], got {args.temperature} and "
+                 f"{args.top_p}")
     model = Path(args.model)
     looks_local = (model.is_absolute() or args.model.startswith((".", "~")) or args.model.count("/") != 1
                    or Path(args.model.split("/")[0]).exists())

@@ -208,13 +208,17 @@ def _config_record(p: Preset, a: Algo, algo_name: str, seed: int, trainer_impl: 
 
 def _changed(before: dict, now: dict) -> list[str]:
     """The options two config.json records give differently (one level down: preset.*, algo.*, trl_args.*),
-    other than ``max_steps`` (a run may be extended) and those the earlier record does not hold (older versions)."""
+    other than ``max_steps`` (a run may be extended), TRL's micro-batching (it follows from the preset, compared,
+    and the process count: a run may resume on another number of GPUs) and those the earlier record does not
+    hold (older versions)."""
+    free = {"max_steps", "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "steps_per_generation"}
     out = []
     for part, value in now.items():
         if isinstance(value, dict):
             old = before.get(part) or {}
             out += [f"{part}.{k} {old[k]!r} -> {value[k]!r}" for k in value
-                    if k not in ("max_steps", "output_dir") and k in old and old[k] != value[k]]
+                    if not (part == "trl_args" and k in free) and k != "max_steps" and k in old and old[k] != value[k]]
         elif part in before and before[part] != value:
             out.append(f"{part} {before[part]!r} -> {value!r}")
     return sorted(out)

@@ -36,6 +36,7 @@ import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from . import tasks
@@ -87,10 +88,13 @@ _pool = None
 _pool_lock = threading.Lock()
 
 
-def _score_pool() -> ProcessPoolExecutor:
+def _score_pool(broken: ProcessPoolExecutor | None = None) -> ProcessPoolExecutor:
+    """The scoring processes; ``broken``: a pool found broken (a worker killed, e.g. by the OOM killer), replaced."""
     global _pool
     with _pool_lock:
-        if _pool is None:
+        if _pool is None or _pool is broken:
+            if broken is not None:
+                broken.shutdown(wait=False, cancel_futures=True)
             _pool = ProcessPoolExecutor(max_workers=4, mp_context=multiprocessing.get_context("spawn"))
     return _pool
 
@@ -111,9 +115,13 @@ def compute_score(data_source=None, solution_str="", ground_truth="", extra_info
         return 0.0
     if threading.current_thread() is threading.main_thread():
         return _score(solution_str, ground_truth)
+    pool = _score_pool()
     try:
-        return _score_pool().submit(_score, solution_str, ground_truth).result(timeout=SCORE_TIMEOUT)
+        return pool.submit(_score, solution_str, ground_truth).result(timeout=SCORE_TIMEOUT)
     except FuturesTimeout:
+        return 0.0
+    except BrokenProcessPool:  # a scoring process died: this answer counts as wrong, the next gets a new pool
+        _score_pool(broken=pool)
         return 0.0
 
 
