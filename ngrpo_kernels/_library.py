@@ -99,47 +99,51 @@ def _widen(*tensors):
 
 
 class _ReferenceGraph(torch.autograd.Function):
-    """The REFERENCE backend's autograd graph, built in forward on detached copies of the differentiable
-    inputs and run in backward under ``inputs_precision``: plain autograd runs its backward GEMMs under the
-    autocast of the ``backward()`` call (on the CPU, bf16 ones: 3e-3 gradient error on float32 inputs),
-    while every kernel backend's backward computes in the inputs' precision wherever it is called. A
-    second-order request (``create_graph=True``) differentiates the specification again, on the inputs
-    themselves, so that the gradient's own graph reaches them: the reference stays differentiable twice."""
+    """The REFERENCE backend's autograd graph, run in backward under ``inputs_precision``: plain autograd runs
+    its backward GEMMs under the autocast of the ``backward()`` call (on the CPU, bf16 ones: 3e-3 gradient error
+    on float32 inputs), while every kernel backend's backward computes in the inputs' precision wherever it is
+    called. Forward keeps no graph, only its inputs (as activation checkpointing does): backward builds the
+    specification's graph again and differentiates it, on detached copies of the inputs, or, for a
+    second-order request (``create_graph=True``), on the inputs themselves, so that the gradient's own graph
+    reaches them. A second backward without ``retain_graph`` is refused as plain autograd refuses it."""
 
     @staticmethod
     def forward(ctx, fn, spec, *inputs):
         leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
-        with torch.enable_grad():
+        with torch.enable_grad():  # which outputs are differentiable (the graph is dropped on return)
             out, spec[0] = torch.utils._pytree.tree_flatten(fn(*leaves))
         ctx.device, ctx.fn = inputs[0].device, fn
-        ctx.leaves, ctx.out = leaves, out
+        ctx.differentiable = [o.requires_grad for o in out]
         ctx.save_for_backward(*inputs)
         returned = tuple(o.detach() for o in out)
-        ctx.mark_non_differentiable(*[r for r, o in zip(returned, out) if not o.requires_grad])
+        ctx.mark_non_differentiable(*[r for r, d in zip(returned, ctx.differentiable) if not d])
         return returned
 
     @staticmethod
     def backward(ctx, *grads):
         second_order = torch.is_grad_enabled()
-        inputs = ctx.saved_tensors if second_order else ctx.leaves
-        with inputs_precision(ctx.device):
-            out = torch.utils._pytree.tree_flatten(ctx.fn(*inputs))[0] if second_order else ctx.out
-            pairs = [(o, g) for o, g in zip(out, grads) if o.requires_grad and g is not None]
+        inputs = ctx.saved_tensors
+        if not second_order:
+            inputs = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+        with torch.enable_grad(), inputs_precision(ctx.device):
+            out = torch.utils._pytree.tree_flatten(ctx.fn(*inputs))[0]
+            pairs = [(o, g) for o, g, d in zip(out, grads, ctx.differentiable) if d and g is not None]
             wanted = [x for x in inputs if x.requires_grad]
             got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True,
-                                           retain_graph=True, create_graph=second_order)
+                                           create_graph=second_order)
                        if pairs else [None] * len(wanted))
         return (None, None, *[next(got) if x.requires_grad else None for x in inputs])
 
 
 def _reference(fn, *inputs):
     """``fn(*inputs)`` for the REFERENCE backend: plain autograd, its backward in the inputs' precision
-    (``_ReferenceGraph``). Traced calls (torch.compile, torch.func) and calls without a gradient run ``fn``
-    as it is."""
-    if _traced(inputs) or not (torch.is_grad_enabled() and torch._C._any_requires_grad(*inputs)):
+    (``_ReferenceGraph``). Traced calls (torch.compile, torch.func), forward-mode AD (dual tensors) and calls
+    without a gradient run ``fn`` as it is."""
+    present = [x for x in inputs if x is not None]
+    if (_traced(present) or not (torch.is_grad_enabled() and torch._C._any_requires_grad(*present))
+            or any(torch.autograd.forward_ad.unpack_dual(x).tangent is not None for x in present)):
         return fn(*inputs)
     spec = [None]
-    present = [x for x in inputs if x is not None]
     out = _ReferenceGraph.apply(lambda *xs: fn(*_refill(inputs, xs)), spec, *present)
     return torch.utils._pytree.tree_unflatten(list(out), spec[0])
 

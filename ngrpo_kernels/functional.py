@@ -201,10 +201,11 @@ def _head_value_checks(values: check.ValueChecks, weight, bias, temperature: flo
     if bias is not None:
         values.add(torch.isfinite(bias), "bias has NaN or inf values (to ban tokens, use a large negative finite bias "
                    "such as -1e4, not -inf)", lambda: check.describe(bias))
+        # (the message is constant and the temperature only in the detail: under torch.compile a formatted
+        # value would pin the graph to it, a recompile per temperature)
         values.add(torch.isfinite(bias.float() * (1.0 / temperature)) | ~torch.isfinite(bias),
-                   f"bias / temperature overflows float32 (temperature={temperature!r}); to ban tokens use a "
-                   f"large negative bias such as -1e4, not the most negative float",
-                   lambda: check.describe(bias))
+                   "bias / temperature overflows float32; to ban tokens use a large negative bias such as -1e4, "
+                   "not the most negative float", lambda: f"temperature {temperature}; {check.describe(bias)}")
 
 
 def _check_skip_zero_advantage(skip_zero_advantage, entropy_coef, beta):

@@ -90,8 +90,8 @@ def test_the_reference_is_differentiable_twice(op, gen):
 
 
 def test_reference_head_backward_twice_and_in_part():
-    """The REFERENCE head ops' graph survives a retained backward, gives only the gradients asked for, and
-    leaves its outputs' metrics out of the graph."""
+    """The REFERENCE head ops' graph survives a retained backward (and only a retained one), gives only the
+    gradients asked for, leaves its outputs' metrics out of the graph, and takes forward-mode AD."""
     gen = torch.Generator().manual_seed(3)
     b = _batch(gen)
     x, w = b["x"].clone().requires_grad_(), b["w"].clone()
@@ -107,3 +107,16 @@ def test_reference_head_backward_twice_and_in_part():
     for f, s, e in zip(first, second, want):
         torch.testing.assert_close(f, e)
         torch.testing.assert_close(s, 2 * e)
+    with pytest.raises(RuntimeError, match="second time"):  # as plain autograd: the graph was not retained
+        torch.autograd.grad(loss, (x,))
+    # forward-mode AD (dual tensors) runs the specification as it is
+    import torch.autograd.forward_ad as fwAD
+
+    tangent = torch.randn_like(b["x"])
+    with fwAD.dual_level(), nk.use_backend("reference"):
+        dual = fwAD.make_dual(b["x"].clone().requires_grad_(), tangent)
+        jvp = fwAD.unpack_dual(nk.fused_linear_logprobs(dual, w, b["t"]).sum()).tangent
+    x2 = b["x"].clone().requires_grad_()
+    with nk.use_backend("reference"):
+        (gx,) = torch.autograd.grad(nk.fused_linear_logprobs(x2, w, b["t"]).sum(), (x2,))
+    torch.testing.assert_close(jvp, (gx * tangent).sum())

@@ -112,7 +112,8 @@ def test_inductor_compiles_the_fused_loss_and_logprobs():
 
 
 def test_float_options_do_not_recompile_per_value():
-    """An adaptive entropy coefficient, a per-step normaliser, a KL coefficient: one graph after the first
+    """An adaptive entropy coefficient, a per-step normaliser, a KL coefficient, a temperature (with a bias,
+    which validation divides by it: a formatted message once pinned the value): one graph after the first
     recompile (Dynamo's automatic dynamic), whatever the values. Counted through AOTAutograd (as inductor
     compiles): a float that reaches a tensor factory is specialised there, after Dynamo, and recompiled per
     value (the 9th an error under fullgraph=True), which Dynamo's own count did not see."""
@@ -121,21 +122,24 @@ def test_float_options_do_not_recompile_per_value():
     x = _inputs()
     counter = CompileCounterWithBackend("aot_eager")
 
+    bias = torch.zeros(x["weight"].shape[0])  # with a bias, validation reads the temperature too
+
     @torch.compile(backend=counter, fullgraph=True)
-    def step(hidden, weight, entropy_coef, normalizer, beta):
+    def step(hidden, weight, entropy_coef, normalizer, beta, temperature):
         loss, _ = nk.fused_linear_ngrpo_loss(hidden, weight, x["targets"], x["mask"], x["old"], advantages=x["adv"],
                                              entropy_coef=entropy_coef, normalizer=normalizer,
-                                             ref_logprobs=x["ref"], beta=beta)
+                                             ref_logprobs=x["ref"], beta=beta, bias=bias, temperature=temperature)
         return loss
 
     losses = []
     for i in range(5):
         hidden, weight = _leaves(x["hidden"], x["weight"])
-        loss = step(hidden, weight, 0.001 * (i + 1), 10.0 + i, 0.01 * i + 0.001)
+        loss = step(hidden, weight, 0.001 * (i + 1), 10.0 + i, 0.01 * i + 0.001, 1.0 - 0.05 * i)
         loss.backward()
         want, _ = nk.fused_linear_ngrpo_loss(x["hidden"], x["weight"], x["targets"], x["mask"], x["old"],
                                              advantages=x["adv"], entropy_coef=0.001 * (i + 1), normalizer=10.0 + i,
-                                             ref_logprobs=x["ref"], beta=0.01 * i + 0.001)
+                                             ref_logprobs=x["ref"], beta=0.01 * i + 0.001, bias=bias,
+                                             temperature=1.0 - 0.05 * i)
         torch.testing.assert_close(loss.detach(), want, atol=1e-5, rtol=1e-5)
         losses.append(loss.item())
     assert counter.frame_count <= 2, f"{counter.frame_count} graphs for 5 option values"

@@ -27,7 +27,8 @@ from .segments import segments_by_id
 
 
 
-@triton.jit
+# r_max_bits unspecialised: Triton makes an integer argument equal to 1 a constant (the bits of r_max = 5e-324)
+@triton.jit(do_not_specialize=["r_max_bits"])
 def _group_advantages_kernel(
     R, ORDER, SORTED_IDS, SEG_END, OUT,
     r_max_bits, num_virtual, eps,
