@@ -233,6 +233,71 @@ def test_fused_head_backend_matches_verls_torch_backend(packed, via, backend, ge
         torch.testing.assert_close(grads["ngrpo"][k], g, atol=2e-5, rtol=1e-4, msg=k)
 
 
+@pytest.mark.parametrize("model_kind", ["phi (lm_head bias)", "granite (logits_scaling)", "cohere (logit_scale)",
+                                        "gemma2 (soft cap)"])
+def test_fused_head_refuses_logits_it_cannot_form(model_kind):
+    """verl's fused forward hands the head only lm_head.weight and the temperature: a bias, a logit scale or a
+    soft cap would be dropped (log-probs 0.2-2.5 off the distribution vLLM samples from; verl's own torch and
+    triton heads drop them alike). impl_backend=ngrpo refuses such a model when verl patches it."""
+    import transformers as tr
+
+    small = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)
+    cls, config, words = {
+        "phi (lm_head bias)": (tr.PhiForCausalLM, tr.PhiConfig(**small), "lm_head has a bias"),
+        "granite (logits_scaling)": (tr.GraniteForCausalLM, tr.GraniteConfig(**small, logits_scaling=8.0),
+                                     "scales its logits by 0.125"),
+        "cohere (logit_scale)": (tr.CohereForCausalLM, tr.CohereConfig(**small, logit_scale=0.0625),
+                                 "scales its logits by 0.0625"),
+        "gemma2 (soft cap)": (tr.Gemma2ForCausalLM, tr.Gemma2Config(**small, head_dim=8, final_logit_softcapping=2.0),
+                              "final_logit_softcapping"),
+    }[model_kind]
+    with pytest.raises(ValueError, match=words):
+        plugin.patch_forward_with_backends(cls(config), use_fused_kernels=True, fused_kernels_backend="ngrpo")
+    plugin.patch_forward_with_backends(cls(config), use_fused_kernels=True, fused_kernels_backend="torch")  # verl's
+
+
+def test_fused_head_takes_a_head_sharded_by_fsdp2(tmp_path):
+    """verl's FSDP2 shards an untied lm_head as its own unit, whose forward (which would gather it) the fused
+    forward never calls: the head reads it as a DTensor (verl's torch head: 'mixed torch.Tensor and DTensor').
+    One gloo process here: log-probs, entropy and the head's gradient as from the plain weight."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "fsdp2_head.py"
+    script.write_text(textwrap.dedent("""
+        import os, torch, torch.distributed as dist
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from ngrpo_kernels.integrations import verl as plugin
+        torch.manual_seed(0)
+        head, plain = torch.nn.Linear(16, 37, bias=False), torch.nn.Linear(16, 37, bias=False)
+        plain.load_state_dict(head.state_dict())
+        fully_shard(head, mesh=init_device_mesh("cpu", (1,)))
+        assert type(head.weight).__name__ == "DTensor"
+        h, ids = torch.randn(2, 5, 16), torch.randint(0, 37, (2, 5))
+        fused = plugin.NGRPOFusedLinearForPPO(impl_backend="ngrpo")
+        got = fused(h, head.weight, ids, temperature=0.7)
+        want = fused(h, plain.weight, ids, temperature=0.7)
+        (got[0].sum() + got[1].sum()).backward()
+        (want[0].sum() + want[1].sum()).backward()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(head.weight.grad.full_tensor(), plain.weight.grad)
+        dist.destroy_process_group()
+        print("ok")
+    """))
+    import os
+    import random
+
+    env = dict(os.environ, PORT=str(random.randint(20000, 40000)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
 def test_other_fused_backends_are_untouched():
     from verl.utils.experimental import torch_functional
 

@@ -40,6 +40,8 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
 from ..functional import fused_linear_logprobs, fused_linear_ngrpo_loss, group_advantages
+from ._heads import logit_scale as _logit_scale
+from ._heads import whole as _whole
 from ..variants import Estimator
 
 
@@ -245,27 +247,6 @@ class NGRPOTrainer(GRPOTrainer):
         self._metrics["train"]["entropy_coef"].append(self.entropy_coef)
 
 
-def _logit_scale(config) -> float:
-    """The factor the model's head multiplies its logits by, folded into the temperature the kernels divide
-    by. Read as TRL 1.16's own fused head reads it (``trl.trainer.utils.add_fused_lm_head``), from the text
-    config of a vision-language model: Cohere's ``logit_scale`` (Muse Glimmer's ``output_multiplier``),
-    Falcon-H1's ``lm_head_multiplier``, else ``logits_scaling``, which Granite and MiniCPM3 divide by and
-    HyperCLOVA X multiplies by. A soft cap (Gemma's ``final_logit_softcapping``) is not a scale: refused."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "final_logit_softcapping", None) is not None:
-        raise ValueError(f"the model's final_logit_softcapping={text.final_logit_softcapping} is not implemented "
-                         "by the fused head (it would train on uncapped logits)")
-    scale = next((getattr(text, name) for name in ("logit_scale", "output_multiplier", "lm_head_multiplier")
-                  if getattr(text, name, None) is not None), None)
-    if scale is None and getattr(text, "logits_scaling", None) is not None:
-        scaling = float(text.logits_scaling)
-        scale = scaling if getattr(text, "model_type", None) == "hyperclovax" else 1.0 / scaling
-    scale = 1.0 if scale is None else float(scale)
-    if not 0.0 < scale < float("inf"):
-        raise ValueError(f"the model's logit scale {scale} must be positive and finite (it divides the temperature)")
-    return scale
-
-
 def _add_ngrpo_head(model, temperature: float) -> None:
     """Let ``model(..., ngrpo_loss=request)`` return the fused NGRPO loss of its completion tokens.
 
@@ -329,21 +310,6 @@ def _head(model):
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
     return _whole(weight), None if bias is None else _whole(bias)
-
-
-def _whole(param):
-    """A parameter as one plain tensor. FSDP2 leaves the head sharded (a DTensor) when it is its own unit, since
-    its forward, which would unshard it, is never called: gather it. Each rank's gradient of the whole tensor
-    is its own tokens' part, so it goes back as a partial to be averaged (reduce-scattered) over the mesh, as
-    FSDP2 averages every other gradient by default; a plain ``full_tensor()`` would treat it as identical on
-    every rank and keep each rank's unreduced rows. (Mesh dimensions along which the ranks see the same
-    tokens, as with tensor parallelism, average identical parts: unchanged.) A custom
-    ``set_gradient_divide_factor`` is not seen here: the head's gradient stays the mean."""
-    if not hasattr(param, "full_tensor"):
-        return param
-    from torch.distributed.tensor import Partial
-
-    return param.full_tensor(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
 
 
 def _token_logprobs(model, backbone, temperature, *args, labels, fused_lm_head=True, num_items_in_batch=None,

@@ -33,6 +33,7 @@ from verl.models.transformers import monkey_patch as _monkey_patch
 from verl.utils.experimental import torch_functional as _torch_functional
 
 from ...functional import fused_linear_logprobs, ngrpo_advantages, ngrpo_policy_loss
+from .._heads import logit_scale, whole
 from ...variants import AggMode
 
 NAME = "ngrpo"
@@ -141,6 +142,9 @@ class NGRPOFusedLinearForPPO(_VerlFusedLinearForPPO):
     def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
         if self.impl_backend != NAME:
             return super().forward(hidden_states, vocab_weights, input_ids, temperature)
+        # FSDP2 shards an untied head as its own unit, whose forward (which would gather it) verl's fused
+        # forward never calls: gathered here, its gradient averaged over the ranks as FSDP2 averages the others
+        vocab_weights = whole(vocab_weights)
         if hidden_states.dtype != vocab_weights.dtype:  # autocast regions may hand fp32 states to a bf16 head
             hidden_states = hidden_states.to(vocab_weights.dtype)
         # validate=False: the labels are token ids the model read (always in range) and this is the hot path;
@@ -149,10 +153,30 @@ class NGRPOFusedLinearForPPO(_VerlFusedLinearForPPO):
                                      temperature=float(temperature), return_entropy=True, validate=False)
 
 
+def _check_head(model) -> None:
+    """verl's fused forward hands the head only its weight and the temperature: a model whose logits are more
+    than ``hidden @ weight.T`` (an lm_head bias, a logit scale, a soft cap) would be trained on another
+    distribution than the one vLLM samples from (verl's own torch and triton heads drop them alike). Refused."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("fused_kernel_options.impl_backend=ngrpo: the model's lm_head has a bias, which verl's fused "
+                         "forward does not pass to the head; set actor_rollout_ref.model.use_fused_kernels=False")
+    try:
+        scale = logit_scale(model.config)
+    except ValueError as err:
+        raise ValueError(f"fused_kernel_options.impl_backend=ngrpo: {err}; set "
+                         "actor_rollout_ref.model.use_fused_kernels=False") from None
+    if scale != 1.0:
+        raise ValueError(f"fused_kernel_options.impl_backend=ngrpo: the model scales its logits by {scale}, which "
+                         "verl's fused forward does not pass to the head; set actor_rollout_ref.model."
+                         "use_fused_kernels=False")
+
+
 def patch_forward_with_backends(model, use_fused_kernels: bool = False, fused_kernels_backend: str | None = None):
     """verl's ``patch_forward_with_backends``, plus ``"ngrpo"``: installs verl's own torch-backend forward
     (hidden states, label shift, sequence parallel and output dataclass all verl's) with our head inside."""
     if use_fused_kernels and fused_kernels_backend == NAME:
+        _check_head(model)
         _verl_patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
         model._verl_fused_kernels_backend = NAME  # read by the forward at each call
         return
