@@ -43,6 +43,10 @@ class CMakeBuild(build_ext):
                 raise
             print(f"warning: the C++ CPU backend was not built ({err}); the PyTorch fallback will be used",
                   file=sys.stderr)
+            # Nothing to install: an earlier build's library would ship in its place, and an editable install
+            # would try to copy the missing one into the source tree (and fail).
+            target.unlink(missing_ok=True)
+            self.extensions = [e for e in self.extensions if e is not ext]
 
 
 setup(ext_modules=[CMakeExtension("ngrpo_kernels._C")], cmdclass={"build_ext": CMakeBuild})
