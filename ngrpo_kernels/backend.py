@@ -40,8 +40,16 @@ def triton_available() -> bool:
     return True
 
 
+# Read once, when ngrpo_kernels is imported: Triton reads the variable when each kernel is defined (our kernel
+# modules are imported later, on first use), so a value set after the import could not be honoured
+# consistently (GPU code would be handed to the interpreter: "Cannot call @triton.jit'd outside of the scope
+# of a kernel"). Set it before importing ngrpo_kernels.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Was TRITON_INTERPRET=1 set when ngrpo_kernels was imported (Triton kernels on CPU tensors)?"""
+    return _INTERPRET
 
 
 def selected_backend(device: torch.device | str) -> Backend:
@@ -56,9 +64,12 @@ def selected_backend(device: torch.device | str) -> Backend:
 @torch.compiler.assume_constant_result
 def _selected_name(device: str) -> str:
     forced = _forced.get()
+    device = torch.device(device)
+    if forced == Backend.TRITON and device.type == "cpu" and not interpreter_enabled():
+        raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                           "before ngrpo_kernels is imported (the kernels are GPU code otherwise)")
     if forced is not None:
         return forced.value
-    device = torch.device(device)
     if triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())):
         return Backend.TRITON.value
     if device.type == "cpu":

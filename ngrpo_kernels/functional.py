@@ -505,7 +505,8 @@ def fused_linear_ngrpo_loss(
         check.tensor("advantages", advantages, ranks=(1, 2))
         check.floating("advantages", advantages)
         advantages = _per_sequence(advantages, bt)
-        if advantages.shape not in ((B,), bt):
+        # (two comparisons: tuple membership with a symbolic batch size misjudged equal shapes under torch.compile)
+        if not (advantages.shape == (B,) or advantages.shape == bt):
             raise ValueError(f"advantages must have shape ({B},) or {bt}, got {check.describe(advantages)}")
     else:
         if group_ids is None:

@@ -437,3 +437,30 @@ def test_cuda_ops_run_on_the_inputs_gpu_when_another_is_current():
     for a, b in zip(got_out + got_grads, want_out + want_grads):
         assert a.device == torch.device("cuda", 1)
         torch.testing.assert_close(a, b)
+
+
+def test_a_symbolic_batch_size_is_not_mistaken_for_a_shape_error():
+    """A forward compiled with dynamic=True, then compiled again (fullgraph) under no_grad, as a trainer's old-
+    policy pass does: the advantages' shape check compared a symbolic batch size by tuple membership and raised
+    'advantages must have shape (4,) or (4, 6), got shape (4,)' while tracing."""
+    import copy
+
+    B, T, H, V = 4, 6, 16, 64
+    gen = torch.Generator().manual_seed(0)
+
+    class Policy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lm_head = torch.nn.Embedding(V, H), torch.nn.Linear(H, V, bias=False)
+            self.loss = nk.NGRPOLoss()
+
+        def forward(self, ids, mask, old, adv):
+            return self.loss(self.emb(ids), self.lm_head.weight, ids, mask, old, advantages=adv)[0]
+
+    args = (torch.randint(0, V, (B, T), generator=gen), torch.ones(B, T), -torch.rand(B, T, generator=gen) - 2,
+            torch.randn(B, generator=gen))
+    model = Policy()
+    want = model(*args)
+    torch.testing.assert_close(torch.compile(copy.deepcopy(model), fullgraph=True, dynamic=True)(*args), want)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(copy.deepcopy(model), fullgraph=True)(*args), want.detach())

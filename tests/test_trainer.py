@@ -926,6 +926,20 @@ def test_the_stock_trl_trainer_runs_grpo_only(name, tmp_path):
             trainer_impl="trl")
 
 
+def test_cli_names_the_missing_train_extra(capsys, monkeypatch):
+    """ngrpo-train is installed with the package; without the [train] extra it says what to install (it died
+    with a ModuleNotFoundError from inside the trainer)."""
+    import importlib.util
+
+    from ngrpo_train.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    with pytest.raises(SystemExit):
+        main(["--max-steps", "1"])
+    assert 'needs trl: pip install --no-build-isolation "ngrpo-kernels[train]"' in capsys.readouterr().err
+
+
 def test_cli_refuses_non_positive_max_steps(capsys):
     from ngrpo_train.cli import main
 

@@ -1,5 +1,8 @@
 """Bad input raises a clear error naming the argument, its shape and dtype; nothing is silent."""
 
+import os
+import re
+
 import pytest
 import torch
 
@@ -678,3 +681,43 @@ def test_a_number_normaliser_outside_float32_is_refused(value):
     """The loss divides by the normaliser in float32: 1e39 would be inf there (and the loss NaN)."""
     with pytest.raises(ValueError, match="float32's range"):
         _loss(normalizer=value)
+
+
+def test_triton_interpret_is_read_when_the_package_is_imported():
+    """Triton reads TRITON_INTERPRET when a kernel is defined (ours on first use): a value set after
+    ``import ngrpo_kernels`` is not taken (it handed GPU code to the interpreter: "Cannot call @triton.jit'd
+    outside of the scope of a kernel"), and forcing Triton on CPU tensors without it says what to do (it
+    failed with triton's "0 active drivers")."""
+    import subprocess
+    import sys
+
+    script = """
+import os, torch, ngrpo_kernels as nk
+h, w, t = torch.randn(2, 3, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 3))
+os.environ["TRITON_INTERPRET"] = "1"
+assert nk.selected_backend("cpu").value != "triton"
+nk.fused_linear_logprobs(h, w, t)
+try:
+    with nk.use_backend("triton"):
+        nk.fused_linear_logprobs(h, w, t)
+except RuntimeError as err:
+    assert "TRITON_INTERPRET=1" in str(err) and "before" in str(err), err
+    print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("option,value,words", [
+    ("epsilon_low", -1.0, "epsilon_low must lie in (0, 1)"), ("epsilon_high", 0.0, "epsilon_high must be > 0"),
+    ("beta", -1.0, "beta must be >= 0"), ("temperature", 0.0, "temperature must be > 0"),
+    ("clip_ratio_c", 1.0, "clip_ratio_c must be > 1"), ("workspace_bytes", 0, "workspace_bytes"),
+])
+def test_liger_adapter_checks_its_options_when_built(option, value, words):
+    """As NGRPOLoss does, not first in the forward (where beta=-1 was reported as a missing ref_per_token_logps)."""
+    from ngrpo_kernels.integrations.liger import LigerFusedLinearNGRPOLoss
+
+    with pytest.raises(ValueError, match=re.escape(words)):
+        LigerFusedLinearNGRPOLoss(**{option: value})
+    assert "eps_neg=0.16" in repr(LigerFusedLinearNGRPOLoss())

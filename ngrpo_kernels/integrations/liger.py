@@ -63,11 +63,24 @@ class LigerFusedLinearNGRPOLoss(nn.Module):
         # Liger's tuning knobs (the fused schedule needs none) and the SAPO / VESPO loss types' parameters.
         del compiled, use_ref_model, chunk_size, sapo_temperature_pos, sapo_temperature_neg
         del vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg
+        # options checked here, as NGRPOLoss checks them, not first at the forward
+        beta = check.finite_number("beta", beta)
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        if clip_ratio_c is not None and not check.finite_number("clip_ratio_c", clip_ratio_c) > 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1 (the dual-clip bound -c*A), got {clip_ratio_c!r}")
         self.beta, self.loss_type, self.max_completion_length = beta, loss_type, max_completion_length
         # Liger does not read tensor values back: neither does the drop-in by default
         self.validate = check.flag("validate", validate)
-        self.options = dict(eps_neg=epsilon_low, eps_pos=epsilon_high, temperature=temperature,
-                            entropy_coef=entropy_coef, clip_ratio_c=clip_ratio_c, workspace_bytes=workspace_bytes)
+        self.options = dict(eps_neg=check.open_unit("epsilon_low", epsilon_low),
+                            eps_pos=check.positive("epsilon_high", epsilon_high),
+                            temperature=check.positive("temperature", temperature),
+                            entropy_coef=check.finite_number("entropy_coef", entropy_coef), clip_ratio_c=clip_ratio_c,
+                            workspace_bytes=check.workspace("workspace_bytes", workspace_bytes))
+
+    def extra_repr(self) -> str:
+        return (f"loss_type={self.loss_type!r}, beta={self.beta}, "
+                + ", ".join(f"{k}={v}" for k, v in self.options.items() if v is not None))
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,

@@ -37,6 +37,16 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _need_train_extra(ap) -> None:
+    """The trainer's dependencies are the [train] extra: say so, not a ModuleNotFoundError from inside."""
+    import importlib.util
+
+    missing = [m for m in ("transformers", "trl", "accelerate", "datasets") if importlib.util.find_spec(m) is None]
+    if missing:
+        ap.error(f"ngrpo-train needs {', '.join(missing)}: pip install --no-build-isolation \"ngrpo-kernels[train]\" "
+                 "(or `make demo`, which sets everything up)")
+
+
 def main(argv=None) -> dict:
     ap = parser()
     args = ap.parse_args(argv)
@@ -48,6 +58,7 @@ def main(argv=None) -> dict:
         overrides["tokenizer"] = "model"
     p = dataclasses.replace(p, **overrides)
     output_dir = args.output_dir or f"outputs/{args.preset}-{args.algo}"
+    _need_train_extra(ap)
     from .train import run
 
     summary = run(p, algo(args.algo), args.algo, output_dir, seed=args.seed, resume=args.resume, quiet=args.quiet,
