@@ -46,6 +46,7 @@ class CMakeBuild(build_ext):
             # Nothing to install: an earlier build's library would ship in its place, and an editable install
             # would try to copy the missing one into the source tree (and fail).
             target.unlink(missing_ok=True)
+            (ROOT / "ngrpo_kernels" / target.name).unlink(missing_ok=True)  # an in-place / editable build's copy
             self.extensions = [e for e in self.extensions if e is not ext]
 
 

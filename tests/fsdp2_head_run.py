@@ -59,7 +59,7 @@ def main(out):
         # the tensors it finds in the forward's output
         fully_shard(m, mesh=mesh, reshard_after_forward=layout.endswith("forward"))
         seen, whole = [], ngrpo_trl._whole
-        ngrpo_trl._whole = lambda param: (seen.append(type(param).__name__), whole(param))[1]
+        ngrpo_trl._whole = lambda param, *dtype: (seen.append(type(param).__name__), whole(param, *dtype))[1]
         try:
             loss(m, rank).backward()
         finally:

@@ -464,3 +464,20 @@ def test_a_symbolic_batch_size_is_not_mistaken_for_a_shape_error():
     torch.testing.assert_close(torch.compile(copy.deepcopy(model), fullgraph=True, dynamic=True)(*args), want)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(copy.deepcopy(model), fullgraph=True)(*args), want.detach())
+
+    # the Liger adapter's per-token vllm_is_ratio, checked the same way
+    from ngrpo_kernels.integrations.liger import LigerFusedLinearNGRPOLoss
+
+    liger = LigerFusedLinearNGRPOLoss()
+    ids, mask, old, adv = args
+    hidden, ratio = model.emb(ids).detach(), torch.ones(B, T)
+
+    def liger_loss(h):
+        return liger(h.reshape(B * T, H), model.lm_head.weight, ids, mask, adv, old_per_token_logps=old,
+                     vllm_is_ratio=ratio)[0]
+
+    want = liger_loss(hidden)
+    torch.testing.assert_close(torch.compile(liger_loss, fullgraph=True, dynamic=True)(hidden), want)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(liger_loss, fullgraph=True)(hidden), want.detach())

@@ -252,15 +252,15 @@ def test_fused_head_refuses_logits_it_cannot_form(model_kind):
         "gemma2 (soft cap)": (tr.Gemma2ForCausalLM, tr.Gemma2Config(**small, head_dim=8, final_logit_softcapping=2.0),
                               "final_logit_softcapping"),
     }[model_kind]
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(ValueError, match=words):  # refused before verl patches the class (its forward stays)
         plugin.patch_forward_with_backends(cls(config), use_fused_kernels=True, fused_kernels_backend="ngrpo")
-    plugin.patch_forward_with_backends(cls(config), use_fused_kernels=True, fused_kernels_backend="torch")  # verl's
 
 
 def test_fused_head_takes_a_head_sharded_by_fsdp2(tmp_path):
     """verl's FSDP2 shards an untied lm_head as its own unit, whose forward (which would gather it) the fused
     forward never calls: the head reads it as a DTensor (verl's torch head: 'mixed torch.Tensor and DTensor').
-    One gloo process here: log-probs, entropy and the head's gradient as from the plain weight."""
+    One gloo process here (the averaging over ranks is the TRL integration's, tested with two in
+    fsdp2_head_run.py): log-probs, entropy and the head's gradient as from the plain weight."""
     import subprocess
     import sys
     import textwrap
@@ -287,6 +287,15 @@ def test_fused_head_takes_a_head_sharded_by_fsdp2(tmp_path):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
         torch.testing.assert_close(head.weight.grad.full_tensor(), plain.weight.grad)
+        # bf16 hidden states: the float32 master shard is gathered, then computed in bf16 (as FSDP2's
+        # mixed precision would for the head's own forward), not as an exact float32 GEMM
+        seen = []
+        real = plugin.fused_linear_logprobs
+        plugin.fused_linear_logprobs = lambda x, w, *a, **k: (seen.append(w.dtype), real(x, w, *a, **k))[1]
+        got = fused(h.bfloat16(), head.weight, ids)
+        plugin.fused_linear_logprobs = real
+        assert seen == [torch.bfloat16] and got[0].dtype == torch.float32
+        torch.testing.assert_close(got[0], fused(h.bfloat16(), plain.weight.bfloat16(), ids)[0])
         dist.destroy_process_group()
         print("ok")
     """))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 def logit_scale(config) -> float:
     """The factor the model's head multiplies its logits by, folded into the temperature the kernels divide
@@ -24,16 +26,24 @@ def logit_scale(config) -> float:
     return scale
 
 
-def whole(param):
+def whole(param, compute_dtype: torch.dtype | None = None):
     """A parameter as one plain tensor. FSDP2 leaves the head sharded (a DTensor) when it is its own unit, since
     its forward, which would unshard it, is never called: gather it. Each rank's gradient of the whole tensor
     is its own tokens' part, so it goes back as a partial to be averaged (reduce-scattered) over the mesh, as
     FSDP2 averages every other gradient by default; a plain ``full_tensor()`` would treat it as identical on
     every rank and keep each rank's unreduced rows. (Mesh dimensions along which the ranks see the same
     tokens, as with tensor parallelism, average identical parts: unchanged.) A custom
-    ``set_gradient_divide_factor`` is not seen here: the head's gradient stays the mean."""
+    ``set_gradient_divide_factor`` is not seen here: the head's gradient stays the mean.
+
+    ``compute_dtype`` (the hidden states' half dtype): what a gathered head is cast to. The shard is FSDP2's
+    float32 master weight, which its mixed-precision policy would have cast for the forward; kept in float32
+    the head GEMMs ran as exact float32 ones. It is cast after the gather, so that the gradient is averaged in
+    float32 (verl's reduce_dtype) and only then rounded into the float32 master's shard."""
     if not hasattr(param, "full_tensor"):
         return param
     from torch.distributed.tensor import Partial
 
-    return param.full_tensor(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
+    full = param.full_tensor(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
+    if compute_dtype in (torch.bfloat16, torch.float16) and full.dtype != compute_dtype:
+        full = full.to(compute_dtype)
+    return full

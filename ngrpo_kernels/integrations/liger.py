@@ -29,7 +29,8 @@ def _is_ratio(ratio: torch.Tensor, B: int, T: int) -> torch.Tensor:
     loss's ``rollout_is_weights`` takes them ((B, 1) or (B, T)); refused under Liger's argument name otherwise."""
     if ratio.dim() == 1 and ratio.shape[0] == B:
         ratio = ratio[:, None]  # a (B,) tensor would otherwise broadcast along the tokens
-    if ratio.dim() != 2 or ratio.shape[0] != B or ratio.shape[1] not in (1, T):
+    # (== each: tuple membership misjudges a symbolic size under torch.compile)
+    if ratio.dim() != 2 or ratio.shape[0] != B or not (ratio.shape[1] == 1 or ratio.shape[1] == T):
         raise ValueError(f"vllm_is_ratio must have shape ({B},), ({B}, 1) or ({B}, {T}); got {tuple(ratio.shape)}")
     return ratio
 

@@ -271,7 +271,7 @@ def _add_ngrpo_head(model, temperature: float) -> None:
         hidden = getattr(self, backbone)(*args, **kwargs).last_hidden_state
         K = targets.shape[1]
         hidden = hidden[:, -K - 1:-1]  # position t predicts token t + 1
-        weight, bias = _head(self)
+        weight, bias = _head(self, hidden.dtype)
         hidden = hidden.to(device=weight.device, dtype=weight.dtype)
         # ZeRO-3: gather the partitioned head for the forward; the gradients of a DeepSpeed parameter are
         # formed right here, in the forward (the loss recognises a DeepSpeed parameter), so nothing needs the
@@ -306,10 +306,12 @@ def _unwrapped(model):
     return model
 
 
-def _head(model):
+def _head(model, compute_dtype=None):
+    """The head's weight and bias as plain tensors (``_heads.whole``: an FSDP2-sharded head gathered, in the
+    hidden states' half dtype)."""
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
-    return _whole(weight), None if bias is None else _whole(bias)
+    return _whole(weight, compute_dtype), None if bias is None else _whole(bias, compute_dtype)
 
 
 def _token_logprobs(model, backbone, temperature, *args, labels, fused_lm_head=True, num_items_in_batch=None,
@@ -319,7 +321,7 @@ def _token_logprobs(model, backbone, temperature, *args, labels, fused_lm_head=T
     kwargs["use_cache"] = False
     hidden = getattr(model, backbone)(*args, **kwargs).last_hidden_state[:, :-1]
     targets = labels[:, 1:]
-    weight, bias = _head(model)
+    weight, bias = _head(model, hidden.dtype)
     with maybe_gather_lm_head_ctx(*(p for p in (weight, bias) if p is not None)):
         log_probs, entropy = fused_linear_logprobs(hidden.to(device=weight.device, dtype=weight.dtype), weight,
                                                    targets.to(weight.device), bias=bias, temperature=temperature,

@@ -144,7 +144,7 @@ class NGRPOFusedLinearForPPO(_VerlFusedLinearForPPO):
             return super().forward(hidden_states, vocab_weights, input_ids, temperature)
         # FSDP2 shards an untied head as its own unit, whose forward (which would gather it) verl's fused
         # forward never calls: gathered here, its gradient averaged over the ranks as FSDP2 averages the others
-        vocab_weights = whole(vocab_weights)
+        vocab_weights = whole(vocab_weights, compute_dtype=hidden_states.dtype)
         if hidden_states.dtype != vocab_weights.dtype:  # autocast regions may hand fp32 states to a bf16 head
             hidden_states = hidden_states.to(vocab_weights.dtype)
         # validate=False: the labels are token ids the model read (always in range) and this is the hot path;
