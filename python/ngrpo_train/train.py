@@ -211,14 +211,14 @@ def _changed(before: dict, now: dict) -> list[str]:
     other than ``max_steps`` (a run may be extended), TRL's micro-batching (it follows from the preset, compared,
     and the process count: a run may resume on another number of GPUs) and those the earlier record does not
     hold (older versions)."""
-    free = {"max_steps", "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "steps_per_generation"}
+    derived = {"output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation"}
     out = []
     for part, value in now.items():
         if isinstance(value, dict):
             old = before.get(part) or {}
+            skip = {"max_steps"} | (derived if part == "trl_args" else set())
             out += [f"{part}.{k} {old[k]!r} -> {value[k]!r}" for k in value
-                    if not (part == "trl_args" and k in free) and k != "max_steps" and k in old and old[k] != value[k]]
+                    if k not in skip and k in old and old[k] != value[k]]
         elif part in before and before[part] != value:
             out.append(f"{part} {before[part]!r} -> {value!r}")
     return sorted(out)
