@@ -20,12 +20,12 @@ included). Floors, timed in the same process on the same inputs:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -425,7 +425,22 @@ def main() -> int:
         print(f"[{time.time() - t_start:6.1f}s] {op} {impl} N={N}: {ms:.2f} ms = {ms / floor_ms:.3f}x floor"
               + ("" if peak is None else f", peak {peak:.2f} GiB"), flush=True)
 
-    if args.check:
+    def save() -> None:  # after every section: a run cut off later keeps what it measured
+        (out_dir / "head.json").write_text(json.dumps(results, indent=1))
+        (out_dir / "head.md").write_text("\n".join(md) + "\n")
+
+    def section(title: str, fn) -> None:
+        """One part of the run; an error in it is written down (head.md, head.json) and the next part runs."""
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 -- a GPU run is too scarce to lose the other sections to one
+            results.setdefault("section_errors", []).append(f"{title}: {type(err).__name__}: {err}")
+            md.append(f"\n**{title} failed**: `{type(err).__name__}: {str(err)[:300]}`\n")
+            print(traceback.format_exc(), flush=True)
+            empty_cache()
+        save()
+
+    def checks() -> None:
         md.append("\n### Correctness against float64 on this GPU (N = 2048)\n")
         results["check"] = check(md)
         failures = check_failures(results["check"])
@@ -437,6 +452,38 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     pkgs = [("ngrpo (this tree)", nk)] + ([("ngrpo baseline", base)] if base is not None else [])
 
+    def timed(op, title, unit, op_sizes, n_gemms, floor_name, factory) -> None:
+        rows = []
+        try:
+            for N in op_sizes:
+                x = make_inputs(N)
+                fns = {floor_name: gemm_floor(x, n_gemms)}
+                fns.update({name: factory(pkg, x) for name, pkg in pkgs})
+                if op != "logprobs_no_grad":  # the passes that store logits: TMA stores against pointer stores
+                    ptr_store = replace(configs.config_for("logits", DT, torch.device(DEV)), tma_store=False)
+                    fns[f"{pkgs[0][0]}, logits stored by pointer stores"] = with_config("logits", ptr_store,
+                                                                                       factory(nk, x))
+                padded = op == "fused_loss" and N == op_sizes[len(op_sizes) // 2]
+                if padded:
+                    xp = make_inputs(N, padded=True)
+                    frac = 1 - xp["mask"].float().mean().item()
+                    fns.update({f"{name}, {frac:.0%} padding": factory(pkg, xp) for name, pkg in pkgs})
+                    xz = dict(xp, adv=xp["adv"].clone())
+                    xz["adv"][::2] = 0.0  # half the sequences from all-correct groups (NGRPO advantage 0)
+                    fns[f"{pkgs[0][0]}, {frac:.0%} padding, half the sequences A=0, skip_zero_advantage"] = \
+                        fused_loss(nk, xz, skip_zero_advantage=True)
+                ms = compare(fns, args.reps)
+                floor = ms[floor_name]
+                for name, fn in fns.items():
+                    pk = None if name == floor_name else peak_gib(fn)
+                    record(op, name, N, ms[name], floor, pk)
+                    rows.append(row(f"{name}, N={N}", ms[name], floor, pk))
+                del x, fns
+                empty_cache()
+        finally:  # the sizes timed before an error or a cut-off still make their table
+            md.extend(table(title, ["impl", "ms", unit, "peak GiB"], rows))
+            print("\n".join(md[-len(rows) - 3:]), flush=True)
+
     sections = [
         ("logprobs_no_grad", "No-grad log-probs (old / reference policy pass)", "x one GEMM", sizes, 1,
          "cuBLAS x @ W.T", logprobs_no_grad),
@@ -445,54 +492,35 @@ def main() -> int:
         ("fused_loss", "Fused NGRPO loss, forward + backward", "x 3-GEMM floor",
          [int(s) for s in args.loss_sizes.split(",") if s], 3, "3 cuBLAS GEMMs (6NHV)", fused_loss),
     ]
-    for op, title, unit, op_sizes, n_gemms, floor_name, factory in sections:
-        rows = []
-        for N in op_sizes:
-            x = make_inputs(N)
-            fns = {floor_name: gemm_floor(x, n_gemms)}
-            fns.update({name: factory(pkg, x) for name, pkg in pkgs})
-            if op != "logprobs_no_grad":  # the passes that store logits: TMA stores against pointer stores
-                ptr_store = replace(configs.config_for("logits", DT, torch.device(DEV)), tma_store=False)
-                fns[f"{pkgs[0][0]}, logits stored by pointer stores"] = with_config("logits", ptr_store,
-                                                                                   factory(nk, x))
-            padded = op == "fused_loss" and N == op_sizes[len(op_sizes) // 2]
-            if padded:
-                xp = make_inputs(N, padded=True)
-                frac = 1 - xp["mask"].float().mean().item()
-                fns.update({f"{name}, {frac:.0%} padding": factory(pkg, xp) for name, pkg in pkgs})
-                xz = dict(xp, adv=xp["adv"].clone())
-                xz["adv"][::2] = 0.0  # half the sequences from all-correct groups (NGRPO advantage 0)
-                fns[f"{pkgs[0][0]}, {frac:.0%} padding, half the sequences A=0, skip_zero_advantage"] = \
-                    fused_loss(nk, xz, skip_zero_advantage=True)
-            ms = compare(fns, args.reps)
-            floor = ms[floor_name]
-            for name, fn in fns.items():
-                pk = None if name == floor_name else peak_gib(fn)
-                record(op, name, N, ms[name], floor, pk)
-                rows.append(row(f"{name}, N={N}", ms[name], floor, pk))
-            del x, fns
-            empty_cache()
-        md += table(title, ["impl", "ms", unit, "peak GiB"], rows)
-        print("\n".join(md[-len(rows) - 3:]), flush=True)
 
-    if args.gemms:
-        md += gemms(args.reps, record)
-        print("\n".join(md[-20:]), flush=True)
+    def extend(part, lines: int):
+        def run() -> None:
+            md.extend(part())
+            print("\n".join(md[-lines:]), flush=True)
+        return run
 
-    if args.sweep:
-        md += sweep(args.reps, record)
-        print("\n".join(md[-22:]), flush=True)
-
-    if args.diagnose:
-        md += diagnose(args.reps, record, sizes)
-        print("\n".join(md[-16:]), flush=True)
-
-    if args.profile:
-        md += profile(out_dir)
-
-    (out_dir / "head.json").write_text(json.dumps(results, indent=1))
-    (out_dir / "head.md").write_text("\n".join(md) + "\n")
+    try:
+        if args.check:
+            section("the float64 checks", checks)
+        for spec in sections:
+            section(spec[1], lambda spec=spec: timed(*spec))
+        if args.gemms:
+            section("the GEMM table", extend(lambda: gemms(args.reps, record), 20))
+        if args.sweep:
+            section("the workspace sweep", extend(lambda: sweep(args.reps, record), 22))
+        if args.diagnose:
+            section("the diagnosis", extend(lambda: diagnose(args.reps, record, sizes), 16))
+        if args.profile:
+            section("the profiles", lambda: md.extend(profile(out_dir)))
+    except KeyboardInterrupt:  # gpu_suite.sh's step limit (SIGINT): keep what was measured, say where it stopped
+        md.append(f"\n**Cut off after {time.time() - t_start:.0f} s** (the step's time limit); the sections "
+                  "above are complete, the rest did not run.\n")
+        save()
+        return 130
+    save()
     print(f"\n[gpu_head done in {time.time() - t_start:.0f} s]")
+    if results.get("section_errors"):
+        return 2
     return 1 if results.get("check_failures") else 0  # timed all the same: a failure's figures are evidence too
 
 
@@ -751,10 +779,9 @@ def profile(out_dir: Path) -> list[str]:
             sync()
         text = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=12)
         lines += [f"\n### Per-kernel profile: {name}, N = {N} (torch.profiler)\n", "```", text, "```"]
-        print(lines[-4], text, sep="\n", flush=True)  # also in the log: head.md is written at the end
+        print(lines[-4], text, sep="\n", flush=True)  # also in the log, as the section goes
     return lines
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())
+    sys.exit(main())

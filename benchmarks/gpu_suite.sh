@@ -12,11 +12,14 @@
 #
 #   benchmarks/gpu_suite.sh OUTDIR [--no-peers] [--no-tests]
 #
-# It writes more files than the device tool brings back (8): write them elsewhere and pack them, under an
-# outer timeout so that the packing runs even if the steps' own limits (240 + 200 + 150 + 90 s) add up
-# past the device tool's 600 s a call. The outer timeout must stay under the call's own limit (timeout_s
-# 600 here), or the tool kills the packing too:
-#   timeout 540 bash benchmarks/gpu_suite.sh /tmp/s; tar czf $OUT/suite.tgz -C /tmp s; sed -n '/^###/,$p' /tmp/s/head.md
+# It writes more files than the device tool brings back (8): write them elsewhere and pack them. The suite
+# keeps to a deadline of its own (SUITE_SECONDS, default 520 s from its start): each step gets at most its
+# own limit (240, 200, 150, 90 s) and never more than the time left, less 15 s for the summaries, and is
+# stopped by SIGINT, on which gpu_head.py and pytest-benchmark write what they measured (SIGKILL 20 s later).
+# A step with under 30 s left is skipped and says so. The outer timeout is a safety net only; it must stay
+# under the call's own limit (timeout_s 600 here), or the tool kills the packing too. The last command
+# prints head.md's tables without its long profiles (the tool shows only the last 12,000 characters):
+#   timeout 575 bash benchmarks/gpu_suite.sh /tmp/s; tar czf $OUT/suite.tgz -C /tmp s; sed -n '/^###/,/^### Host profile/p' /tmp/s/head.md | head -c 11000
 #
 # The GPU image has torch, triton, transformers, accelerate, pandas, pytest, pytest-xdist and pytest-benchmark,
 # but no peer: carry them as wheels (downloaded here, .whl/ is git-ignored) and name .whl in the device tool's
@@ -29,8 +32,18 @@
 # A copy of an earlier ngrpo_kernels renamed ngrpo_base in .baseline/ (carried too) is timed beside
 # this tree for before/after tables:
 #   mkdir -p .baseline && git archive REV ngrpo_kernels | tar -x -C .baseline && mv .baseline/ngrpo_kernels .baseline/ngrpo_base
-# Each step is cut off by `timeout`, never the call.
 set -uo pipefail
+DEADLINE=${SUITE_SECONDS:-520}
+# limit CAP: the seconds a step may run, at most CAP and the time left less 15 s; 0 (skip) under 30 s.
+limit() { local left=$((DEADLINE - SECONDS - 15)); [ "$left" -lt 30 ] && echo 0 && return; echo $((left < $1 ? left : $1)); }
+step() {  # step NAME CAP COMMAND...: runs COMMAND under its limit, SIGINT first; says when it was skipped
+  local name=$1 t; t=$(limit "$2"); shift 2
+  if [ "$t" = 0 ]; then echo "$name: skipped, the suite's ${DEADLINE} s deadline is near" | tee -a "$OUT/machine.txt"; return 124; fi
+  # SIGINT as the default action in the step: a shell that starts the suite in the background passes it on
+  # ignored, and Python would then never raise KeyboardInterrupt (nor pytest write its JSON)
+  timeout -s INT -k 20 "$t" python -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL)
+os.execvp(sys.argv[1], sys.argv[1:])' "$@"
+}
 OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [--no-peers] [--no-tests]}
 PEERS=1
 TESTS=1
@@ -67,14 +80,14 @@ trap 'kill $SMI 2>/dev/null' EXIT
 #    CUDA graph / host), per-kernel profiles (~2-3 minutes).
 baseline=()
 [ -d .baseline/ngrpo_base ] && baseline=(--baseline ../.baseline)
-(cd benchmarks && timeout 240 python gpu_head.py --out "$OUT" --check --diagnose --profile "${baseline[@]}") \
+(cd benchmarks && step gpu_head 240 python gpu_head.py --out "$OUT" --check --diagnose --profile "${baseline[@]}") \
   >"$OUT/head.log" 2>&1
-echo "gpu_head exit code: $?" | tee -a "$OUT/machine.txt"
+echo "gpu_head exit code: $? (1: a float64 check failed, 2: a section failed, 130/124: cut off)" | tee -a "$OUT/machine.txt"
 sed -n '/^###/,$p' "$OUT/head.md" 2>/dev/null | sed '/Per-kernel profile/,$d'
 
 # 2. The kernel tests (the trainer's tests are CPU-only and need packages the GPU image lacks).
 if [ "$TESTS" = 1 ]; then
-  timeout 200 python -m pytest -q -ra -n 8 -p no:cacheprovider tests/test_advantages.py tests/test_policy_loss.py \
+  step "GPU tests" 200 python -m pytest -q -ra -n 8 -p no:cacheprovider tests/test_advantages.py tests/test_policy_loss.py \
     tests/test_validation.py tests/test_linear_logprobs.py tests/test_fused_loss.py tests/test_persistent_gemm.py \
     tests/test_compile.py tests/test_benchmark_peers.py \
     -k "cuda or persistent_gemm or either_dense or one_chunk" >"$OUT/gpu_tests.log" 2>&1
@@ -91,7 +104,7 @@ if [ "$PEERS" = 1 ]; then
   for spec in "bench_fused_loss 150" "bench_logprobs 90"; do
     set -- $spec
     echo "=== $1" >>"$LOG"
-    (cd benchmarks && BENCH_ROWS="$OUT/peers.jsonl" timeout "$2" python -m pytest -q "$1.py" \
+    (cd benchmarks && BENCH_ROWS="$OUT/peers.jsonl" step "$1" "$2" python -m pytest -q -rs "$1.py" \
       -k "N16384-H3584-V152064-bfloat16 and not padded" --benchmark-json="$OUT/$1.json") >>"$LOG" 2>&1
     echo "$1 exit code: $?" | tee -a "$OUT/machine.txt"
     [ -s "$OUT/$1.json" ] && json+=("$OUT/$1.json")

@@ -125,7 +125,9 @@ def main() -> None:
             f"included). Ours runs with `validate=False`, as the peers check nothing either (the default "
             f"`validate=True` adds one device sync and the value checks). In padded batches every peer with a "
             f"way to skip padding uses it (`h[mask]` for the PyTorch heads, TRL's and verl's; CCE's "
-            f"`ignore_index`); Liger's losses compute every position. Implementations that could not run on a "
+            f"`ignore_index`); Liger's losses compute every position. CCE runs with its defaults: its backward skips "
+            f"blocks of logits whose gradients are all below the dtype's eps / 32 (`filter_eps=\"high\"`), an "
+            f"approximation ours does not make. Implementations that could not run on a "
             f"machine are absent from its tables (not measured).\n\n"
             + tables(rows))
     Path(args.out).write_text(text)

@@ -24,6 +24,15 @@ def _env():
     return dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
 
 
+def _gpu_head():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_head
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return gpu_head
+
+
 def test_gpu_head_runs_every_section(tmp_path):
     out = tmp_path / "head"
     proc = subprocess.run(
@@ -47,11 +56,7 @@ def test_gpu_head_runs_every_section(tmp_path):
 
 def test_gpu_head_checks_can_fail():
     """--check's verdict (the exit code and head.md's line) names each bound a broken kernel breaks."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_head
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gpu_head = _gpu_head()
     fused = dict(finite=True, masked_dx_zero=True, loss_rel=1e-8, dx_rel=3e-3, dw_rel=3e-3, naive_bf16_dx_rel=2e-2,
                  naive_bf16_dw_rel=2e-2)
     lp = dict(finite=True, ignored_zero=True, lp_max_abs=2e-5, ent_max_abs=3e-5, dx_rel=2e-3, dw_rel=2e-3)
@@ -65,6 +70,34 @@ def test_gpu_head_checks_can_fail():
     res["fused_loss fp16"]["finite"] = False
     failures = gpu_head.check_failures(res)
     assert len(failures) == 3 and "dw rel 5.0e-01" in failures[0] and "fp16" in failures[2]
+
+
+@pytest.mark.parametrize("stop", [RuntimeError("a broken section"), KeyboardInterrupt()])
+def test_gpu_head_keeps_what_it_measured_when_a_section_fails_or_is_cut_off(tmp_path, monkeypatch, stop):
+    """A GPU run is too scarce to lose to one error: a section that raises is written down in head.md and the
+    others still run (exit code 2); the suite's step limit (SIGINT) ends the run with head.md written and says
+    where (exit code 130). head.md used to be written only at the very end."""
+    gpu_head = _gpu_head()
+    calls = []
+
+    def fail(*args, **kwargs):
+        calls.append(args)
+        raise stop
+
+    monkeypatch.setattr(gpu_head, "check", fail)
+    monkeypatch.setattr(gpu_head, "make_inputs", fail)
+    monkeypatch.setattr(sys, "argv", ["gpu_head.py", "--smoke", "--out", str(tmp_path), "--check"])
+    for name in ("H", "V", "DEV", "DT", "OUT_DIR"):  # --smoke rebinds the module's shape globals
+        monkeypatch.setattr(gpu_head, name, getattr(gpu_head, name))
+    code = gpu_head.main()
+    md = (tmp_path / "head.md").read_text()
+    if isinstance(stop, KeyboardInterrupt):
+        assert code == 130 and len(calls) == 1 and "**Cut off after" in md
+    else:
+        errors = json.loads((tmp_path / "head.json").read_text())["section_errors"]
+        assert code == 2 and len(calls) == 4 and len(errors) == 4  # the checks and the three timed sections
+        assert "**the float64 checks failed**: `RuntimeError: a broken section`" in md
+        assert "### Fused NGRPO loss, forward + backward" in md  # the last section still ran (and wrote its table)
 
 
 @pytest.mark.parametrize("script", ["gpu_suite.sh", "gpu_trainer.sh"])
