@@ -47,6 +47,8 @@ OPTIONS = {
     "rewards": dict(rewards=True, entropy_coef=0.001),
     "on_policy": dict(on_policy=True, entropy_coef=0.001),
     "per_token_adv": dict(per_token_adv=True, bias=True),
+    # the production head (no bias, as Qwen's) at a rollout temperature: the backends' bias-free loops
+    "temperature": dict(temperature=0.7, entropy_coef=0.01),
 }
 
 

@@ -271,14 +271,15 @@ def test_held_out_problems_are_matched_however_they_are_spaced(tmp_path):
     import pandas as pd
 
     train = [r"The parabola $y=x^2+bx+c$ passes through $(2,3)$. What is $c$?", r"If $f(6)-f(2)=12$. find $f(12)$",
-             r"Find $\left(1+2\right)^2$."]
+             r"Find $\left(1+2\right)^2$.", r"What is the value of $x$ in $2x=6$?"]
     test = [r"The parabola $y = x^2 + bx + c$ passes through $(2, 3)$.  What is $c$?", r"If $f(6) - f(2) = 12.$ find $f(12)$",
-            r"Find $(1+2)^2$.", r"The parabola $y = x^2 + bx + c$ passes through $(2, 4)$. What is $c$?"]
+            r"Find $(1+2)^2$.", r"The parabola $y = x^2 + bx + c$ passes through $(2, 4)$. What is $c$?",
+            r"what is the value of $X$ in $2X=6$?"]  # case too
     for name, questions in (("train", train), ("test", test)):
         pd.DataFrame({"problem": questions, "answer": ["\n11\n"] * len(questions)}).to_parquet(tmp_path / f"{name}.parquet")
     held = tasks.load_math_parquet(str(tmp_path / "test.parquet"))
     kept, dropped = tasks.without_seen(held, tasks.load_math_parquet(str(tmp_path / "train.parquet")))
-    assert dropped == 3 and [r["prompt"][0]["content"] for r in kept] == [test[3] + tasks.MATH_SUFFIX]
+    assert dropped == 4 and [r["prompt"][0]["content"] for r in kept] == [test[3] + tasks.MATH_SUFFIX]
     assert kept[0]["answer"] == "11"
 
 
@@ -411,6 +412,10 @@ def test_synthetic_splits_are_disjoint():
     assert all(tasks.split_of(a, b) == tasks.split_of(b, a) for a in range(100) for b in range(100))
     swapped = {"{1}+{0}=".format(*p[:-1].split("+")) for p in held}
     assert not (swapped & drawn["train"]) and not (swapped & drawn["warm"])
+    # the pair is hashed, not its sum: every split holds problems of most sums, so held-out accuracy
+    # measures the same skill as training, not other answers
+    for split, pairs in sets.items():
+        assert len({a + b for a, b in pairs}) >= 75, split  # of the 99 sums 0..98 (81-92; by the sum: 15-50)
 
 
 def test_preset_sizes_its_heldout_set():

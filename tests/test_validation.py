@@ -412,6 +412,36 @@ def test_a_banning_bias_on_half_inputs_gives_the_references_gradients(backend, d
         torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2 * e.abs().max().item())
 
 
+@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("V,banned", [(37, [(0, 8), (16, 30)]), (1100, [(3, 40), (1000, 1100)])])
+def test_a_banned_range_of_the_vocabulary_gives_the_references_outputs(backend, V, banned, device):
+    """Whole ranges of tokens banned with a -1e4 bias (a slice, the first part of a slice, the vocabulary's
+    last block of slices): the slices' maxima and the online log-sum-exp over blocks of slices then meet
+    maxima 1e4 apart, which a slice max taken from part of its slice, or a running max lost between blocks,
+    turns into inf / NaN. Log-probs, entropy, the fused loss and every gradient match the reference's."""
+    h, w, t, m, gen = _head_batch(device, seed=9, T=5, H=16, V=V)
+    bias = torch.zeros(V, device=device)
+    for lo, hi in banned:
+        bias[lo:hi] = -1e4
+    t = torch.where(bias[t] < 0, V - 200 if V > 1000 else 10, t)  # targets among the allowed tokens
+    old, adv = (-torch.rand(2, 5, generator=gen) - 2).to(device), torch.tensor([1.0, -0.5], device=device)
+
+    def run(name):
+        x, wt, b = h.clone().requires_grad_(), w.clone().requires_grad_(), bias.clone().requires_grad_()
+        with nk.use_backend(name):
+            loss, metrics = nk.fused_linear_ngrpo_loss(x, wt, t, m, old, advantages=adv, bias=b, temperature=0.7,
+                                                       entropy_coef=0.05)
+            loss.backward()
+            lp, ent = nk.fused_linear_logprobs(h, w, t, bias=bias, temperature=0.7, return_entropy=True)
+        return loss, metrics["entropy"], lp, ent, x.grad, wt.grad, b.grad
+
+    for name, g, e in zip(("loss", "entropy metric", "logprobs", "entropy", "dX", "dW", "db"), run(backend),
+                          run("reference")):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.float(), e.float(), rtol=1e-4, atol=1e-5 * max(1.0, e.abs().max().item()),
+                                   msg=lambda msg: f"{name}: {msg}")
+
+
 def test_a_bias_that_overflows_at_the_temperature_is_refused():
     """torch.finfo(float32).min is finite, but divided by a temperature below 1 it is -inf (NaN entropy terms)."""
     h, w, t, m, _ = _head_batch("cpu", seed=6)
