@@ -82,36 +82,38 @@ NGRPO_CLONES void row_softmax_stats(const float* z, const float* bias, int64_t V
   out[2] = u;
 }
 
-// Pass 2: dz_v = (-g_lp p_v - g_H p_v (log p_v + H)) * it, log p_v = zz_v - lse (zz_v - E_p[zz] = log p_v + H);
-// the caller writes the target's entry. dz may alias z (float32).
+// Pass 2: dz_v = (-g_lp p_v - g_H p_v (log p_v + H)) * it, log p_v = (zz_v - m) - log s (zz_v - E_p[zz] =
+// log p_v + H); the caller writes the target's entry. dz may alias z (float32). log p is taken relative to the
+// row max m, not as zz_v - lse: lse = m + log s carries an absolute error of ulp(m), which for a confident
+// token (1 - p of 1e-5 at logits ~20) became a relative error of tens of percent in its gradient.
 template <typename OutT>
-inline void row_grad_impl(const float* z, const float* bias, OutT* dz, int64_t V, float it, float lse, float H,
-                          float g_lp, float g_H) {
+inline void row_grad_impl(const float* z, const float* bias, OutT* dz, int64_t V, float it, float m, float log_s,
+                          float H, float g_lp, float g_H) {
   if (bias) {
     #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
-      const float lp = (z[v] + bias[v]) * it - lse;
+      const float lp = ((z[v] + bias[v]) * it - m) - log_s;
       const float p = std::exp(lp);
       dz[v] = cast_out<OutT>((-g_lp * p - g_H * p * (lp + H)) * it);
     }
   } else {
     #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
-      const float lp = z[v] * it - lse;
+      const float lp = (z[v] * it - m) - log_s;
       const float p = std::exp(lp);
       dz[v] = cast_out<OutT>((-g_lp * p - g_H * p * (lp + H)) * it);
     }
   }
 }
 
-NGRPO_CLONES void row_grad(const float* z, const float* bias, float* dz, int64_t V, float it, float lse,
+NGRPO_CLONES void row_grad(const float* z, const float* bias, float* dz, int64_t V, float it, float m, float log_s,
                            float H, float g_lp, float g_H) {
-  row_grad_impl(z, bias, dz, V, it, lse, H, g_lp, g_H);
+  row_grad_impl(z, bias, dz, V, it, m, log_s, H, g_lp, g_H);
 }
 
-NGRPO_CLONES void row_grad(const float* z, const float* bias, at::BFloat16* dz, int64_t V, float it, float lse,
-                           float H, float g_lp, float g_H) {
-  row_grad_impl(z, bias, dz, V, it, lse, H, g_lp, g_H);
+NGRPO_CLONES void row_grad(const float* z, const float* bias, at::BFloat16* dz, int64_t V, float it, float m,
+                           float log_s, float H, float g_lp, float g_H) {
+  row_grad_impl(z, bias, dz, V, it, m, log_s, H, g_lp, g_H);
 }
 
 // One row: z (raw logits, V floats) -> statistics and, when asked, dz (V values of OutT, may alias z).
@@ -130,7 +132,7 @@ void one_row(const float* z, OutT* dz, const float* bias, int64_t V, int64_t tar
                   (!o.has_ref || finite(ref_lp)) && (!o.has_isw || finite(isw));
   // Rounding can leave log(sum) - E_p[zz - max] a hair below 0 for a near one-hot softmax: entropy is >= 0.
   const float H = finite(lse) && finite(mean_d) ? std::max(log_s - mean_d, 0.0f) : kNaN;
-  const float lp = ok ? zt - lse : kNaN;
+  const float lp = ok ? (zt - msu[0]) - log_s : kNaN;  // relative to the max, as in row_grad
   const float old = o.on_policy ? lp : old_lp;
 
   // The per-token loss (SPEC §3), same branch rules as the Triton and PyTorch paths. A = 0 gives 0 even where
@@ -178,11 +180,11 @@ void one_row(const float* z, OutT* dz, const float* bias, int64_t V, int64_t tar
   if (!o.need_grad) return;
   // On policy (old = logp, ratio == 1 exactly) the ratio's own dependence on logp is what dloss holds.
   const float g_lp = w * dloss, g_H = -o.entropy_coef * w;
-  row_grad(z, bias, dz, V, it, lse, H, g_lp, g_H);
+  row_grad(z, bias, dz, V, it, msu[0], log_s, H, g_lp, g_H);
   // The target's entry in float32 from zt (z itself may be overwritten by now), rounded once: g_lp (1 - p_t)
   // for a confident token is far below the rounding error of a bf16 -g_lp p_t.
   if (target_ok) {
-    const float lp_t = zt - lse, p_t = std::exp(lp_t);
+    const float lp_t = (zt - msu[0]) - log_s, p_t = std::exp(lp_t);
     dz[target] = cast_out<OutT>((g_lp * (1.f - p_t) - g_H * p_t * (lp_t + H)) * it);
   }
 }

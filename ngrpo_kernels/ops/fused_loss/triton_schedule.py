@@ -37,7 +37,7 @@ from ..policy_loss.triton_impl import stat_constexprs, store_stat_sums, token_lo
 @triton.jit
 def _token_kernel(
     XC, W, BIAS, COUNT, M_PART, S_PART, U_PART, TGT, W_TOK, ADV, OLD, REF, ISW,
-    LSE_OUT, H_OUT, G_LP, G_H, STATS,
+    M_OUT, LOG_S_OUT, H_OUT, G_LP, G_H, STATS,
     n, H, V, row0, ld_part, n_slices, inv_temp, eps_neg, eps_pos, clip_c, beta, entropy_coef,
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_ISW: tl.constexpr, DUAL_CLIP: tl.constexpr,
     ON_POLICY: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -50,10 +50,10 @@ def _token_kernel(
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < row_limit(COUNT, row0, n)
     tok = row0 + rows
-    lse, ent = combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, True, BLOCK_R, BLOCK_T)
+    m, log_s, ent = combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, True, BLOCK_R, BLOCK_T)
     tgt = tl.load(TGT + tok, mask=row_ok, other=0)
     zt = target_logit(XC, W, BIAS, tgt, rows, row_ok, H, V, inv_temp, HAS_BIAS, BLOCK_R, BLOCK_H)
-    lp = tl.where(row_ok, zt - lse, 0.0)
+    lp = tl.where(row_ok, (zt - m) - log_s, 0.0)  # relative to the max, as dZ's log p (triton_rows)
     A = tl.load(ADV + tok, mask=row_ok, other=0.0)
     w = tl.load(W_TOK + tok, mask=row_ok, other=0.0)
     if ON_POLICY:
@@ -69,7 +69,8 @@ def _token_kernel(
     loss, dloss, clipped, dual, k3 = token_loss(lp, old, A, row_ok, ref, ent, isw, eps_neg, eps_pos, clip_c, beta,
                                                 entropy_coef, HAS_REF, True, HAS_ISW, DUAL_CLIP)
     in_chunk = rows < n
-    tl.store(LSE_OUT + rows, lse, mask=in_chunk)
+    tl.store(M_OUT + rows, m, mask=in_chunk)
+    tl.store(LOG_S_OUT + rows, log_s, mask=in_chunk)
     tl.store(H_OUT + rows, ent, mask=in_chunk)
     tl.store(G_LP + rows, w * dloss, mask=in_chunk)
     tl.store(G_H + rows, -entropy_coef * w, mask=in_chunk)
@@ -96,7 +97,7 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
     dev = x.device
     slices = pg.num_vocab_tiles(sch.V, x.dtype, dev)
     parts = torch.empty(3, slices, sch.chunk, dtype=torch.float32, device=dev)
-    rows_out = torch.empty(4, sch.chunk, dtype=torch.float32, device=dev)  # lse, H, g_lp, g_H
+    rows_out = torch.empty(5, sch.chunk, dtype=torch.float32, device=dev)  # max, log s, H, g_lp, g_H
     br = block_rows(dev)
     n_prog = cdiv(sch.chunk, br)
     stats = None  # the chunks' sums (N >= 1 is validated)
@@ -114,12 +115,12 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
             per_token = [None if inputs[k] is None else inputs[k].index_select(0, sch.order)
                          for k in ("target", "w", "adv", "old", "ref", "isw")]
             tgt_c, w_c, adv_c, old_c, ref_c, isw_c = per_token
-        lse, h, g_lp, g_h = (t[:n] for t in rows_out)
+        m_row, log_s, h, g_lp, g_h = (t[:n] for t in rows_out)
         grid = cdiv(n, br)
         _token_kernel[(grid,)](
             xc, weight, xc if bias is None else bias, sch.count, *p, tgt_c, w_c, adv_c,
             w_c if on_policy else old_c, w_c if ref_c is None else ref_c, w_c if isw_c is None else isw_c,
-            lse, h, g_lp, g_h, chunk_stats,
+            m_row, log_s, h, g_lp, g_h, chunk_stats,
             n, x.shape[1], sch.V, row0, p[0].stride(0), slices, inv_temp, row_options["eps_neg"],
             row_options["eps_pos"], float(clip_c or 0.0), row_options["beta"], row_options["entropy_coef"],
             HAS_BIAS=bias is not None, HAS_REF=ref_c is not None, HAS_ISW=isw_c is not None,
@@ -131,8 +132,9 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
         if need_grad:
             g_h = g_h if row_options["entropy_coef"] != 0 else None
             scale = scale_fp16_grads(x.dtype, g_lp, g_h)  # fp16: dZ kept inside its range, chunk by chunk
-            dz = dlogits_(z, count=sch.count, row0=row0, inv_temp=inv_temp, lse=lse, g_lp=g_lp,
-                          targets=tgt_c[row0:row0 + n], h=h, g_h=g_h, m_part=p[0], zero_tail=sch.zero_tail,
+            dz = dlogits_(z, count=sch.count, row0=row0, inv_temp=inv_temp, g_lp=g_lp,
+                          targets=tgt_c[row0:row0 + n], h=h, g_h=g_h, m_part=p[0], m_row=m_row, log_s=log_s,
+                          zero_tail=sch.zero_tail,
                           out_dtype=x.dtype)
             if sch.deferred:  # the only chunk: dZ and the gathered rows wait for the upstream gradient
                 deferred.append(sch.defer(dz, xc, scale))

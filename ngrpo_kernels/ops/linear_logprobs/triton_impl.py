@@ -81,7 +81,7 @@ def backward(x, weight, bias, targets, lse, entropy, g_lp, g_ent, *, inv_temp, i
                   out=z)
         g_lp_r, g_ent_r = g_lp_c[rows], None if g_ent_c is None else g_ent_c[rows]
         scale = scale_fp16_grads(x.dtype, g_lp_r, g_ent_r)
-        dz = dlogits_(z, count=schedule.count, row0=row0, inv_temp=inv_temp, lse=lse_c[rows], g_lp=g_lp_r,
+        dz = dlogits_(z, count=schedule.count, row0=row0, inv_temp=inv_temp, g_lp=g_lp_r,
                       targets=targets_c[rows], h=None if h_c is None else h_c[rows], g_h=g_ent_r,
                       zero_tail=schedule.zero_tail, out_dtype=x.dtype)
         schedule.backprop(dz, row0, xc, scale=scale)

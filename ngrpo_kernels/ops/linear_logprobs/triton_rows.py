@@ -4,7 +4,8 @@ chunk starting at ``row0`` exists only while ``row0 + r < count`` (a device scal
 are neither read nor computed.
 
 - ``combine_partials`` (helper): per row, the GEMM epilogue's per-slice max / sum-exp / exp-weighted
-  sum become the logsumexp and the entropy, online over the slices (float32 throughout).
+  sum become the row max m, log s (logsumexp = m + log s) and the entropy, online over the slices
+  (float32 throughout).
 - ``target_logit`` (helper): ``z[target] = (x . W[target] + b[target]) / T`` as a float32 dot
   product, one weight row per token (H * 2 bytes), cheaper than comparing every logit of the tile
   with the target in the GEMM epilogue.
@@ -13,7 +14,10 @@ are neither read nor computed.
 - ``_dlogits_kernel``: in place over the logits workspace, ``dZ = (g_lp (onehot - p) - g_H p (z - E_p z)) / T``
   from the stored shifted logits, one read and one write of 2 bytes per logit for half inputs.
   The stored value plus a per-row (and, for slice-shifted logits, per-slice) offset is log p, so
-  ``p = exp(stored + offset)`` and ``z - E_p z = log p + H``.
+  ``p = exp(stored + offset)`` and ``z - E_p z = log p + H``. The slice-shifted offset is
+  ``(m_slice - m) - log s``, never ``m_slice - lse``: lse = m + log s carries an absolute error of
+  ulp(m), which for a confident token (1 - p = 1e-5 at logits ~20) is a relative error of tens of
+  percent in its gradient g (1 - p).
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ INTERPRETER_BLOCK_ROWS = 8
 @triton.jit
 def combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, ENTROPY: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
-    """(logsumexp, entropy) of each row from its per-slice partials, online over the slices (rows not ok:
-    (0, 0); without ENTROPY the entropy is 0). A slice's partials are m_t, s_t = sum exp(z - m_t) and
+    """(m, log s, entropy) of each row from its per-slice partials, online over the slices: the row max, the log
+    of s = sum exp(z - m) (logsumexp = m + log s, kept apart for the precision of log p near 0), and the entropy
+    (rows not ok: (0, 0, 0); without ENTROPY the entropy is 0). A slice's partials are m_t, s_t = sum exp(z - m_t) and
     u_t = sum exp(z - m_t) (z - m_t); with the running max m, u = sum exp(z - m) (z - m) and
     H = log s - u / s = -E_p[log p]: every term is relative to a max, so no large numbers cancel."""
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -59,12 +64,11 @@ def combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, EN
         m = m_new
     s = tl.where(row_ok, s, 1.0)
     log_s = tl.log(s)
-    lse = tl.where(row_ok, m, 0.0) + log_s
     ent = tl.zeros([BLOCK_R], dtype=tl.float32)
     if ENTROPY:
         # Rounding can leave it a hair below 0 for a near one-hot softmax: entropy is >= 0; NaN stays NaN.
         ent = tl.where(row_ok, tl.maximum(log_s - u / s, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
-    return lse, ent
+    return tl.where(row_ok, m, 0.0), log_s, ent
 
 
 @triton.jit
@@ -97,25 +101,27 @@ def _logprobs_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_chunk = rows < n
     row_ok = rows < row_limit(COUNT, row0, n)
-    lse, ent = combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, ENTROPY, BLOCK_R, BLOCK_T)
+    m, log_s, ent = combine_partials(M_PART, S_PART, U_PART, ld_part, n_slices, rows, row_ok, ENTROPY, BLOCK_R,
+                                     BLOCK_T)
     tgt = tl.load(TGT_C + row0 + rows, mask=row_ok, other=0)
     zt = target_logit(XC, W, BIAS, tgt, rows, row_ok, H, V, inv_temp, HAS_BIAS, BLOCK_R, BLOCK_H)
     dest = tl.load(ORDER + row0 + rows, mask=in_chunk, other=0)
-    tl.store(LP + dest, tl.where(row_ok, zt - lse, 0.0), mask=in_chunk)
-    tl.store(LSE + dest, tl.where(row_ok, lse, 0.0), mask=in_chunk)
+    tl.store(LP + dest, tl.where(row_ok, (zt - m) - log_s, 0.0), mask=in_chunk)
+    tl.store(LSE + dest, tl.where(row_ok, m + log_s, 0.0), mask=in_chunk)
     if ENTROPY:
         tl.store(ENT + dest, ent, mask=in_chunk)
 
 
 @triton.jit
 def _dlogits_kernel(
-    Z, DZ, M_PART, LSE, H_ROW, G_LP, G_H, TGT, COUNT,
+    Z, DZ, M_PART, M_ROW, LOG_S, H_ROW, G_LP, G_H, TGT, COUNT,
     n, V, ldz, ld_part, row0, inv_temp,
     SLICE_SHIFT: tl.constexpr, HAS_G_H: tl.constexpr, ZERO_TAIL: tl.constexpr,
     BLOCK_R: tl.constexpr, SLICE: tl.constexpr,
 ):
     """Grid (cdiv(n, BLOCK_R), cdiv(V, SLICE)); per-row vectors are chunk-local [n]. DZ is Z's memory
-    (each element is read, then overwritten by the same thread), viewed in the gradient's dtype."""
+    (each element is read, then overwritten by the same thread), viewed in the gradient's dtype. M_ROW and LOG_S
+    (the row max and log s) are read only for slice-shifted logits."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     pid_v = tl.program_id(1)
     cols = pid_v * SLICE + tl.arange(0, SLICE)
@@ -124,9 +130,10 @@ def _dlogits_kernel(
     row_ok = rows < row_limit(COUNT, row0, n)
     ptr = Z + rows.to(tl.int64)[:, None] * ldz + cols[None, :]
     stored = tl.load(ptr, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    if SLICE_SHIFT:  # stored = z - m_slice: log p = stored + m_slice - lse
-        offset = (tl.load(M_PART + pid_v.to(tl.int64) * ld_part + rows, mask=row_ok, other=0.0)
-                  - tl.load(LSE + rows, mask=row_ok, other=0.0))
+    if SLICE_SHIFT:  # stored = z - m_slice: log p = stored + (m_slice - m) - log s
+        offset = ((tl.load(M_PART + pid_v.to(tl.int64) * ld_part + rows, mask=row_ok, other=0.0)
+                   - tl.load(M_ROW + rows, mask=row_ok, other=0.0))
+                  - tl.load(LOG_S + rows, mask=row_ok, other=0.0))
         logp = stored + offset[:, None]
     else:  # stored = z - lse = log p
         logp = stored
@@ -196,10 +203,11 @@ def logprobs_finish(xc, weight, bias, targets_c, order, count, partials, *, row0
     )
 
 
-def dlogits_(z, *, count, row0, inv_temp, lse, g_lp, targets, h=None, g_h=None, m_part=None, zero_tail=False,
-             out_dtype):
+def dlogits_(z, *, count, row0, inv_temp, g_lp, targets, h=None, g_h=None, m_part=None, m_row=None, log_s=None,
+             zero_tail=False, out_dtype):
     """Turns the stored logits of a chunk ``z`` [n, V] into dZ in place; returns dZ viewed as ``out_dtype``.
-    ``m_part`` given: ``z`` holds slice-shifted logits (the fused loss); else ``z - lse`` (log-probs).
+    ``m_part`` given: ``z`` holds slice-shifted logits (the fused loss), with the rows' max ``m_row`` and
+    ``log_s`` (``combine_partials``); else ``z - lse`` (log-probs).
     Per-row vectors are chunk-local [n] float32; rows past the count are left alone, or zeroed with
     ``zero_tail`` (when a consumer reads the whole chunk: cuBLAS GEMMs, the bias gradient)."""
     n, V = z.shape
@@ -210,7 +218,8 @@ def dlogits_(z, *, count, row0, inv_temp, lse, g_lp, targets, h=None, g_h=None, 
         slice_width = 128 if z.is_cuda else 32
     br = block_rows(z.device)
     _dlogits_kernel[(cdiv(n, br), cdiv(V, slice_width))](
-        z, dz, lse if m_part is None else m_part, lse, lse if h is None else h, g_lp, g_lp if g_h is None else g_h,
+        z, dz, g_lp if m_part is None else m_part, g_lp if m_row is None else m_row, g_lp if log_s is None else log_s,
+        g_lp if h is None else h, g_lp, g_lp if g_h is None else g_h,
         targets, count, n, V, z.stride(0), 0 if m_part is None else m_part.stride(0), row0, inv_temp,
         SLICE_SHIFT=m_part is not None, HAS_G_H=g_h is not None, ZERO_TAIL=zero_tail, BLOCK_R=br,
         SLICE=slice_width, num_warps=4 if z.is_cuda else 1,
