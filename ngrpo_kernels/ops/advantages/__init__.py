@@ -16,8 +16,9 @@ def compute(
     r_max: float, num_virtual: int, eps: float, unbiased: bool, w_lambda: float, correct_threshold: float,
 ) -> torch.Tensor:
     if estimator == Estimator.W_REINFORCE:
-        # Elementwise, no group statistics: one torch op on every backend.
-        return torch.where(rewards > correct_threshold, w_lambda, -1.0).to(torch.float32)
+        # Elementwise, no group statistics: one torch op on every backend. Compared in float64, as r_max is used:
+        # PyTorch would round the threshold to the rewards' dtype (0.502 is 0.50390625 in bf16).
+        return torch.where(rewards.double() > correct_threshold, w_lambda, -1.0).to(torch.float32)
     options = dict(estimator=estimator, r_max=r_max, num_virtual=num_virtual, eps=eps, unbiased=unbiased)
     if backend == Backend.TRITON:
         from .triton_impl import group_stats_advantages_triton

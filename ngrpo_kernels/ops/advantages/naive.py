@@ -24,7 +24,7 @@ def group_advantages_naive(
     correct_threshold: float = 0.5,
 ) -> torch.Tensor:
     if estimator == Estimator.W_REINFORCE:
-        correct = rewards > correct_threshold
+        correct = rewards.double() > correct_threshold  # in float64: the threshold is not rounded to the rewards' dtype
         return torch.where(correct, torch.full_like(rewards, w_lambda), torch.full_like(rewards, -1.0))
 
     advantages = torch.empty_like(rewards)
