@@ -377,21 +377,21 @@ def _linear_logprobs_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targe
                         scalars: Tensor, ignore_index: int, entropy: bool,
                         workspace_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
     (inv_temp,) = _unpack(scalars)
-    lp, ent, lse = _linear_logprobs.impl(Backend(backend)).forward(
+    lp, ent, row_stats = _linear_logprobs.impl(Backend(backend)).forward(
         x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.contiguous(),
         inv_temp=inv_temp, ignore_index=ignore_index, entropy=entropy, workspace_bytes=workspace_bytes or None)
-    return lp, _absent(lp) if ent is None else ent, lse
+    return lp, _absent(lp) if ent is None else ent, row_stats  # row_stats [N, 2]: (max, log s), for backward
 
 
 @_linear_logprobs_op.register_fake
 def _(x, weight, bias, targets, backend, scalars, ignore_index, entropy, workspace_bytes):
     n = x.shape[0]
     return (x.new_empty((n,), dtype=torch.float32), x.new_empty((n if entropy else 0,), dtype=torch.float32),
-            x.new_empty((n,), dtype=torch.float32))
+            x.new_empty((n, 2), dtype=torch.float32))
 
 
 @_custom_op("ngrpo::linear_logprobs_backward")
-def _linear_logprobs_backward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
+def _linear_logprobs_backward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, row_stats: Tensor,
                                  entropy: Tensor, g_lp: Tensor, g_ent: Optional[Tensor], backend: str, scalars: Tensor,
                                  ignore_index: int, need_x: bool, need_w: bool, need_b: bool,
                                  workspace_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -403,7 +403,7 @@ def _linear_logprobs_backward_op(x: Tensor, weight: Tensor, bias: Optional[Tenso
     with inputs_precision(x.device):  # a backward called under autocast: as the forward
         dx, dw, db = _linear_logprobs.impl(Backend(backend)).backward(
             x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.contiguous(),
-            lse, entropy, g_lp.float().contiguous(), None if g_ent is None else g_ent.float().contiguous(),
+            row_stats, entropy, g_lp.float().contiguous(), None if g_ent is None else g_ent.float().contiguous(),
             inv_temp=inv_temp, ignore_index=ignore_index, need_x=need_x, need_w=need_w, need_b=need_b,
             workspace_bytes=workspace_bytes or None)
     return (_absent(x) if dx is None else dx, _absent(weight) if dw is None else dw.to(weight.dtype),
@@ -411,7 +411,7 @@ def _linear_logprobs_backward_op(x: Tensor, weight: Tensor, bias: Optional[Tenso
 
 
 @_linear_logprobs_backward_op.register_fake
-def _(x, weight, bias, targets, lse, entropy, g_lp, g_ent, backend, scalars, ignore_index, need_x, need_w, need_b,
+def _(x, weight, bias, targets, row_stats, entropy, g_lp, g_ent, backend, scalars, ignore_index, need_x, need_w, need_b,
       workspace_bytes):
     return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
             weight.new_empty((weight.shape[0],) if need_b else (0,), dtype=bias.dtype if need_b else weight.dtype))
@@ -424,16 +424,16 @@ def _linear_logprobs_setup(ctx, inputs, output):
     ctx.options = (backend, ignore_index, workspace_bytes)
 
 
-def _linear_logprobs_backward(ctx, g_lp, g_ent, _g_lse):
+def _linear_logprobs_backward(ctx, g_lp, g_ent, _g_row_stats):
     _first_order()
-    x, weight, bias, targets, lse, ent, scalars = ctx.saved_tensors
+    x, weight, bias, targets, row_stats, ent, scalars = ctx.saved_tensors
     backend, ignore_index, workspace_bytes = ctx.options
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if g_lp is None and g_ent is None:
         return (None,) * 9
     if g_lp is None:
-        g_lp = torch.zeros_like(lse)
-    dx, dw, db = _linear_logprobs_backward_op(x, weight, bias, targets, lse, ent, g_lp, g_ent, backend, scalars,
+        g_lp = row_stats.new_zeros(row_stats.shape[0])
+    dx, dw, db = _linear_logprobs_backward_op(x, weight, bias, targets, row_stats, ent, g_lp, g_ent, backend, scalars,
                                               ignore_index, need_x, need_w, need_b, workspace_bytes)
     return (dx if need_x else None, dw if need_w else None, db if need_b else None,
             None, None, None, None, None, None)

@@ -184,7 +184,7 @@ def _cases():
     yield from _gemm_cases()
 
     sig = {"XC": "*bf16", "W": "*bf16", "BIAS": "*bf16", "TGT_C": "*i64", "ORDER": "*i64", "COUNT": "*i32",
-           "M_PART": "*fp32", "S_PART": "*fp32", "U_PART": "*fp32", "LP": "*fp32", "ENT": "*fp32", "LSE": "*fp32",
+           "M_PART": "*fp32", "S_PART": "*fp32", "U_PART": "*fp32", "LP": "*fp32", "ENT": "*fp32", "ROW_STATS": "*fp32",
            "n": "i32", "H": "i32", "V": "i32", "row0": "i32", "ld_part": "i32", "n_slices": "i32",
            "inv_temp": "fp32"}
     const = dict(HAS_BIAS=True, ENTROPY=True, BLOCK_R=rows.BLOCK_ROWS, BLOCK_T=rows.BLOCK_SLICES,

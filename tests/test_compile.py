@@ -188,7 +188,8 @@ def _opcheck_cases(backend, device):
                              0)),
         "linear_logprobs_backward": (torch.ops.ngrpo.linear_logprobs_backward.default,
                                      (x["hidden"].reshape(n, H), x["weight"], None, x["targets"].reshape(n),
-                                      torch.full((n,), 3.0, device=device), torch.rand(n, device=device), torch.randn(n, device=device),
+                                      torch.tensor([[3.0, 0.5]], device=device).expand(n, 2).contiguous(),  # (max, log s)
+                                      torch.rand(n, device=device), torch.randn(n, device=device),
                                       torch.randn(n, device=device), name,
                                       s(1.0), -100, True, True, False, 0)),
         "fused_linear_ngrpo_loss": (torch.ops.ngrpo.fused_linear_ngrpo_loss.default,

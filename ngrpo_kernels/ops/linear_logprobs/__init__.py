@@ -1,7 +1,7 @@
 """Fused linear -> log-prob (+ entropy) (docs/algorithm.md §5): ``naive.py`` is the spec (full logits);
 ``triton_impl.py`` (GPU, or CPU under the interpreter) and ``torch_impl.py`` (chunked CPU fallback)
 never hold more than a bounded chunk of logits. Both offer the same ``forward`` (log-probs, entropy and
-the logsumexp kept for backward) and ``backward`` (recomputes the logits); ``ngrpo_kernels._library``
+the row max and log s kept for backward) and ``backward`` (recomputes the logits); ``ngrpo_kernels._library``
 wraps them as the custom ops ``ngrpo::linear_logprobs`` / ``ngrpo::linear_logprobs_backward``.
 Inputs arrive validated from ``ngrpo_kernels.functional``.
 """

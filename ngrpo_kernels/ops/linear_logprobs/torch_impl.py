@@ -59,7 +59,7 @@ def forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, worksp
 
 def _forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, workspace_bytes=None):
     N = x.shape[0]
-    lse = torch.empty(N, dtype=torch.float32, device=x.device)
+    row_stats = torch.empty(N, 2, dtype=torch.float32, device=x.device)  # (max, log s): lse = max + log s
     logprobs = torch.empty(N, dtype=torch.float32, device=x.device)
     ent = torch.empty(N, dtype=torch.float32, device=x.device) if entropy else None
     step = _chunk_rows(weight.shape[0], workspace_bytes, buffers=2)
@@ -71,34 +71,37 @@ def _forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, works
         t = torch.where(t == ignore_index, 0, t)[:, None]
         log_p = torch.log_softmax(z, dim=-1)  # one fused pass; cheaper than logsumexp on CPU
         logprobs[lo:hi] = log_p.gather(1, t)[:, 0]
-        # at the row's largest logit, where log p is in [-log V, 0]: at the target, z - log p cancels (a
-        # target 1e4 below the logsumexp lost 2.5e-4 of the gradient's precision)
+        # log s = -log p at the row's largest logit, where log p is in [-log V, 0] (at the target, z - log p
+        # cancels: a target 1e4 below the logsumexp lost 2.5e-4 of the gradient's precision); kept apart from
+        # the max, so that backward forms log p = (z - max) - log s, as log_softmax does (z - lse put the ulp
+        # of lse into a confident token's 1 - p)
         top, arg = z.max(dim=-1, keepdim=True)
-        lse[lo:hi] = (top - log_p.gather(1, arg))[:, 0]
+        row_stats[lo:hi, 0] = top[:, 0]
+        row_stats[lo:hi, 1] = -log_p.gather(1, arg)[:, 0]
         if entropy:  # -E_p[log p]: no cancellation between lse and E_p[z] when every logit is large
             ent[lo:hi] = -log_p.exp().mul_(log_p).sum(-1)  # one [chunk, V] temporary, as the budget assumes
     valid = targets != ignore_index
     logprobs = torch.where(valid, logprobs, 0.0)
     ent = torch.where(valid, ent.clamp_min(0.0), 0.0) if entropy else None
-    return logprobs, ent, torch.where(valid, lse, 0.0)
+    return logprobs, ent, torch.where(valid[:, None], row_stats, 0.0)
 
 
-def backward(x, weight, bias, targets, lse, entropy, g_lp, g_ent, *, inv_temp, ignore_index,
+def backward(x, weight, bias, targets, row_stats, entropy, g_lp, g_ent, *, inv_temp, ignore_index,
              need_x, need_w, need_b, workspace_bytes=None, deterministic=True):
     keep = _valid_rows(x, targets, ignore_index)
     if keep is not None:
         def pick(t):  # per-position arrays; an absent one may come as an empty placeholder
             return t if t is None or t.shape[0] != x.shape[0] else t.index_select(0, keep)
-        dx, dw, db = _backward(pick(x), weight, bias, pick(targets), pick(lse), pick(entropy), pick(g_lp), pick(g_ent),
+        dx, dw, db = _backward(pick(x), weight, bias, pick(targets), pick(row_stats), pick(entropy), pick(g_lp), pick(g_ent),
                                inv_temp=inv_temp, ignore_index=ignore_index, need_x=need_x, need_w=need_w,
                                need_b=need_b, workspace_bytes=workspace_bytes)
         return _scatter(dx, keep, x.shape[0]), dw, db
-    return _backward(x, weight, bias, targets, lse, entropy, g_lp, g_ent, inv_temp=inv_temp,
+    return _backward(x, weight, bias, targets, row_stats, entropy, g_lp, g_ent, inv_temp=inv_temp,
                      ignore_index=ignore_index, need_x=need_x, need_w=need_w, need_b=need_b,
                      workspace_bytes=workspace_bytes)
 
 
-def _backward(x, weight, bias, targets, lse, entropy, g_lp, g_ent, *, inv_temp, ignore_index,
+def _backward(x, weight, bias, targets, row_stats, entropy, g_lp, g_ent, *, inv_temp, ignore_index,
               need_x, need_w, need_b, workspace_bytes=None):
     N, V = x.shape[0], weight.shape[0]
     dx = torch.empty_like(x) if need_x else None
@@ -114,7 +117,7 @@ def _backward(x, weight, bias, targets, lse, entropy, g_lp, g_ent, *, inv_temp, 
         ok = valid[lo:hi, None]
         xc = torch.where(ok, x[lo:hi], 0)  # ignored rows may hold anything, NaN included
         z = _logits(xc, w32, bias, inv_temp)
-        log_p = z - lse[lo:hi, None]
+        log_p = (z - row_stats[lo:hi, 0:1]) - row_stats[lo:hi, 1:2]
         p = torch.where(ok, torch.exp(log_p), 0.0)
         dz = -g_lp[lo:hi, None] * p
         t = targets[lo:hi]

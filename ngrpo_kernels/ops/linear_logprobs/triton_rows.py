@@ -9,8 +9,9 @@ are neither read nor computed.
 - ``target_logit`` (helper): ``z[target] = (x . W[target] + b[target]) / T`` as a float32 dot
   product, one weight row per token (H * 2 bytes), cheaper than comparing every logit of the tile
   with the target in the GEMM epilogue.
-- ``_logprobs_kernel``: the log-prob pass' finish: log-prob, entropy and logsumexp, scattered back to
-  the tokens' original positions (0 for ignored ones).
+- ``_logprobs_kernel``: the log-prob pass' finish: log-prob, entropy and the softmax statistics kept for
+  backward (row max and log s, logsumexp = max + log s), scattered back to the tokens' original positions
+  (0 for ignored ones).
 - ``_dlogits_kernel``: in place over the logits workspace, ``dZ = (g_lp (onehot - p) - g_H p (z - E_p z)) / T``
   from the stored shifted logits, one read and one write of 2 bytes per logit for half inputs.
   The stored value plus a per-row (and, for slice-shifted logits, per-slice) offset is log p, so
@@ -93,7 +94,7 @@ def target_logit(X, W, BIAS, tgt, rows, row_ok, H, V, inv_temp, HAS_BIAS: tl.con
 
 @triton.jit
 def _logprobs_kernel(
-    XC, W, BIAS, TGT_C, ORDER, COUNT, M_PART, S_PART, U_PART, LP, ENT, LSE,
+    XC, W, BIAS, TGT_C, ORDER, COUNT, M_PART, S_PART, U_PART, LP, ENT, ROW_STATS,
     n, H, V, row0, ld_part, n_slices, inv_temp,
     HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -107,7 +108,8 @@ def _logprobs_kernel(
     zt = target_logit(XC, W, BIAS, tgt, rows, row_ok, H, V, inv_temp, HAS_BIAS, BLOCK_R, BLOCK_H)
     dest = tl.load(ORDER + row0 + rows, mask=in_chunk, other=0)
     tl.store(LP + dest, tl.where(row_ok, (zt - m) - log_s, 0.0), mask=in_chunk)
-    tl.store(LSE + dest, tl.where(row_ok, m + log_s, 0.0), mask=in_chunk)
+    tl.store(ROW_STATS + 2 * dest, m, mask=in_chunk)  # [N, 2]: (max, log s); 0 where not ok
+    tl.store(ROW_STATS + 2 * dest + 1, tl.where(row_ok, log_s, 0.0), mask=in_chunk)
     if ENTROPY:
         tl.store(ENT + dest, ent, mask=in_chunk)
 
@@ -120,8 +122,8 @@ def _dlogits_kernel(
     BLOCK_R: tl.constexpr, SLICE: tl.constexpr,
 ):
     """Grid (cdiv(n, BLOCK_R), cdiv(V, SLICE)); per-row vectors are chunk-local [n]. DZ is Z's memory
-    (each element is read, then overwritten by the same thread), viewed in the gradient's dtype. M_ROW and LOG_S
-    (the row max and log s) are read only for slice-shifted logits."""
+    (each element is read, then overwritten by the same thread), viewed in the gradient's dtype. LOG_S is the rows'
+    log s; M_ROW, their max, is read only for slice-shifted logits."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     pid_v = tl.program_id(1)
     cols = pid_v * SLICE + tl.arange(0, SLICE)
@@ -135,8 +137,8 @@ def _dlogits_kernel(
                    - tl.load(M_ROW + rows, mask=row_ok, other=0.0))
                   - tl.load(LOG_S + rows, mask=row_ok, other=0.0))
         logp = stored + offset[:, None]
-    else:  # stored = z - lse = log p
-        logp = stored
+    else:  # stored = z - m (the shift GEMM): log p = stored - log s
+        logp = stored - tl.load(LOG_S + rows, mask=row_ok, other=0.0)[:, None]
     p = tl.exp(logp)
     g_lp = tl.load(G_LP + rows, mask=row_ok, other=0.0)
     tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
@@ -189,15 +191,15 @@ def block_rows(device: torch.device) -> int:
     return BLOCK_ROWS if device.type == "cuda" else INTERPRETER_BLOCK_ROWS
 
 
-def logprobs_finish(xc, weight, bias, targets_c, order, count, partials, *, row0, inv_temp, lp, ent, lse):
-    """Log-probs (and entropy, logsumexp) of one chunk of compacted tokens, scattered to ``lp``/``ent``/``lse``
-    at the tokens' original positions."""
+def logprobs_finish(xc, weight, bias, targets_c, order, count, partials, *, row0, inv_temp, lp, ent, row_stats):
+    """Log-probs (and entropy, the [N, 2] softmax statistics (max, log s)) of one chunk of compacted tokens,
+    scattered to ``lp``/``ent``/``row_stats`` at the tokens' original positions."""
     n, H = xc.shape
     br = block_rows(xc.device)
     m_part, s_part, u_part = partials
     _logprobs_kernel[(cdiv(n, br),)](
         xc, weight, xc if bias is None else bias, targets_c, order, count, m_part, s_part, u_part, lp,
-        lp if ent is None else ent, lse, n, H, weight.shape[0], row0, m_part.stride(0), m_part.shape[0], inv_temp,
+        lp if ent is None else ent, row_stats, n, H, weight.shape[0], row0, m_part.stride(0), m_part.shape[0], inv_temp,
         HAS_BIAS=bias is not None, ENTROPY=ent is not None, BLOCK_R=br, BLOCK_T=BLOCK_SLICES, BLOCK_H=BLOCK_H,
         num_warps=4 if xc.is_cuda else 1,
     )
@@ -206,8 +208,8 @@ def logprobs_finish(xc, weight, bias, targets_c, order, count, partials, *, row0
 def dlogits_(z, *, count, row0, inv_temp, g_lp, targets, h=None, g_h=None, m_part=None, m_row=None, log_s=None,
              zero_tail=False, out_dtype):
     """Turns the stored logits of a chunk ``z`` [n, V] into dZ in place; returns dZ viewed as ``out_dtype``.
-    ``m_part`` given: ``z`` holds slice-shifted logits (the fused loss), with the rows' max ``m_row`` and
-    ``log_s`` (``combine_partials``); else ``z - lse`` (log-probs).
+    ``log_s``: the rows' log s (``combine_partials``). ``m_part`` given: ``z`` holds slice-shifted logits (the
+    fused loss), with the rows' max ``m_row``; else ``z - m_row`` (log-probs: the shift GEMM).
     Per-row vectors are chunk-local [n] float32; rows past the count are left alone, or zeroed with
     ``zero_tail`` (when a consumer reads the whole chunk: cuBLAS GEMMs, the bias gradient)."""
     n, V = z.shape

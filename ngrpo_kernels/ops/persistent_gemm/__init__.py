@@ -79,7 +79,7 @@ def logits(x, weight, *, bias, inv_temp, count=None, row0=0, partials=None, out=
     - ``shift is None`` (statistics): per (vocab slice of ``stats_width`` columns, row) max / sum-exp / exp-weighted sum into
       ``partials`` (three float32 [num_vocab_tiles, n]); with ``out`` [n, V] also the slice-shifted
       logits ``z - max``.
-    - ``shift`` [n] given: ``out`` = ``z - shift`` (the log-probs when shift is the logsumexp).
+    - ``shift`` [n] given: ``out`` = ``z - shift`` (the log-prob backward shifts by the row max).
     """
     n, H = x.shape
     V = weight.shape[0]

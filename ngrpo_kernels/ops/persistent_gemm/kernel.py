@@ -25,8 +25,8 @@ Epilogues (``EPILOGUE``), all on the fp32 accumulator tile in registers:
   slice's largest logits at 0). The target's logit is not picked here: comparing every column with
   the target costs ~40 registers a thread at 128x256 and made the epilogue spill; a separate indexed
   dot product (``linear_logprobs.triton_rows``) reads one weight row per token instead.
-- ``LOGITS_SHIFTED``: stores ``z - SHIFT[row]`` (backward of the log-probs, SHIFT = logsumexp: the
-  stored value is the log-probability itself).
+- ``LOGITS_SHIFTED``: stores ``z - SHIFT[row]`` (backward of the log-probs, SHIFT = the row max: the
+  row kernel subtracts log s from it, never z - logsumexp, whose ulp would swamp a confident 1 - p).
 - ``ACCUMULATE``: ``C += acc`` in fp32, or ``C = acc`` with ``INIT`` (dW, chunk by chunk), stored in C's
   dtype (a one-chunk log-prob backward writes dW in the weight's dtype: no fp32 copy, no cast pass). With
   ``SPLIT_K > 1`` (only with ``INIT``) split ``s`` writes its partial product over the ``s``-th part of K
