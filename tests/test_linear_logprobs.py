@@ -379,3 +379,32 @@ def test_a_confident_tokens_gradient_does_not_grow_with_its_logits(top, device, 
         (lp.sum() + g_ent * ent.sum()).backward()
         want = q - g_ent * p_t * (math.log(p_t) + h)
         assert w.grad[0, 0].item() == pytest.approx(want, rel=0.02), (g_ent, w.grad[0, 0].item(), want)
+
+
+def test_confident_tokens_when_forward_and_backward_chunk_the_rows_differently():
+    """PyTorch path: the forward and the backward chunk the rows differently (2 and 3 buffers of the same
+    workspace), and a CPU GEMM may round a row differently in a block of 2 rows than in one of 21. The backward
+    took the forward's row max: a top target's 1 - p (7e-6 here) then carried that difference, +102 % against
+    plain float32 autograd for the rows the forward computed in a block of 2. It takes its own chunk's max now."""
+    gen = torch.Generator().manual_seed(0)
+    N, H, V = 57, 256, 152064  # the default workspace: forward chunks of 55 + 2 rows, backward 36 + 21
+    x = torch.randn(N, H, generator=gen)
+    W = torch.randn(V, H, generator=gen) * 0.02
+    t = torch.arange(N)
+    W[:N] = 30 * x / (x * x).sum(1, keepdim=True)  # each token's own logit 30, the others ~6
+    b = torch.full((V,), 6.0)
+    b[:N] = 0
+    w = W.clone().requires_grad_(True)
+    with nk.use_backend("torch"):
+        nk.fused_linear_logprobs(x, w, t, bias=b).sum().backward()
+    w_plain = W.clone().requires_grad_(True)
+    torch.log_softmax(x @ w_plain.T + b, -1).gather(1, t[:, None]).sum().backward()
+    w64 = W.double().requires_grad_(True)
+    torch.log_softmax(x.double() @ w64.T + b.double(), -1).gather(1, t[:, None]).sum().backward()
+
+    def one_minus_p(grad):  # d log p_t / d W[t] = (1 - p_t) x_t
+        return (grad[t].double() * x.double()).sum(1) / (x.double() ** 2).sum(1)
+
+    ours, plain, truth = one_minus_p(w.grad), one_minus_p(w_plain.grad), one_minus_p(w64.grad)
+    assert truth.max() < 1e-5  # confident tokens
+    assert ((ours - truth).abs() <= 2 * (plain - truth).abs() + 0.05 * truth).all(), ((ours - truth) / truth)[-4:]

@@ -117,7 +117,10 @@ def _backward(x, weight, bias, targets, row_stats, entropy, g_lp, g_ent, *, inv_
         ok = valid[lo:hi, None]
         xc = torch.where(ok, x[lo:hi], 0)  # ignored rows may hold anything, NaN included
         z = _logits(xc, w32, bias, inv_temp)
-        log_p = (z - row_stats[lo:hi, 0:1]) - row_stats[lo:hi, 1:2]
+        # relative to this chunk's own row max: the forward's max came from a GEMM of other row blocks, whose sums
+        # may differ by ulps, and a top target's 1 - p must see exactly -log s (the normalisation then moves by
+        # those ulps, relatively: harmless)
+        log_p = (z - z.amax(dim=-1, keepdim=True)) - row_stats[lo:hi, 1:2]
         p = torch.where(ok, torch.exp(log_p), 0.0)
         dz = -g_lp[lo:hi, None] * p
         t = targets[lo:hi]
