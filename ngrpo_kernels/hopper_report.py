@@ -184,7 +184,8 @@ def _cases():
     yield from _gemm_cases()
 
     sig = {"XC": "*bf16", "W": "*bf16", "BIAS": "*bf16", "TGT_C": "*i64", "ORDER": "*i64", "COUNT": "*i32",
-           "M_PART": "*fp32", "S_PART": "*fp32", "U_PART": "*fp32", "LP": "*fp32", "ENT": "*fp32", "ROW_STATS": "*fp32",
+           "M_PART": "*fp32", "S_PART": "*fp32", "U_PART": "*fp32", "LP": "*fp32", "ENT": "*fp32",
+           "ROW_STATS": "*fp32",
            "n": "i32", "H": "i32", "V": "i32", "row0": "i32", "ld_part": "i32", "n_slices": "i32",
            "inv_temp": "fp32"}
     const = dict(HAS_BIAS=True, ENTROPY=True, BLOCK_R=rows.BLOCK_ROWS, BLOCK_T=rows.BLOCK_SLICES,
@@ -193,9 +194,8 @@ def _cases():
     yield ("logprobs_rows", "bias, entropy", False, rows._logprobs_kernel, sig, const, 4, 1, 90, False, False)
 
     sig = {"Z": "*fp16", "DZ": "*bf16", "M_PART": "*fp32", "M_ROW": "*fp32", "LOG_S": "*fp32", "H_ROW": "*fp32",
-           "G_LP": "*fp32",
-           "G_H": "*fp32", "TGT": "*i64", "COUNT": "*i32", "n": "i32", "V": "i32", "ldz": "i32", "ld_part": "i32",
-           "row0": "i32", "inv_temp": "fp32"}
+           "G_LP": "*fp32", "G_H": "*fp32", "TGT": "*i64", "COUNT": "*i32", "n": "i32", "V": "i32", "ldz": "i32",
+           "ld_part": "i32", "row0": "i32", "inv_temp": "fp32"}
     const = dict(SLICE_SHIFT=True, HAS_G_H=True, ZERO_TAIL=True, BLOCK_R=rows.BLOCK_ROWS, SLICE=128)
     sig.update({k: "constexpr" for k in const})
     yield ("dlogits", "slice-shifted, entropy, zero tail", False, rows._dlogits_kernel, sig, const, 4, 1, 90,
@@ -209,7 +209,8 @@ def _cases():
 
     sig = {"XC": "*bf16", "W": "*bf16", "BIAS": "*bf16", "COUNT": "*i32", "M_PART": "*fp32", "S_PART": "*fp32",
            "U_PART": "*fp32", "TGT": "*i64", "W_TOK": "*fp32", "ADV": "*fp32", "OLD": "*fp32", "REF": "*fp32",
-           "ISW": "*fp32", "M_OUT": "*fp32", "LOG_S_OUT": "*fp32", "H_OUT": "*fp32", "G_LP": "*fp32", "G_H": "*fp32", "STATS": "*fp32",
+           "ISW": "*fp32", "M_OUT": "*fp32", "LOG_S_OUT": "*fp32", "H_OUT": "*fp32", "G_LP": "*fp32", "G_H": "*fp32",
+           "STATS": "*fp32",
            "n": "i32", "H": "i32", "V": "i32", "row0": "i32", "ld_part": "i32", "n_slices": "i32",
            "inv_temp": "fp32", "eps_neg": "fp32", "eps_pos": "fp32", "clip_c": "fp32", "beta": "fp32",
            "entropy_coef": "fp32"}

@@ -188,7 +188,7 @@ def _opcheck_cases(backend, device):
                              0)),
         "linear_logprobs_backward": (torch.ops.ngrpo.linear_logprobs_backward.default,
                                      (x["hidden"].reshape(n, H), x["weight"], None, x["targets"].reshape(n),
-                                      torch.tensor([[3.0, 0.5]], device=device).expand(n, 2).contiguous(),  # (max, log s)
+                                      torch.tensor([[3.0, 0.5]], device=device).repeat(n, 1),  # (max, log s)
                                       torch.rand(n, device=device), torch.randn(n, device=device),
                                       torch.randn(n, device=device), name,
                                       s(1.0), -100, True, True, False, 0)),

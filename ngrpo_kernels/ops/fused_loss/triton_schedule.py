@@ -134,8 +134,7 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
             scale = scale_fp16_grads(x.dtype, g_lp, g_h)  # fp16: dZ kept inside its range, chunk by chunk
             dz = dlogits_(z, count=sch.count, row0=row0, inv_temp=inv_temp, g_lp=g_lp,
                           targets=tgt_c[row0:row0 + n], h=h, g_h=g_h, m_part=p[0], m_row=m_row, log_s=log_s,
-                          zero_tail=sch.zero_tail,
-                          out_dtype=x.dtype)
+                          zero_tail=sch.zero_tail, out_dtype=x.dtype)
             if sch.deferred:  # the only chunk: dZ and the gathered rows wait for the upstream gradient
                 deferred.append(sch.defer(dz, xc, scale))
             else:

@@ -92,8 +92,8 @@ def backward(x, weight, bias, targets, row_stats, entropy, g_lp, g_ent, *, inv_t
     if keep is not None:
         def pick(t):  # per-position arrays; an absent one may come as an empty placeholder
             return t if t is None or t.shape[0] != x.shape[0] else t.index_select(0, keep)
-        dx, dw, db = _backward(pick(x), weight, bias, pick(targets), pick(row_stats), pick(entropy), pick(g_lp), pick(g_ent),
-                               inv_temp=inv_temp, ignore_index=ignore_index, need_x=need_x, need_w=need_w,
+        dx, dw, db = _backward(pick(x), weight, bias, pick(targets), pick(row_stats), pick(entropy), pick(g_lp),
+                               pick(g_ent), inv_temp=inv_temp, ignore_index=ignore_index, need_x=need_x, need_w=need_w,
                                need_b=need_b, workspace_bytes=workspace_bytes)
         return _scatter(dx, keep, x.shape[0]), dw, db
     return _backward(x, weight, bias, targets, row_stats, entropy, g_lp, g_ent, inv_temp=inv_temp,
