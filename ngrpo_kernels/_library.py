@@ -250,8 +250,10 @@ def inputs_precision(device: torch.device):
     """The head ops compute in their inputs' precision (float32 logits and statistics), not in an ambient
     ``torch.autocast``'s: autocast would rewrite the CPU and reference backends' ``@`` into bf16 GEMMs (a
     3e-2 log-prob error on float32 inputs). The GPU kernels never see autocast; this makes every backend
-    alike. A no-op where autocast does not exist (meta tensors)."""
-    if not torch.amp.is_autocast_available(device.type):
+    alike. A no-op where autocast does not exist (meta tensors). Under torch.compile only "meta" is taken for
+    such a device: torch 2.11's Dynamo cannot trace ``is_autocast_available``."""
+    if device.type == "meta" or (not torch.compiler.is_compiling()
+                                 and not torch.amp.is_autocast_available(device.type)):
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 
