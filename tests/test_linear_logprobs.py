@@ -408,3 +408,34 @@ def test_confident_tokens_when_forward_and_backward_chunk_the_rows_differently()
     ours, plain, truth = one_minus_p(w.grad), one_minus_p(w_plain.grad), one_minus_p(w64.grad)
     assert truth.max() < 1e-5  # confident tokens
     assert ((ours - truth).abs() <= 2 * (plain - truth).abs() + 0.05 * truth).all(), ((ours - truth) / truth)[-4:]
+
+
+@pytest.mark.parametrize("V", [1001, 1024])
+def test_confident_bf16_tokens_when_the_backward_recomputes_the_logits(V, device, backend):
+    """bf16 head, each token's own logit ~17 and the others ~0, so 1 - p_t ~ 4e-5. The backward recomputes the
+    logits and subtracts the forward's row max: should its GEMM round a logit differently from the forward's
+    (another tile shape, a pointer instead of a TMA store for an odd V), each ulp of 17 (1.9e-6) would be a
+    4.5 % error in 1 - p_t, which plain float32 autograd computes to ~0.3 %."""
+    gen = torch.Generator().manual_seed(V)
+    N, H = 33, 128
+    x = torch.randn(N, H, generator=gen)
+    W = torch.randn(V, H, generator=gen) * 0.02
+    W[:N] = 17 * x / (x * x).sum(1, keepdim=True)
+    x, W = x.to(torch.bfloat16), W.to(torch.bfloat16)
+    t = torch.arange(N)
+
+    def one_minus_p(make):  # d log p_t / d W[t] = (1 - p_t) x_t, plus other rows' -p terms in every version
+        w = W.to(device=device, dtype=make).detach().clone().requires_grad_(True)
+        xs = x.to(device=device, dtype=make)
+        if make == torch.bfloat16:
+            with nk.use_backend(backend):
+                nk.fused_linear_logprobs(xs, w, t.to(device)).sum().backward()
+        else:
+            torch.log_softmax(xs @ w.T, -1).gather(1, t.to(device)[:, None]).sum().backward()
+        g = w.grad[:N].double().cpu()
+        return (g * x.double()).sum(1) / (x.double() ** 2).sum(1)
+
+    ours, plain, truth = one_minus_p(torch.bfloat16), one_minus_p(torch.float32), one_minus_p(torch.float64)
+    assert (truth > 1e-5).all() and (truth < 1e-4).all()
+    bad = (ours - truth).abs() > 2 * (plain - truth).abs() + 0.02 * truth
+    assert not bad.any(), ((ours - truth) / truth)[bad]
