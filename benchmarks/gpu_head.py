@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import random
 import statistics
 import sys
 import time
@@ -48,7 +49,11 @@ QUEUE_CYCLES = 20_000_000  # ~10 ms of GPU clock cycles: longer than any call's 
 
 def compare(fns: dict, reps: int, queued: bool = False) -> dict:
     """Median ms of each callable, timed round-robin (one call of each per round) so that clock and
-    temperature drift hits every contender alike.
+    temperature drift hits every contender alike, in a new order each round (seeded): under the H200's
+    power cap a call may run slower after three cuBLAS GEMMs than after a lighter contender, and in a
+    fixed order one row always follows the floor (2026-11-28, fixed order: rows placed after the 715de13
+    baseline ran 1-6 % faster than the default row right after the floor, their code differing only in
+    running backward on the calling thread; the order is a suspect).
 
     ``queued``: each call is enqueued behind ~10 ms of GPU work (``torch.cuda._sleep``) and timed from
     the end of it, as in a training step where the host runs ahead of the GPU: the host's latency
@@ -58,8 +63,12 @@ def compare(fns: dict, reps: int, queued: bool = False) -> dict:
         fn()
         fn()
     times = {name: [] for name in fns}
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
     for _ in range(reps):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name in order:
+            fn = fns[name]
             if DEV != "cuda":
                 t0 = time.perf_counter()
                 fn()
@@ -243,18 +252,24 @@ def check(out: list[str]) -> dict:
         wb = w.detach().requires_grad_()
         loss_b, _ = fused_linear_ngrpo_loss_naive(hb, wb, clean_t, mask, x["old"], advantages=x["adv"])
         loss_b.backward()
+        with torch.no_grad():  # the yardstick of "a loss from float32 logits": plain float32 PyTorch
+            loss_f, _ = fused_linear_ngrpo_loss_naive(clean_h.float(), w.float(), clean_t, mask, x["old"].float(),
+                                                      advantages=x["adv"].float())
         hs = h.detach().requires_grad_()
         ws = w.detach().requires_grad_()
         loss, _ = nk.fused_linear_ngrpo_loss(hs, ws, t, mask, x["old"], advantages=x["adv"], validate=False)
         loss.backward()
         tag = "padded (NaN in padding)" if padded else "all valid"
         r = dict(loss_rel=abs(loss.item() - loss_d.item()) / abs(loss_d.item()),
+                 f32_loss_rel=abs(loss_f.item() - loss_d.item()) / abs(loss_d.item()),
+                 adv_scale_rel=(x["adv"].abs()[:, None] * mask).sum().item() / mask.sum().item() / abs(loss_d.item()),
                  dx_rel=_rel(torch.where(mask[..., None], hs.grad, 0), truth["dx"]), dw_rel=_rel(ws.grad, truth["dw"]),
                  naive_bf16_dx_rel=_rel(hb.grad, truth["dx"]), naive_bf16_dw_rel=_rel(wb.grad, truth["dw"]),
                  finite=bool(torch.isfinite(hs.grad).all() and torch.isfinite(ws.grad).all()),
                  masked_dx_zero=bool((hs.grad[~mask] == 0).all()))
         res[f"fused_loss {tag}"] = r
-        out.append(f"- fused loss, {tag}: loss rel {r['loss_rel']:.2e}; dX rel {r['dx_rel']:.2e} (naive bf16 "
+        out.append(f"- fused loss, {tag}: loss rel {r['loss_rel']:.2e} (plain float32 {r['f32_loss_rel']:.2e}, "
+                   f"mean |A| / |loss| {r['adv_scale_rel']:.1f}); dX rel {r['dx_rel']:.2e} (naive bf16 "
                    f"{r['naive_bf16_dx_rel']:.2e}); dW rel {r['dw_rel']:.2e} (naive bf16 {r['naive_bf16_dw_rel']:.2e}); "
                    f"finite {r['finite']}; masked dX zero {r['masked_dx_zero']}")
         del hd, wd, truth
@@ -269,13 +284,17 @@ def check(out: list[str]) -> dict:
         wd = w.double().requires_grad_()
         lp_d, ent_d = linear_logprobs_naive(hd, wd, torch.where(mask, t, -100))
         ((lp_d * g1).sum() + (ent_d * g2).sum()).backward()
+        lp_tc = _tensor_core_logprobs(clean_h, w, clean_t)
         r = dict(lp_max_abs=(lp.double() - lp_d)[mask].abs().max().item(),
+                 lp_bias=(lp.double() - lp_d)[mask].mean().item(), tc_lp_bias=(lp_tc - lp_d)[mask].mean().item(),
                  ent_max_abs=(ent.double() - ent_d)[mask].abs().max().item(),
                  ignored_zero=bool((lp[~mask] == 0).all() and (ent[~mask] == 0).all()),
                  dx_rel=_rel(torch.where(mask[..., None], hs.grad, 0), hd.grad), dw_rel=_rel(ws.grad, wd.grad),
                  finite=bool(torch.isfinite(hs.grad).all() and torch.isfinite(ws.grad).all()))
         res[f"logprobs {tag}"] = r
-        out.append(f"- log-probs + entropy, {tag}: max abs err {r['lp_max_abs']:.2e}, entropy {r['ent_max_abs']:.2e}, "
+        out.append(f"- log-probs + entropy, {tag}: max abs err {r['lp_max_abs']:.2e} (mean {r['lp_bias']:.2e}; "
+                   f"cuBLAS bf16 logits in float32, then float64: mean {r['tc_lp_bias']:.2e}), "
+                   f"entropy {r['ent_max_abs']:.2e}, "
                    f"ignored positions 0: {r['ignored_zero']}; gradients: dX rel {r['dx_rel']:.2e}, "
                    f"dW rel {r['dw_rel']:.2e}, finite {r['finite']}")
         del hd, wd
@@ -284,12 +303,28 @@ def check(out: list[str]) -> dict:
     return res
 
 
+def _tensor_core_logprobs(h, w, t):
+    """Log-probs, in float64, of the logits a cuBLAS bf16 GEMM accumulates in float32 (plain float32 on the
+    CPU): the yardstick of what a tensor-core GEMM can give. An H200's (ours and cuBLAS's alike) are biased:
+    their logits shrink by ~3e-6 of their size, the logsumexp comes out ~1.4e-5 low at the 7B head
+    (``python benchmarks/precision_probe.py``), and every log-prob ~1.4e-5 high."""
+    h = h.reshape(-1, h.shape[-1])
+    z = torch.mm(h, w.T, out_dtype=torch.float32) if h.is_cuda else h.float() @ w.float().T
+    z = z.double()
+    lp = z.gather(1, t.reshape(-1, 1))[:, 0] - torch.logsumexp(z, 1)
+    return lp.reshape(t.shape)
+
+
 def check_failures(res: dict) -> list[str]:
     """What the float64 checks must show (issue #11: loss from fp32 logits, gradients no worse than the naive
     bf16 path; log-probs and entropy to ~1e-5): each failed bound, named. Against the errors an H200 gave
-    (benchmarks/RESULTS_gpu.md, on the earlier inputs) the bounds leave 13-120x (loss, log-probs, entropy, their
-    gradients) and ~8x (fused-loss gradients against naive bf16's); the fp16 bound is the smoke test's, with
-    no GPU figure yet."""
+    (benchmarks/RESULTS_gpu.md, on the earlier inputs) the bounds leave 13-120x (log-probs, entropy, their
+    gradients) and ~8x (fused-loss gradients against naive bf16's); the fp16 bound is the smoke test's.
+    Tensor-core GEMMs bias the log-probs (``_tensor_core_logprobs``): ours may carry at most twice the bias of
+    log-probs from cuBLAS's bf16 logits, plus 2e-6. With ratios near 1 a uniform log-prob bias is the loss's
+    relative error, so the loss's may be twice that bias, plus 4x plain float32's error and 1e-6 of the loss's
+    scale, the mean |advantage| (the loss is a near-cancelling sum). With the earlier inputs (every ratio
+    clipped) the loss did not see the bias: 8e-8 there, 1.3e-5 now, on the same kind of GPU."""
     bad = []
 
     def need(case, ok, what):
@@ -299,7 +334,11 @@ def check_failures(res: dict) -> list[str]:
     for tag in ("all valid", "padded (NaN in padding)"):
         r = res[f"fused_loss {tag}"]
         need(f"fused loss, {tag}", r["finite"] and r["masked_dx_zero"], "non-finite gradients or masked dX not 0")
-        need(f"fused loss, {tag}", r["loss_rel"] < 1e-5, f"loss rel {r['loss_rel']:.1e} >= 1e-5")
+        tc_bias = abs(res[f"logprobs {tag}"]["tc_lp_bias"])
+        bound = 2 * tc_bias + 4 * r["f32_loss_rel"] + 1e-6 * r["adv_scale_rel"]
+        need(f"fused loss, {tag}", r["loss_rel"] <= bound,
+             f"loss rel {r['loss_rel']:.1e} above twice the tensor-core log-prob bias {tc_bias:.1e} + 4x plain "
+             f"float32's {r['f32_loss_rel']:.1e} + 1e-6 mean |A| / |loss|")
         for g in ("dx", "dw"):
             # (float32 inputs, the smoke run's: both at float32's rounding, below 1e-5)
             need(f"fused loss, {tag}", r[f"{g}_rel"] <= max(r[f"naive_bf16_{g}_rel"], 1e-5),
@@ -309,6 +348,8 @@ def check_failures(res: dict) -> list[str]:
         # (comparisons that NaN fails: max() would skip a NaN)
         need(f"log-probs, {tag}", r["lp_max_abs"] < 1e-3 and r["ent_max_abs"] < 1e-3,
              f"log-prob / entropy error {r['lp_max_abs']:.1e} / {r['ent_max_abs']:.1e}, not < 1e-3")
+        need(f"log-probs, {tag}", abs(r["lp_bias"]) <= 2 * abs(r["tc_lp_bias"]) + 2e-6,
+             f"mean log-prob error {r['lp_bias']:.1e} above twice the tensor-core bias {r['tc_lp_bias']:.1e} + 2e-6")
         need(f"log-probs, {tag}", r["dx_rel"] < 3e-2 and r["dw_rel"] < 3e-2,
              f"gradient rel {r['dx_rel']:.1e} / {r['dw_rel']:.1e}, not < 3e-2")
     r = res["fused_loss fp16"]
@@ -460,9 +501,12 @@ def main() -> int:
                 fns = {floor_name: gemm_floor(x, n_gemms)}
                 fns.update({name: factory(pkg, x) for name, pkg in pkgs})
                 if op != "logprobs_no_grad":  # the passes that store logits: TMA stores against pointer stores
-                    ptr_store = replace(configs.config_for("logits", DT, torch.device(DEV)), tma_store=False)
-                    fns[f"{pkgs[0][0]}, logits stored by pointer stores"] = with_config("logits", ptr_store,
-                                                                                       factory(nk, x))
+                    # both under configs.override, which also runs backward on the calling thread: the row of
+                    # the default config beside them tells that apart from the store path
+                    tma_store = configs.config_for("logits", DT, torch.device(DEV))
+                    for how, cfg in (("TMA", tma_store), ("pointer", replace(tma_store, tma_store=False))):
+                        fns[f"{pkgs[0][0]}, logits stored by {how} stores, backward on the calling thread"] = \
+                            with_config("logits", cfg, factory(nk, x))
                 padded = op == "fused_loss" and N == op_sizes[len(op_sizes) // 2]
                 if padded:
                     xp = make_inputs(N, padded=True)

@@ -54,12 +54,24 @@ def test_gpu_head_runs_every_section(tmp_path):
     assert "**Checks: all passed**" in md
 
 
+def test_precision_probe_runs():
+    """benchmarks/precision_probe.py (the signed errors behind the checks' tensor-core yardstick), on a tiny head:
+    every line it prints, with finite numbers."""
+    proc = subprocess.run([sys.executable, "benchmarks/precision_probe.py"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 5 and lines[-1].startswith("ours, fused_linear_ngrpo_loss"), proc.stdout
+    assert "nan" not in proc.stdout and "inf" not in proc.stdout
+
+
 def test_gpu_head_checks_can_fail():
     """--check's verdict (the exit code and head.md's line) names each bound a broken kernel breaks."""
     gpu_head = _gpu_head()
-    fused = dict(finite=True, masked_dx_zero=True, loss_rel=1e-8, dx_rel=3e-3, dw_rel=3e-3, naive_bf16_dx_rel=2e-2,
-                 naive_bf16_dw_rel=2e-2)
-    lp = dict(finite=True, ignored_zero=True, lp_max_abs=2e-5, ent_max_abs=3e-5, dx_rel=2e-3, dw_rel=2e-3)
+    fused = dict(finite=True, masked_dx_zero=True, loss_rel=1e-8, f32_loss_rel=1e-8, adv_scale_rel=10.0, dx_rel=3e-3,
+                 dw_rel=3e-3, naive_bf16_dx_rel=2e-2, naive_bf16_dw_rel=2e-2)
+    lp = dict(finite=True, ignored_zero=True, lp_max_abs=2e-5, lp_bias=1.4e-5, tc_lp_bias=1.4e-5, ent_max_abs=3e-5,
+              dx_rel=2e-3, dw_rel=2e-3)
     fp16 = dict(finite=True, dx_rel=3e-4, dw_rel=3e-4, floor_dx_rel=2e-4, floor_dw_rel=2e-4)
     res = {f"{op} {tag}": dict(r) for tag in ("all valid", "padded (NaN in padding)")
            for op, r in (("fused_loss", fused), ("logprobs", lp))}
@@ -68,8 +80,13 @@ def test_gpu_head_checks_can_fail():
     res["fused_loss all valid"]["dw_rel"] = 0.5
     res["logprobs padded (NaN in padding)"]["ent_max_abs"] = float("nan")
     res["fused_loss fp16"]["finite"] = False
+    res["fused_loss padded (NaN in padding)"]["loss_rel"] = 1e-4  # bound: 2.8e-5 + 4e-8 + 1e-5
     failures = gpu_head.check_failures(res)
-    assert len(failures) == 3 and "dw rel 5.0e-01" in failures[0] and "fp16" in failures[2]
+    assert len(failures) == 4 and "dw rel 5.0e-01" in failures[0] and "loss rel 1.0e-04" in failures[1], failures
+    assert "fp16" in failures[3]
+    res = {k: dict(v) for k, v in res.items()}
+    res["logprobs all valid"]["lp_bias"] = 5e-5  # a log-prob bias of our own, beyond the tensor cores'
+    assert any("mean log-prob error 5.0e-05" in f for f in gpu_head.check_failures(res))
 
 
 @pytest.mark.parametrize("stop", [RuntimeError("a broken section"), KeyboardInterrupt()])
