@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One command for a lent GPU machine: ~2.5 minutes with --no-peers (135-161 s on an H200, 2026-11-27), the
-# peers up to 4 minutes more. Writes under OUTDIR:
+# One command for a lent GPU machine: ~2.5-3.5 minutes with --no-peers (135-206 s on an H200, 2026-11-27/28),
+# 342 s with the peers (2026-11-28). Writes under OUTDIR:
 #   head.md / head.json   the head ops against cuBLAS in one process (N = 4096, 16384; fused loss also at
 #                         32768 and with 34 % padding), float64 checks on the GPU, isolated vs queued vs
 #                         CUDA-graph times, per-kernel profiles
