@@ -52,7 +52,7 @@ def compare(fns: dict, reps: int, queued: bool = False) -> dict:
     temperature drift hits every contender alike, in a new order each round (seeded): under the H200's
     power cap a call may run slower after three cuBLAS GEMMs than after a lighter contender, and in a
     fixed order one row always follows the floor (2026-11-28, fixed order: rows placed after the 715de13
-    baseline ran 1-6 % faster than the default row right after the floor, their code differing only in
+    baseline ran 0.5-7 % faster than the default row right after the floor, their code differing only in
     running backward on the calling thread; the order is a suspect).
 
     ``queued``: each call is enqueued behind ~10 ms of GPU work (``torch.cuda._sleep``) and timed from

@@ -436,9 +436,9 @@ def test_one_chunk_gradients_are_formed_in_backward_with_the_upstream_gradient(d
     assert torch.equal(op_loss, loss.detach())
     for name, g, t in zip(("dX", "dW", "db"), grads, op_leaves):
         # half: that route rounds dX twice (stored, then scaled), and the interpreter's casts truncate; float32:
-        # the upstream factor applied to each dZ term or to their sum, whose terms cancel (3e-6 of one dX on an
-        # H200, 1.5e-7 absolute)
-        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=1e-6)
+        # the upstream factor applied to each dZ term or to their sum, whose terms cancel (one dX element of
+        # ~0.05 off by 1.5e-7 on an H200, against 1.5e-7 allowed by rtol 1e-6 + atol 1e-7)
+        tol = dict(rtol=1e-6, atol=5e-7) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=1e-6)
         torch.testing.assert_close(t.grad, g, **tol, msg=lambda m: f"{name}: {m}")
 
     calls.update(forward=0, backward=0)
