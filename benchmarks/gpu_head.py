@@ -1,6 +1,7 @@
 """The head ops on a GPU, against cuBLAS in the same process: the first table of ``gpu_suite.sh``.
 
-    python benchmarks/gpu_head.py --out DIR [--baseline DIR] [--check] [--sweep] [--profile]
+    python benchmarks/gpu_head.py --out DIR [--baseline DIR] [--check] [--diagnose] [--gemms] [--sweep] [--tune]
+                                  [--profile]
 
 Shape: the Qwen2.5-7B head (H = 3584, V = 152064), bf16. Each figure is the median of ``--reps``
 (default 10) timed calls after two warm-up calls, with CUDA events; peak memory is
@@ -13,8 +14,11 @@ included). Floors, timed in the same process on the same inputs:
 
 ``--baseline DIR`` also times the package found in DIR (a copy of an earlier ngrpo_kernels, renamed
 ``ngrpo_base``) for before/after tables. ``--check`` compares against float64 on the GPU first;
-``--sweep`` times alternative GEMM configurations; ``--profile`` writes per-kernel tables
-(torch.profiler). Writes ``head.json`` and ``head.md`` under ``--out`` and prints the tables.
+``--gemms`` times each GEMM of a chunk against cuBLAS (several configurations); ``--sweep`` the logits
+GEMM's configurations, the dense backend and the workspace; ``--tune`` the fused loss end to end with
+alternative GEMM configurations (4 stages, tile order); ``--diagnose`` isolated / queued / CUDA-graph /
+host time; ``--profile`` writes per-kernel tables (torch.profiler). Writes ``head.json`` and ``head.md``
+under ``--out`` and prints the tables.
 """
 
 from __future__ import annotations
@@ -430,6 +434,8 @@ def main() -> int:
     ap.add_argument("--baseline")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--tune", action="store_true",
+                    help="the fused loss end to end with alternative GEMM configurations (4 stages, tile order)")
     ap.add_argument("--gemms", action="store_true", help="each GEMM of one 4k-token chunk, ours vs cuBLAS")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--diagnose", action="store_true",
@@ -552,6 +558,8 @@ def main() -> int:
             section("the GEMM table", extend(lambda: gemms(args.reps, record), 20))
         if args.sweep:
             section("the workspace sweep", extend(lambda: sweep(args.reps, record), 22))
+        if args.tune:
+            section("the configuration table", extend(lambda: tune(args.reps, record), 26))
         if args.diagnose:
             section("the diagnosis", extend(lambda: diagnose(args.reps, record, sizes), 16))
         if args.profile:
@@ -579,8 +587,9 @@ def gemms(reps, record) -> list[str]:
     """Each GEMM of one chunk of n tokens in isolation: ours (several configs) against cuBLAS."""
     from ngrpo_kernels.ops import persistent_gemm as pg
     from ngrpo_kernels.ops.gemm import addmm_fp32
+    from ngrpo_kernels.ops.linear_logprobs.triton_rows import dlogits_
 
-    rows = []
+    rows, notes = [], []
     for n in ((4096, 8192) if DEV == "cuda" else (64,)):
         g = torch.Generator(device=DEV).manual_seed(3)
         x = torch.randn(n, H, device=DEV, generator=g).to(DT)
@@ -632,15 +641,37 @@ def gemms(reps, record) -> list[str]:
         fns["cuBLAS dW += dZ^T X (fp32)"] = lambda: addmm_fp32(acc, dz.T, x)
         fns["ours dW += dZ^T X 128x256x64 g8"] = with_config(
             "dw", configs.HOPPER, lambda: pg.accumulate_t(acc, dz, x, init=False, count=count))
+        for label, cfg in (("g8 s4", C(128, 256, 64, 8, 8, 4, True)), ("g32 s3", C(128, 256, 64, 32, 8, 3, True))):
+            fns[f"ours dX 128x256x64 {label} split 2"] = dx_gemm(cfg, 2)
+            fns[f"ours dW += dZ^T X 128x256x64 {label}"] = with_config(
+                "dw", cfg, lambda: pg.accumulate_t(acc, dz, x, init=False, count=count))
+        # The dZ pass (the fused loss's: slice-shifted fp16 logits in, bf16 dZ out, in place; 3.05 ms of the
+        # 16k-token step on an H200, ~3.3 TB/s) against a copy of the same bytes, in other launch tiles.
+        z2, order_n = torch.empty_like(z), torch.arange(n, device=DEV)
+        row_vec = torch.zeros(n, device=DEV)
+
+        def dz_pass(br=None, warps=None):
+            return lambda: dlogits_(z, count=count, row0=0, inv_temp=1.0, g_lp=row_vec, targets=order_n,
+                                    m_part=parts[0][:slices], m_row=row_vec, log_s=row_vec, out_dtype=torch.bfloat16,
+                                    tile_rows=br, num_warps=warps)
+        fns["copy of the dZ pass's bytes (2 + 2 per logit)"] = lambda: z2.copy_(z)
+        fns["dZ pass (default tile)"] = dz_pass()
+        for br, warps in ((32, 4), (32, 8), (64, 8)):
+            fns[f"dZ pass {br} rows, {warps} warps"] = dz_pass(br, warps)
+        fns, failed = runnable(fns)
+        notes += [f"{line} (n={n})" for line in failed]
         ms = compare(fns, reps)
-        base = {"log": ms["cuBLAS x @ W.T"], "dX": ms["cuBLAS dZ @ W"], "dW": ms["cuBLAS dW += dZ^T X (fp32)"]}
+        base = {"log": ms["cuBLAS x @ W.T"], "dX": ms["cuBLAS dZ @ W"], "dW": ms["cuBLAS dW += dZ^T X (fp32)"],
+                "dZ": ms["copy of the dZ pass's bytes (2 + 2 per logit)"]}
         for name, t in ms.items():
-            ref = base["dX"] if "dX" in name or "dZ @ W" in name else base["dW"] if "dW" in name else base["log"]
+            ref = (base["dZ"] if "dZ pass" in name else base["dX"] if "dX" in name or "dZ @ W" in name
+                   else base["dW"] if "dW" in name else base["log"])
             record("gemm_chunk", name, n, t, ref)
             rows.append(row(f"{name}, n={n}", t, ref))
         fns = ms = None  # the closures hold this size's buffers; the next size's replace them
         empty_cache()
-    return table("Each GEMM of one chunk (vs the cuBLAS GEMM of the same shape)", ["GEMM", "ms", "x cuBLAS"], rows)
+    lines = table("Each GEMM of one chunk (vs the cuBLAS GEMM of the same shape)", ["GEMM", "ms", "x cuBLAS"], rows)
+    return lines + (["", "Did not run:", *notes] if notes else [])
 
 
 def diagnose(reps, record, sizes) -> list[str]:
@@ -729,7 +760,6 @@ def host_profile(N: int) -> list[str]:
     """cProfile of the host side of three calls of each op (the GPU kept busy, so nothing waits on it):
     which Python functions the host enqueue time above is made of."""
     import cProfile
-    import io
     import pstats
 
     x = make_inputs(N)
@@ -746,11 +776,8 @@ def host_profile(N: int) -> list[str]:
         prof.disable()
         if DEV == "cuda":
             torch.cuda.synchronize()
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
-        body = text.getvalue()
-        body = body[body.find("ncalls"):] if "ncalls" in body else body
-        lines += [f"\n### Host profile: {name}, N = {N}, three calls (cProfile, by own time)\n", "```", body.rstrip(), "```"]
+        lines += [f"\n### Host profile: {name}, N = {N}, three calls (cProfile, by own time; us per call)\n",
+                  "```", *profile_rows(pstats.Stats(prof), calls=3), "```"]
     if DEV == "cuda":  # one call's host and GPU timeline (chrome trace): when the first kernel starts
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -764,6 +791,17 @@ def host_profile(N: int) -> list[str]:
     del x
     empty_cache()
     return lines
+
+
+def profile_rows(stats, calls: int, limit: int = 25) -> list[str]:
+    """cProfile's functions by own time, in microseconds per profiled call (pstats prints seconds to three
+    decimals: every entry of a sub-millisecond call read 0.000)."""
+    entries = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:limit]
+    out = [f"{'own us':>9} {'cum us':>9} {'ncalls':>7}  function"]
+    for (path, line, fn), (_, ncalls, own, cum, _) in entries:
+        where = fn if path == "~" else f"{'/'.join(Path(path).parts[-3:])}:{line}({fn})"
+        out.append(f"{own / calls * 1e6:9.1f} {cum / calls * 1e6:9.1f} {ncalls:7d}  {where}")
+    return out
 
 
 def sweep(reps, record) -> list[str]:
@@ -803,6 +841,72 @@ def sweep(reps, record) -> list[str]:
         record("sweep_workspace", f"workspace {ws / GIB:.2f} GiB", N, ms["ours"], ms["3 cuBLAS GEMMs"], pk)
         rows.append(row(f"fused loss, workspace {ws / GIB:.2f} GiB", ms["ours"], ms["3 cuBLAS GEMMs"], pk))
     return table(f"Sweep (N = {N})", ["variant", "ms", "x floor", "peak GiB"], rows)
+
+
+def runnable(fns: dict) -> tuple[dict, list[str]]:
+    """The callables that run (one call each, which also compiles them), and a note for each that does not:
+    a configuration that triton cannot compile or launch here (shared memory, registers) is a finding, not
+    a reason to lose the rest of the table."""
+    ok, notes = {}, []
+    for name, fn in fns.items():
+        try:
+            fn()
+            ok[name] = fn
+        except Exception as err:  # noqa: BLE001 - reported in the table
+            notes.append(f"- {name}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+            empty_cache()
+    return ok, notes
+
+
+def tune(reps, record) -> list[str]:
+    """The fused loss forward + backward with alternative GEMM configurations, end to end, each under
+    ``configs.override`` (which also runs backward on the calling thread) beside the default configuration
+    under the same override and the 3-GEMM floor, round-robin. Our GEMMs were 2-11 % behind cuBLAS's in
+    the fused loss at 16k on an H200 (docs/kernels.md); these are the candidates that compile for sm_90a
+    without spills within 227 KB of shared memory (4 stages: 213 KB for the logits GEMM, 229 KB for dX
+    and dW under triton 3.9), and the tile order of dX and dW."""
+    dev = torch.device(DEV)
+    logits0 = configs.config_for("logits", DT, dev)
+    dense0 = configs.config_for("dw", DT, dev)
+
+    def s4(cfg):
+        return replace(cfg, num_stages=4)
+
+    variants = {
+        "default configs": {},
+        "logits 4 stages": dict(logits=s4(logits0)),
+        "dX 4 stages": dict(dx=s4(dense0)),
+        "dW 4 stages": dict(dw=s4(dense0)),
+        "dX and dW 4 stages": dict(dx=s4(dense0), dw=s4(dense0)),
+        "all three 4 stages": dict(logits=s4(logits0), dx=s4(dense0), dw=s4(dense0)),
+        "dW GROUP_M 16": dict(dw=replace(dense0, group_m=16)),
+        "dW GROUP_M 32": dict(dw=replace(dense0, group_m=32)),
+        "dX GROUP_M 32": dict(dx=replace(dense0, group_m=32)),
+    }
+    if DEV != "cuda":  # --smoke: one variant per role is enough to exercise the script (the interpreter is slow)
+        variants = {k: variants[k] for k in ("default configs", "all three 4 stages", "dW GROUP_M 32")}
+    rows, notes = [], []
+    for N in ((16384, 4096) if DEV == "cuda" else (32,)):
+        x = make_inputs(N)
+        fns = {"3 cuBLAS GEMMs (6NHV)": gemm_floor(x, 3)}
+        for name, cfgs in variants.items():
+            def run(cfgs=cfgs, fn=fused_loss(nk, x)):
+                with configs.override(**cfgs):
+                    fn()
+            fns[f"fused loss, {name}"] = run
+        fns, failed = runnable(fns)
+        notes += [f"{line} (N={N})" for line in failed]
+        ms = compare(fns, reps)
+        floor, default = ms["3 cuBLAS GEMMs (6NHV)"], ms.get("fused loss, default configs")
+        for name, t in ms.items():
+            record("tune_fused_loss", name, N, t, floor)
+            rows.append([f"{name}, N={N}", f"{t:.2f}", f"{t / floor:.3f}",
+                         f"{t / default:.3f}" if default else "-"])
+        del x, fns
+        empty_cache()
+    lines = table("Fused loss with alternative GEMM configurations (all rows under configs.override, backward on "
+                  "the calling thread)", ["variant", "ms", "x 3-GEMM floor", "x default configs"], rows)
+    return lines + (["", "Did not run:", *notes] if notes else [])
 
 
 def profile(out_dir: Path) -> list[str]:

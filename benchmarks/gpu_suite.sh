@@ -20,6 +20,8 @@
 # under the call's own limit (timeout_s 600 here), or the tool kills the packing too. The last command
 # prints head.md's tables without its long profiles (the tool shows only the last 12,000 characters):
 #   timeout 575 bash benchmarks/gpu_suite.sh /tmp/s; tar czf $OUT/suite.tgz -C /tmp s; sed -n '/^###/,/^### Host profile/p' /tmp/s/head.md | head -c 11000
+# The GEMM configuration experiments are a second call, not part of the suite (~2-3 minutes, not yet run):
+#   cd benchmarks && PYTHONPATH=.. timeout 500 python gpu_head.py --out $OUT/tune --tune --gemms; cat $OUT/tune/head.md
 #
 # The GPU image has torch, triton, transformers, accelerate, pandas, pytest, pytest-xdist and pytest-benchmark,
 # but no peer: carry them as wheels (downloaded here, .whl/ is git-ignored) and name .whl in the device tool's
@@ -87,7 +89,7 @@ sed -n '/^###/,$p' "$OUT/head.md" 2>/dev/null | sed '/Per-kernel profile/,$d'
 
 # 2. The kernel tests (the trainer's tests are CPU-only and need packages the GPU image lacks).
 if [ "$TESTS" = 1 ]; then
-  step "GPU tests" 200 python -m pytest -q -ra -n 8 -p no:cacheprovider tests/test_advantages.py tests/test_policy_loss.py \
+  step "GPU tests" 200 python -m pytest -q -ra -n 8 -p no:cacheprovider --durations=20 tests/test_advantages.py tests/test_policy_loss.py \
     tests/test_validation.py tests/test_linear_logprobs.py tests/test_fused_loss.py tests/test_persistent_gemm.py \
     tests/test_compile.py tests/test_benchmark_peers.py \
     -k "cuda or persistent_gemm or either_dense or one_chunk" >"$OUT/gpu_tests.log" 2>&1

@@ -16,7 +16,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["Correctness against float64", "No-grad log-probs", "Log-probs + entropy, forward and backward",
-            "Fused NGRPO loss", "Each GEMM of one chunk", "Sweep", "Isolated call, queued behind GPU work",
+            "Fused NGRPO loss", "Each GEMM of one chunk", "Sweep", "Fused loss with alternative GEMM configurations",
+            "Isolated call, queued behind GPU work",
             "Host profile: no-grad", "Host profile: fused loss", "Per-kernel profile: fused loss"]
 
 
@@ -37,7 +38,7 @@ def test_gpu_head_runs_every_section(tmp_path):
     out = tmp_path / "head"
     proc = subprocess.run(
         [sys.executable, "gpu_head.py", "--smoke", "--out", str(out), "--check", "--diagnose", "--gemms", "--sweep",
-         "--profile", "--reps", "1", "--sizes", "32", "--loss-sizes", "32"],
+         "--tune", "--profile", "--reps", "1", "--sizes", "32", "--loss-sizes", "32"],
         cwd=ROOT / "benchmarks", env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     md = (out / "head.md").read_text()
@@ -45,7 +46,9 @@ def test_gpu_head_runs_every_section(tmp_path):
         assert f"### {section}" in md, section
     rows = json.loads((out / "head.json").read_text())["rows"]
     ops = {r["op"] for r in rows}
-    assert {"logprobs_no_grad", "logprobs_grad", "fused_loss", "gemm_chunk", "diagnose"} <= ops
+    assert {"logprobs_no_grad", "logprobs_grad", "fused_loss", "gemm_chunk", "diagnose", "tune_fused_loss"} <= ops
+    assert "Did not run" not in md  # every configuration of --gemms and --tune ran (the interpreter has no limits)
+    assert "   own us    cum us  ncalls  function" in md  # the host profile in microseconds
     assert all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in rows)
     check = json.loads((out / "head.json").read_text())["check"]
     assert all(c["finite"] for c in check.values())

@@ -206,24 +206,26 @@ def logprobs_finish(xc, weight, bias, targets_c, order, count, partials, *, row0
 
 
 def dlogits_(z, *, count, row0, inv_temp, g_lp, targets, h=None, g_h=None, m_part=None, m_row=None, log_s=None,
-             zero_tail=False, out_dtype):
+             zero_tail=False, out_dtype, tile_rows=None, num_warps=None):
     """Turns the stored logits of a chunk ``z`` [n, V] into dZ in place; returns dZ viewed as ``out_dtype``.
     ``log_s``: the rows' log s (``combine_partials``). ``m_part`` given: ``z`` holds slice-shifted logits (the
     fused loss), with the rows' max ``m_row``; else ``z - m_row`` (log-probs: the shift GEMM).
     Per-row vectors are chunk-local [n] float32; rows past the count are left alone, or zeroed with
-    ``zero_tail`` (when a consumer reads the whole chunk: cuBLAS GEMMs, the bias gradient)."""
+    ``zero_tail`` (when a consumer reads the whole chunk: cuBLAS GEMMs, the bias gradient).
+    ``tile_rows`` / ``num_warps``: the launch's tile, for ``benchmarks/gpu_head.py --gemms`` to time
+    alternatives (default: ``block_rows``, 4 warps)."""
     n, V = z.shape
     dz = z.view(out_dtype)
     if m_part is not None:  # one program per slice of the logits GEMM's partials
         slice_width = pg.stats_width(out_dtype, z.device)
     else:
         slice_width = 128 if z.is_cuda else 32
-    br = block_rows(z.device)
+    br = tile_rows or block_rows(z.device)
     _dlogits_kernel[(cdiv(n, br), cdiv(V, slice_width))](
         z, dz, g_lp if m_part is None else m_part, g_lp if m_row is None else m_row, g_lp if log_s is None else log_s,
         g_lp if h is None else h, g_lp, g_lp if g_h is None else g_h,
         targets, count, n, V, z.stride(0), 0 if m_part is None else m_part.stride(0), row0, inv_temp,
         SLICE_SHIFT=m_part is not None, HAS_G_H=g_h is not None, ZERO_TAIL=zero_tail, BLOCK_R=br,
-        SLICE=slice_width, num_warps=4 if z.is_cuda else 1,
+        SLICE=slice_width, num_warps=num_warps or (4 if z.is_cuda else 1),
     )
     return dz
