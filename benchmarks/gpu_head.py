@@ -62,10 +62,12 @@ def compare(fns: dict, reps: int, queued: bool = False) -> dict:
     ``queued``: each call is enqueued behind ~10 ms of GPU work (``torch.cuda._sleep``) and timed from
     the end of it, as in a training step where the host runs ahead of the GPU: the host's latency
     before the first kernel is hidden and only GPU time (kernels and the gaps between them) counts.
-    Otherwise the call is timed from an idle GPU, host latency included (an isolated call)."""
+    Otherwise the call is timed from an idle GPU, host latency included (an isolated call). Two warm-up
+    calls each on a GPU; none in a --smoke run, whose times mean nothing (the interpreter is slow: the smoke
+    test of every section ran for 6.5 minutes of CI's 30)."""
     for fn in fns.values():
-        fn()
-        fn()
+        for _ in range(2 if DEV == "cuda" else 0):
+            fn()
     times = {name: [] for name in fns}
     order = list(fns)
     shuffle = random.Random(0).shuffle
@@ -148,8 +150,7 @@ def graphs_ms(fns: dict, reps: int) -> dict:
 
 
 def peak_gib(fn) -> float:
-    if DEV != "cuda":
-        fn()
+    if DEV != "cuda":  # --smoke: the call has run in the table's timing already
         return 0.0
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
