@@ -5,7 +5,8 @@
 #                         32768 and with 34 % padding), float64 checks on the GPU, isolated vs queued vs
 #                         CUDA-graph times, per-kernel profiles
 #   clocks.csv            SM clock, power, temperature, throttle reasons (nvidia-smi, every 250 ms)
-#   gpu_tests.log         the kernel tests on the GPU (pytest-xdist, 8 workers)
+#   gpu_tests.log         the kernel tests on the GPU (pytest-xdist, 16 workers, one per CPU core: 105 s with
+#                         8 on an H200, 16 not yet timed) and their 20 slowest
 #   bench.log, bench_*.json, peers.jsonl, RESULTS_gpu.md   pytest benchmarks against the peers (unless --no-peers)
 #   machine.txt
 # and prints the head table first, then the test verdict.
@@ -89,7 +90,7 @@ sed -n '/^###/,$p' "$OUT/head.md" 2>/dev/null | sed '/Per-kernel profile/,$d'
 
 # 2. The kernel tests (the trainer's tests are CPU-only and need packages the GPU image lacks).
 if [ "$TESTS" = 1 ]; then
-  step "GPU tests" 200 python -m pytest -q -ra -n 8 -p no:cacheprovider --durations=20 tests/test_advantages.py tests/test_policy_loss.py \
+  step "GPU tests" 200 python -m pytest -q -ra -n 16 -p no:cacheprovider --durations=20 tests/test_advantages.py tests/test_policy_loss.py \
     tests/test_validation.py tests/test_linear_logprobs.py tests/test_fused_loss.py tests/test_persistent_gemm.py \
     tests/test_compile.py tests/test_benchmark_peers.py \
     -k "cuda or persistent_gemm or either_dense or one_chunk" >"$OUT/gpu_tests.log" 2>&1
