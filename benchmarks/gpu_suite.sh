@@ -7,11 +7,14 @@
 #   clocks.csv            SM clock, power, temperature, throttle reasons (nvidia-smi, every 250 ms)
 #   gpu_tests.log         the kernel tests on the GPU (pytest-xdist, 16 workers, one per CPU core: 105 s with
 #                         8 on an H200, 16 not yet timed) and their 20 slowest
+#   tune/head.md, tune.log   with --tune: the GEMM configuration experiments (gpu_head.py --tune --gemms:
+#                         the fused loss end to end with alternative GEMM configurations, each GEMM and the
+#                         dZ pass against cuBLAS / a copy; ~2-3 minutes, estimated, not yet run), after the tests
 #   bench.log, bench_*.json, peers.jsonl, RESULTS_gpu.md   pytest benchmarks against the peers (unless --no-peers)
 #   machine.txt
 # and prints the head table first, then the test verdict.
 #
-#   benchmarks/gpu_suite.sh OUTDIR [--no-peers] [--no-tests]
+#   benchmarks/gpu_suite.sh OUTDIR [--no-peers] [--no-tests] [--tune]
 #
 # It writes more files than the device tool brings back (8): write them elsewhere and pack them. The suite
 # keeps to a deadline of its own (SUITE_SECONDS, default 520 s from its start): each step gets at most its
@@ -21,8 +24,8 @@
 # under the call's own limit (timeout_s 600 here), or the tool kills the packing too. The last command
 # prints head.md's tables without its long profiles (the tool shows only the last 12,000 characters):
 #   timeout 575 bash benchmarks/gpu_suite.sh /tmp/s; tar czf $OUT/suite.tgz -C /tmp s; sed -n '/^###/,/^### Host profile/p' /tmp/s/head.md | head -c 11000
-# The GEMM configuration experiments are a second call, not part of the suite (~2-3 minutes, not yet run):
-#   cd benchmarks && PYTHONPATH=.. timeout 500 python gpu_head.py --out $OUT/tune --tune --gemms; cat $OUT/tune/head.md
+# With --tune the GEMM configuration experiments run after the tests and before the peers (which the deadline
+# then cuts first); the same on their own: cd benchmarks && PYTHONPATH=.. python gpu_head.py --out DIR --tune --gemms
 #
 # The GPU image has torch, triton, transformers, accelerate, pandas, pytest, pytest-xdist and pytest-benchmark,
 # but no peer: carry them as wheels (downloaded here, .whl/ is git-ignored) and name .whl in the device tool's
@@ -47,13 +50,15 @@ step() {  # step NAME CAP COMMAND...: runs COMMAND under its limit, SIGINT first
   timeout -s INT -k 20 "$t" python -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL)
 os.execvp(sys.argv[1], sys.argv[1:])' "$@"
 }
-OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [--no-peers] [--no-tests]}
+OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [--no-peers] [--no-tests] [--tune]}
 PEERS=1
 TESTS=1
+TUNE=0
 for flag in "${@:2}"; do
   case "$flag" in
     --no-peers) PEERS=0 ;;
     --no-tests) TESTS=0 ;;
+    --tune) TUNE=1 ;;
     *) echo "unknown flag $flag" >&2; exit 2 ;;
   esac
 done
@@ -96,6 +101,14 @@ if [ "$TESTS" = 1 ]; then
     -k "cuda or persistent_gemm or either_dense or one_chunk" >"$OUT/gpu_tests.log" 2>&1
   echo "GPU tests exit code: $?" | tee -a "$OUT/machine.txt"
   grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -1
+fi
+
+# 2b. With --tune: the GEMM configuration experiments (docs/kernels.md "Measuring").
+if [ "$TUNE" = 1 ]; then
+  (cd benchmarks && step "GEMM configurations" 200 python gpu_head.py --out "$OUT/tune" --tune --gemms) \
+    >"$OUT/tune.log" 2>&1
+  echo "GEMM configurations exit code: $?" | tee -a "$OUT/machine.txt"
+  sed -n '/^###/,$p' "$OUT/tune/head.md" 2>/dev/null
 fi
 
 # 3. The peers (pytest-benchmark) at the 7B head, N = 16384, all valid: ~14 implementations, torch.compile
