@@ -435,6 +435,8 @@ def main() -> int:
     ap.add_argument("--baseline")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-tables", action="store_true",
+                    help="skip the three head tables (a run of --gemms / --sweep / --tune on its own)")
     ap.add_argument("--tune", action="store_true",
                     help="the fused loss end to end with alternative GEMM configurations (4 stages, tile order)")
     ap.add_argument("--gemms", action="store_true", help="each GEMM of one 4k-token chunk, ours vs cuBLAS")
@@ -553,7 +555,7 @@ def main() -> int:
     try:
         if args.check:
             section("the float64 checks", checks)
-        for spec in sections:
+        for spec in [] if args.no_tables else sections:
             section(spec[1], lambda spec=spec: timed(*spec))
         if args.gemms:
             section("the GEMM table", extend(lambda: gemms(args.reps, record), 20))

@@ -25,7 +25,7 @@
 # prints head.md's tables without its long profiles (the tool shows only the last 12,000 characters):
 #   timeout 575 bash benchmarks/gpu_suite.sh /tmp/s; tar czf $OUT/suite.tgz -C /tmp s; sed -n '/^###/,/^### Host profile/p' /tmp/s/head.md | head -c 11000
 # With --tune the GEMM configuration experiments run after the tests and before the peers (which the deadline
-# then cuts first); the same on their own: cd benchmarks && PYTHONPATH=.. python gpu_head.py --out DIR --tune --gemms
+# then cuts first); on their own: cd benchmarks && PYTHONPATH=.. python gpu_head.py --out DIR --no-tables --tune --gemms
 #
 # The GPU image has torch, triton, transformers, accelerate, pandas, pytest, pytest-xdist and pytest-benchmark,
 # but no peer: carry them as wheels (downloaded here, .whl/ is git-ignored) and name .whl in the device tool's
@@ -105,7 +105,7 @@ fi
 
 # 2b. With --tune: the GEMM configuration experiments (docs/kernels.md "Measuring").
 if [ "$TUNE" = 1 ]; then
-  (cd benchmarks && step "GEMM configurations" 200 python gpu_head.py --out "$OUT/tune" --tune --gemms) \
+  (cd benchmarks && step "GEMM configurations" 200 python gpu_head.py --out "$OUT/tune" --no-tables --tune --gemms) \
     >"$OUT/tune.log" 2>&1
   echo "GEMM configurations exit code: $?" | tee -a "$OUT/machine.txt"
   sed -n '/^###/,$p' "$OUT/tune/head.md" 2>/dev/null

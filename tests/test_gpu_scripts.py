@@ -57,6 +57,17 @@ def test_gpu_head_runs_every_section(tmp_path):
     assert "**Checks: all passed**" in md
 
 
+def test_gpu_head_without_its_tables(tmp_path):
+    """--no-tables (gpu_suite.sh --tune's step): only the sections asked for run, not the three head tables
+    again (about a minute of a GPU session)."""
+    proc = subprocess.run([sys.executable, "gpu_head.py", "--smoke", "--no-tables", "--out", str(tmp_path)],
+                          cwd=ROOT / "benchmarks", env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    md = (tmp_path / "head.md").read_text()
+    assert md.startswith("Device: ") and "### " not in md
+    assert json.loads((tmp_path / "head.json").read_text())["rows"] == []
+
+
 def test_precision_probe_runs():
     """benchmarks/precision_probe.py (the signed errors behind the checks' tensor-core yardstick), on a tiny head:
     every line it prints, with finite numbers."""
