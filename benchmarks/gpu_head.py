@@ -867,7 +867,7 @@ def tune(reps, record) -> list[str]:
     under the same override and the 3-GEMM floor, round-robin. Our GEMMs were 2-11 % behind cuBLAS's in
     the fused loss at 16k on an H200 (docs/kernels.md); these are the candidates that compile for sm_90a
     without spills within 227 KB of shared memory (4 stages: 213 KB for the logits GEMM, 229 KB for dX
-    and dW under triton 3.9), and the tile order of dX and dW."""
+    and dW, under triton 3.6 and 3.9 alike), and the tile order of dX and dW."""
     dev = torch.device(DEV)
     logits0 = configs.config_for("logits", DT, dev)
     dense0 = configs.config_for("dw", DT, dev)
