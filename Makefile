@@ -34,7 +34,8 @@ library-demo: setup
 # kernels are imported). pytest exit code 5 means no test was collected: that is a failure here.
 # Workers (pytest-xdist): one per core, at most 4, none on one core. The tests are single-threaded Python
 # under the interpreter: on a 2-core machine the suite took 797 s with 2 workers against 1,832 s in one
-# process (2026-11-28). TEST_WORKERS=0 runs it in one process.
+# process (2026-11-28; the one-process run shared the machine with other work, so it overstates the gain).
+# TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); if [ $$n -gt 4 ]; then n=4; elif [ $$n -lt 2 ]; then n=0; fi; echo $$n)
 test: setup
 	@if command -v nvidia-smi >/dev/null 2>&1; then interp=0; else interp=1; fi; \
