@@ -687,21 +687,15 @@ def diagnose(reps, record, sizes) -> list[str]:
     """Where the time between the GEMM floor and an isolated call goes: the same call timed from an idle
     GPU (host latency included), queued behind GPU work (host latency hidden, as in training), replayed as
     a CUDA graph (no host work), and the host's enqueue time (a hidden synchronisation shows as ~10 ms).
-    Also the no-grad pass in 4096-token chunks (the schedule before 98315ce) against one launch, its
-    Triton implementation called below the public function, and both ops routed through their custom ops
-    (torch.compile's route; eager calls skip that dispatch): what the wrapper and the dispatcher cost. And
+    Also the no-grad pass's Triton implementation called below the public function, and both ops routed
+    through their custom ops (torch.compile's route; eager calls skip that dispatch): what the wrapper and
+    the dispatcher cost; both ops with every kernel launched by Triton's generic path
+    (``ops/launcher.generic_launch``), against the direct launches of compiled kernels. And
     the fused loss forming its gradients in forward at any size (a one-chunk eager call now leaves them to
     backward, with the upstream gradient in the GEMMs' epilogues)."""
-    from ngrpo_kernels.ops.head_schedule import row_bytes
-
     rows = []
     for N in sizes:
         x = make_inputs(N)
-        chunk4k = 4096 * row_bytes(V, H, DT, torch.device(DEV), need_logits=False)
-
-        def no_grad_4k(x=x, ws=chunk4k):
-            with torch.no_grad():
-                nk.fused_linear_logprobs(x["hidden"], x["weight"], x["targets"], validate=False, workspace_bytes=ws)
 
         def no_grad_impl(x=x):  # below the custom op and the public wrapper: what their dispatch costs
             from ngrpo_kernels.ops.linear_logprobs import triton_impl
@@ -714,11 +708,14 @@ def diagnose(reps, record, sizes) -> list[str]:
                  "no-grad log-probs, Triton implementation called directly": (no_grad_impl, "cuBLAS x @ W.T"),
                  "no-grad log-probs, through the custom op": (through_custom_op(logprobs_no_grad(nk, x)),
                                                               "cuBLAS x @ W.T"),
-                 "no-grad log-probs, 4096-token chunks": (no_grad_4k, "cuBLAS x @ W.T"),
+                 "no-grad log-probs, Triton's generic launches": (generic_launches(logprobs_no_grad(nk, x)),
+                                                                  "cuBLAS x @ W.T"),
                  "3 cuBLAS GEMMs": (gemm_floor(x, 3), None),
                  "fused loss fwd+bwd": (fused_loss(nk, x), "3 cuBLAS GEMMs"),
                  "fused loss fwd+bwd, through the custom ops": (through_custom_op(fused_loss(nk, x)),
                                                                 "3 cuBLAS GEMMs"),
+                 "fused loss fwd+bwd, Triton's generic launches": (generic_launches(fused_loss(nk, x)),
+                                                                   "3 cuBLAS GEMMs"),
                  "fused loss fwd+bwd, gradients formed in forward": (gradients_in_forward(fused_loss(nk, x)),
                                                                      "3 cuBLAS GEMMs")}
         fns = {k: f for k, (f, _) in cases.items()}
@@ -751,6 +748,17 @@ def gradients_in_forward(fn):
             return fn()
         finally:
             nk.gradients_in_forward(previous)
+    return call
+
+
+def generic_launches(fn):
+    """``fn`` with every Triton kernel launched through Triton's generic path (``JITFunction.run``: binding,
+    specialisation, cache key), as before ``ngrpo_kernels.ops.launcher``: what the direct launches save."""
+    from ngrpo_kernels.ops.launcher import generic_launch
+
+    def call():
+        with generic_launch(True):
+            return fn()
     return call
 
 

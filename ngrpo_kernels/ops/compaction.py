@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import cdiv
+from .launcher import direct
 
 BLOCK = 1024
 SCAN = 4096  # tokens counted per step of the one-pass kernel's re-read
@@ -91,11 +92,11 @@ def compact(values: torch.Tensor, ignore: int = 0, *,
     order = torch.empty(n, dtype=torch.int64, device=v.device)
     count = torch.empty(1, dtype=torch.int32, device=v.device)
     if n <= one_pass_max:
-        _compact_one_pass[(n_blocks,)](v, order, count, n, ignore, BLOCK=BLOCK, SCAN=SCAN, num_warps=4)
+        direct(_compact_one_pass)[(n_blocks,)](v, order, count, n, ignore, BLOCK=BLOCK, SCAN=SCAN, num_warps=4)
         return order, count
     counts = torch.empty(n_blocks, dtype=torch.int32, device=v.device)
-    _block_counts[(n_blocks,)](v, counts, n, ignore, BLOCK=BLOCK, num_warps=4)
-    _compact_from_counts[(n_blocks,)](v, counts, order, count, n, ignore, n_blocks, BLOCK=BLOCK,
+    direct(_block_counts)[(n_blocks,)](v, counts, n, ignore, BLOCK=BLOCK, num_warps=4)
+    direct(_compact_from_counts)[(n_blocks,)](v, counts, order, count, n, ignore, n_blocks, BLOCK=BLOCK,
                                       MAX_BLOCKS=max(16, triton.next_power_of_2(n_blocks)), num_warps=4)
     return order, count
 

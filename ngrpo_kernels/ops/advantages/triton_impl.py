@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ...variants import Estimator
 from .segments import segments_by_id
+from ..launcher import direct
 
 
 
@@ -93,7 +94,7 @@ def group_stats_advantages_triton(
     seg = segments_by_id(group_ids)
     B = rewards.numel()
     out = torch.empty(B, dtype=torch.float32, device=rewards.device)
-    _group_advantages_kernel[(B,)](
+    direct(_group_advantages_kernel)[(B,)](
         rewards.contiguous(), seg.order, seg.sorted_ids, seg.end, out,
         _float64_bits(r_max), float(num_virtual if estimator == Estimator.NGRPO else 0), float(eps),
         UNBIASED=bool(unbiased), USE_STD=estimator != Estimator.DR_GRPO, BLOCK=block,

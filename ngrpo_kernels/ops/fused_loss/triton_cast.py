@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .. import cdiv
+from ..launcher import direct
 
 BLOCK = 4096
 
@@ -28,5 +29,5 @@ def scaled_cast_(g: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> tor
     """out = (g * scale) rounded to out's dtype; g and out contiguous, of one shape, scale 0-dim."""
     n = g.numel()
     if n:
-        _scaled_cast_kernel[(cdiv(n, BLOCK),)](g, scale, out, n, BLOCK=BLOCK, num_warps=4 if g.is_cuda else 1)
+        direct(_scaled_cast_kernel)[(cdiv(n, BLOCK),)](g, scale, out, n, BLOCK=BLOCK, num_warps=4 if g.is_cuda else 1)
     return out

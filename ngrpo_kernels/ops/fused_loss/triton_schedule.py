@@ -32,6 +32,7 @@ from ..head_schedule import HeadSchedule
 from ..linear_logprobs.triton_rows import BLOCK_H, BLOCK_SLICES, block_rows, combine_partials, dlogits_, target_logit
 from ..persistent_gemm.kernel import row_limit
 from ..policy_loss.triton_impl import stat_constexprs, store_stat_sums, token_loss
+from ..launcher import direct
 
 
 @triton.jit
@@ -117,7 +118,7 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
             tgt_c, w_c, adv_c, old_c, ref_c, isw_c = per_token
         m_row, log_s, h, g_lp, g_h = (t[:n] for t in rows_out)
         grid = cdiv(n, br)
-        _token_kernel[(grid,)](
+        direct(_token_kernel)[(grid,)](
             xc, weight, xc if bias is None else bias, sch.count, *p, tgt_c, w_c, adv_c,
             w_c if on_policy else old_c, w_c if ref_c is None else ref_c, w_c if isw_c is None else isw_c,
             m_row, log_s, h, g_lp, g_h, chunk_stats,

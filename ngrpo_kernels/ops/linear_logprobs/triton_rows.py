@@ -30,6 +30,7 @@ import triton.language as tl
 from .. import cdiv
 from .. import persistent_gemm as pg
 from ..persistent_gemm.kernel import row_limit
+from ..launcher import direct
 
 BLOCK_ROWS = 16        # tokens per program of the per-token kernels (256 programs per 4k-token chunk)
 BLOCK_SLICES = 64      # partial slices combined per step
@@ -181,7 +182,7 @@ def dx_finish(partials, dx, order, count, *, row0):
     """Sum the split-K partials [splits, n, H] of one chunk into ``dx`` rows ``order[row0 : row0 + n]``."""
     splits, n, H = partials.shape
     br, bc = (16, 256) if dx.is_cuda else (8, 16)
-    _dx_finish_kernel[(cdiv(n, br), cdiv(H, bc))](
+    direct(_dx_finish_kernel)[(cdiv(n, br), cdiv(H, bc))](
         partials, dx, order, count, n, H, row0, partials.stride(0), SPLITS=splits, BLOCK_R=br, BLOCK_C=bc,
         num_warps=4 if dx.is_cuda else 1,
     )
@@ -197,7 +198,7 @@ def logprobs_finish(xc, weight, bias, targets_c, order, count, partials, *, row0
     n, H = xc.shape
     br = block_rows(xc.device)
     m_part, s_part, u_part = partials
-    _logprobs_kernel[(cdiv(n, br),)](
+    direct(_logprobs_kernel)[(cdiv(n, br),)](
         xc, weight, xc if bias is None else bias, targets_c, order, count, m_part, s_part, u_part, lp,
         lp if ent is None else ent, row_stats, n, H, weight.shape[0], row0, m_part.stride(0), m_part.shape[0], inv_temp,
         HAS_BIAS=bias is not None, ENTROPY=ent is not None, BLOCK_R=br, BLOCK_T=BLOCK_SLICES, BLOCK_H=BLOCK_H,
@@ -221,7 +222,7 @@ def dlogits_(z, *, count, row0, inv_temp, g_lp, targets, h=None, g_h=None, m_par
     else:
         slice_width = 128 if z.is_cuda else 32
     br = tile_rows or block_rows(z.device)
-    _dlogits_kernel[(cdiv(n, br), cdiv(V, slice_width))](
+    direct(_dlogits_kernel)[(cdiv(n, br), cdiv(V, slice_width))](
         z, dz, g_lp if m_part is None else m_part, g_lp if m_row is None else m_row, g_lp if log_s is None else log_s,
         g_lp if h is None else h, g_lp, g_lp if g_h is None else g_h,
         targets, count, n, V, z.stride(0), 0 if m_part is None else m_part.stride(0), row0, inv_temp,

@@ -16,6 +16,7 @@ from ...backend import interpreter_enabled
 from .. import cdiv
 from . import configs
 from .kernel import ACCUMULATE, LOGITS_SHIFTED, LOGITS_STATS, persistent_gemm_kernel
+from ..launcher import direct
 
 __all__ = ["accumulate_t", "logits", "matmul", "num_vocab_tiles", "stats_width"]
 
@@ -47,7 +48,7 @@ def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=
     tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n) * split_k
     dummy = a
     m_part, s_part, u_part = partials if partials is not None else (dummy, dummy, dummy)
-    persistent_gemm_kernel[(max(1, min(sms, tiles)),)](
+    direct(persistent_gemm_kernel)[(max(1, min(sms, tiles)),)](
         a, b, c, dummy if bias is None else bias, shift if shift is not None else (dummy if scale is None else scale),
         m_part, s_part, u_part,
         dummy if count is None else count,

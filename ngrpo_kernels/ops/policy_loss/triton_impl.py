@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ...variants import NUM_STATS, Stat
 from .. import cdiv
+from ..launcher import direct
 
 
 @triton.jit
@@ -170,7 +171,7 @@ def policy_loss_fused_triton(
     def arg(x):
         return dummy if x is None else x.contiguous()
 
-    _policy_loss_kernel[grid](
+    direct(_policy_loss_kernel)[grid](
         logprobs.contiguous(), old_logprobs.contiguous(), advantages.contiguous(),
         valid.contiguous().view(torch.uint8), row_scale.to(torch.float32).contiguous(),
         arg(ref_logprobs), arg(entropy), arg(rollout_is_weights), arg(g_lp), arg(g_ent), stats,
