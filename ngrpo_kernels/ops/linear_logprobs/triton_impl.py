@@ -42,16 +42,16 @@ def forward(x, weight, bias, targets, *, inv_temp, ignore_index, entropy, worksp
     schedule = HeadSchedule(x, weight, bias, targets, ignore_index, workspace_bytes=workspace_bytes,
                             need_logits=False)
     buf = _partials(schedule, entropy)
-    lp = torch.empty(N, dtype=torch.float32, device=x.device)
-    ent = torch.empty(N, dtype=torch.float32, device=x.device) if entropy else None
-    row_stats = torch.empty(N, 2, dtype=torch.float32, device=x.device)
     targets_c = None
     for row0, n, xc in schedule.chunks():
         parts = [p[:, :n] for p in buf] + ([] if entropy else [buf[0][:, :n]])
         pg.logits(xc, weight, bias=bias, inv_temp=inv_temp, count=schedule.count, row0=row0, partials=parts,
                   entropy=entropy)
-        if targets_c is None:  # after the first GEMM is queued: nothing small ahead of it
+        if targets_c is None:  # after the first GEMM is queued: nothing small ahead of it (host time included)
             targets_c = targets.index_select(0, schedule.order)
+            lp = torch.empty(N, dtype=torch.float32, device=x.device)
+            ent = torch.empty(N, dtype=torch.float32, device=x.device) if entropy else None
+            row_stats = torch.empty(N, 2, dtype=torch.float32, device=x.device)
         logprobs_finish(xc, weight, bias, targets_c, schedule.order, schedule.count, parts, row0=row0,
                         inv_temp=inv_temp, lp=lp, ent=ent, row_stats=row_stats)
     return lp, ent, row_stats
