@@ -71,6 +71,10 @@ def _compile(fn, signature, constexprs, num_warps, num_stages, arch=90):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    # constexprs with a default that the caller leaves out take it, as a launch would
+    missing = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default and p.name not in signature}
+    signature = {**signature, **{name: "constexpr" for name in missing}}
+    constexprs = {**missing, **constexprs}
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()
              if ty.startswith("*") or name in _DIVISIBLE_INTS}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)

@@ -18,13 +18,16 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _configs(tma):
-    """tma: True (TMA loads and stores), False (pointer loads and stores) or "ptr-store" (TMA loads, the
-    logits stored from registers: ``GemmConfig.tma_store``)."""
+    """tma: True (TMA loads and stores), False (pointer loads and stores), "ptr-store" (TMA loads, the
+    logits stored from registers: ``GemmConfig.tma_store``) or "halves" (TMA, the logits stored a
+    statistics slice at a time: ``GemmConfig.store_halves``)."""
     if DEV == "cuda":  # the shipped configs (TMA where the shapes allow it)
-        if tma != "ptr-store":
+        if tma not in ("ptr-store", "halves"):
             return {}
-        return dict(logits=replace(configs.config_for("logits", torch.bfloat16, torch.device(DEV)), tma_store=False))
-    cfg = configs.GemmConfig(16, 32, 16, 2, 1, 1, tma=bool(tma), tma_store=tma is True)
+        shipped = configs.config_for("logits", torch.bfloat16, torch.device(DEV))
+        return dict(logits=replace(shipped, tma_store=tma != "ptr-store", store_halves=tma == "halves"))
+    cfg = configs.GemmConfig(16, 32, 16, 2, 1, 1, tma=bool(tma), tma_store=tma in (True, "halves"),
+                             store_halves=tma == "halves")
     return dict(logits=cfg, dx=cfg, dw=cfg)
 
 
@@ -44,7 +47,7 @@ def _count(c):
 SHAPES = [(37, 40, 203), (20, 48, 64), (5, 16, 97), (1, 16, 10)]
 
 
-@pytest.mark.parametrize("tma", [True, False, "ptr-store"])
+@pytest.mark.parametrize("tma", [True, False, "ptr-store", "halves"])
 @pytest.mark.parametrize("n,H,V", SHAPES)
 @pytest.mark.parametrize("count,row0", [(None, 0), (30, 0), (30, 11), (0, 0), (3, 5)])
 def test_logits_statistics_and_stored_logits(tma, n, H, V, count, row0, gen):

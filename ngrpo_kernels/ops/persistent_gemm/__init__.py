@@ -59,6 +59,7 @@ def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=
         ENTROPY=entropy, USE_TMA=use_tma, DOT_FP32=interpreter_enabled(), PRECISION=_precision(a.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=sms,
         SPLIT_K=split_k, FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store, SCALED=scale is not None,
+        STORE_HALF=cfg.store_halves,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return cfg

@@ -46,11 +46,17 @@ class GemmConfig:
     # waits a tile, in the epilogue); pointer stores need no such wait. Which is faster is for a GPU to say:
     # gpu_head.py times both ("logits stored by pointer stores", and per GEMM under --gemms).
     tma_store: bool = True
+    # The shifted logits leave a [BLOCK_M, BLOCK_N / 2] slice per store instead of a quarter tile: two
+    # stores a tile, each staged in its own 32 KB of shared memory (the PTX of triton 3.6 and 3.9: the wait
+    # before a refill then follows the next slice's exponentials instead of a quarter's). Not yet timed:
+    # gpu_head.py --tune / --gemms ("store-halves").
+    store_halves: bool = False
 
     def label(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} "
                 f"s{self.num_stages} {'tma' if self.tma else 'ptr'}{'' if self.flatten else ' unflattened'}"
-                f"{' ptr-store' if self.tma and not self.tma_store else ''}")
+                f"{' ptr-store' if self.tma and not self.tma_store else ''}"
+                f"{' store-halves' if self.store_halves else ''}")
 
 
 HOPPER = GemmConfig(128, 256, 64, 8, 8, 3, tma=True)

@@ -92,12 +92,13 @@ def _store(C, c_desc, out, off_m, off_n, rows, cols, row_ok, col_ok, ldc, USE_TM
 @triton.jit
 def _stats_half(acc, C, c_desc, BIAS, M_PART, S_PART, U_PART, rows, row_ok, off_m, off_h, tile, N,
                 ld_part, ldc, inv_temp, HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, STORE_Z: tl.constexpr,
-                USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, HALF: tl.constexpr):
+                USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, HALF: tl.constexpr, STORE_HALF: tl.constexpr):
     """Statistics of one [BLOCK_M, HALF] logit slice (one "vocab tile" of the partials), and with
     STORE_Z the slice shifted by its row max. The slice is finished before the other half of the tile
     is touched, and its exponentials are taken a quarter tile at a time: the fewest live registers
     (no spills at 128x256 with 8 warps). Columns past the vocabulary get a finite -1e30 (not -inf):
-    exp gives 0 and 0 * z stays 0 in the entropy sum."""
+    exp gives 0 and 0 * z stays 0 in the entropy sum. The shifted logits leave a quarter tile at a time,
+    or with STORE_HALF the whole slice in one store (``GemmConfig.store_halves``)."""
     QUARTER: tl.constexpr = HALF // 2
     acc_a, acc_b = _halves(acc, BLOCK_M, HALF)
     cols_a = off_h + tl.arange(0, QUARTER)
@@ -108,11 +109,15 @@ def _stats_half(acc, C, c_desc, BIAS, M_PART, S_PART, U_PART, rows, row_ok, off_
     z_b = tl.where(ok_b[None, :], _logits(acc_b, BIAS, cols_b, ok_b, inv_temp, HAS_BIAS), -1e30)
     m = tl.maximum(tl.max(z_a, axis=1), tl.max(z_b, axis=1))
     s_a, u_a = _quarter_sums(z_a, m, ENTROPY)
-    if STORE_Z:
+    if STORE_Z and not STORE_HALF:
         _store(C, c_desc, z_a - m[:, None], off_m, off_h, rows, cols_a, row_ok, ok_a, ldc, USE_TMA)
     s_b, u_b = _quarter_sums(z_b, m, ENTROPY)
-    if STORE_Z:
+    if STORE_Z and not STORE_HALF:
         _store(C, c_desc, z_b - m[:, None], off_m, off_h + QUARTER, rows, cols_b, row_ok, ok_b, ldc, USE_TMA)
+    if STORE_Z and STORE_HALF:  # the slice in one store: [BLOCK_M, HALF] from its two quarters
+        zh = tl.reshape(tl.permute(tl.join(z_a - m[:, None], z_b - m[:, None]), (0, 2, 1)), (BLOCK_M, HALF))
+        cols = off_h + tl.arange(0, HALF)
+        _store(C, c_desc, zh, off_m, off_h, rows, cols, row_ok, cols < N, ldc, USE_TMA)
     part = tile.to(tl.int64) * ld_part + rows
     ok = row_ok & (rows * 0 + off_h < N)  # a slice wholly past the vocabulary has no partials
     tl.store(M_PART + part, m, mask=ok)
@@ -162,7 +167,7 @@ def persistent_gemm_kernel(
     USE_TMA: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr, SPLIT_K: tl.constexpr = 1, FLATTEN: tl.constexpr = True, TMA_STORE: tl.constexpr = True,
-    SCALED: tl.constexpr = False,
+    SCALED: tl.constexpr = False, STORE_HALF: tl.constexpr = False,
 ):
     start = tl.program_id(0)
     m_lim = M
@@ -188,8 +193,8 @@ def persistent_gemm_kernel(
     # reaches its epilogue in the flattened loop; the step reads zeros.
     k_tiles = tl.maximum(tl.cdiv(tl.cdiv(k_lim, BLOCK_K), SPLIT_K), 1)
 
-    # Output tiles are stored in halves, the logits' in quarters (see _stats_half).
-    C_BLOCK_N: tl.constexpr = BLOCK_N // 4 if EPILOGUE == LOGITS_STATS else BLOCK_N // 2
+    # Output tiles are stored in halves, the logits' in quarters unless STORE_HALF (see _stats_half).
+    C_BLOCK_N: tl.constexpr = BLOCK_N // 4 if EPILOGUE == LOGITS_STATS and not STORE_HALF else BLOCK_N // 2
     c_desc = C  # replaced by a descriptor where TMA stores the output tiles
     if USE_TMA:
         # A tensor map may not have an empty dimension: past the count there are no tiles to load, so a
@@ -280,10 +285,11 @@ def persistent_gemm_kernel(
             _accumulate_half(c_split, acc1, rows, row_ok, off_n + HALF, N, ldc, INIT, BLOCK_M, HALF)
         elif EPILOGUE == LOGITS_STATS:
             _stats_half(acc0, C, c_desc, BIAS, M_PART, S_PART, U_PART, rows, row_ok, off_m, off_n, 2 * pid_n,
-                        N, ld_part, ldc, inv_temp, HAS_BIAS, ENTROPY, STORE_Z, USE_TMA and TMA_STORE, BLOCK_M, HALF)
+                        N, ld_part, ldc, inv_temp, HAS_BIAS, ENTROPY, STORE_Z, USE_TMA and TMA_STORE, BLOCK_M, HALF,
+                        STORE_HALF)
             _stats_half(acc1, C, c_desc, BIAS, M_PART, S_PART, U_PART, rows, row_ok, off_m, off_n + HALF,
                         2 * pid_n + 1, N, ld_part, ldc, inv_temp, HAS_BIAS, ENTROPY, STORE_Z, USE_TMA and TMA_STORE,
-                        BLOCK_M, HALF)
+                        BLOCK_M, HALF, STORE_HALF)
         else:  # LOGITS_SHIFTED
             shift = tl.load(SHIFT + rows, mask=row_ok, other=0.0)[:, None]
             z0 = _logits(acc0, BIAS, cols0, ok0, inv_temp, HAS_BIAS)
