@@ -9,17 +9,15 @@ allocations and the interpreter's own argument copies excluded) and Triton kerne
 persistent-GEMM launch and over the whole call.
 
 ``--host`` also times the Python around the launches (every Triton launch a no-op, the compaction's result
-cached, CPU tensors; median of 300 calls): the public op, its implementation called directly, and the
-public op routed through the custom op (torch.compile's route). This CPU's figures, not a GPU host's: a
+cached, CPU tensors; median of 300 calls, ``host_timing.py``): the public op, its implementation called
+directly, and the public op routed through the custom op (torch.compile's route). This CPU's figures, not a GPU host's: a
 GPU adds its own launch and allocation costs (``gpu_head.py --diagnose`` measures those).
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -35,6 +33,8 @@ from ngrpo_kernels.ops import fused_loss  # noqa: E402
 from ngrpo_kernels.ops import persistent_gemm as pg  # noqa: E402
 from ngrpo_kernels.ops.linear_logprobs import triton_impl  # noqa: E402
 from ngrpo_kernels.variants import AggMode  # noqa: E402
+
+from host_timing import host_us  # noqa: E402
 
 NOT_LAUNCHES = {"view", "reshape", "_reshape_alias", "as_strided", "slice", "select", "expand", "alias", "unsqueeze",
                 "squeeze", "detach", "t", "transpose", "permute", "unbind", "split", "lift_fresh", "lift_fresh_copy",
@@ -106,17 +106,6 @@ def main() -> None:
         host_times(x, w, t, mask, old, adv, no_grad, loss)
 
 
-def _median_us(fn, reps=300) -> float:
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
-
-
 def host_times(x, w, t, mask, old, adv, no_grad, loss) -> None:
     real_compact, real_run = head_schedule.compact, InterpretedFunction.run
     cache = {}
@@ -145,10 +134,10 @@ def host_times(x, w, t, mask, old, adv, no_grad, loss) -> None:
         with nk.use_backend("triton"):
             for name, impl, public in (("no-grad log-probs", no_grad, public_no_grad),
                                        ("fused loss forward + backward", loss, public_loss)):
-                direct = _median_us(impl)
-                eager = _median_us(public)
+                direct = host_us(impl)[0]
+                eager = host_us(public)[0]
                 with _library.dispatcher_route():
-                    through_op = _median_us(public)
+                    through_op = host_us(public)[0]
                 print(f"{name}: host us around the launches (Triton stubbed): public op {eager:.0f}, "
                       f"implementation alone {direct:.0f}{' (forward only)' if impl is loss else ''}, "
                       f"public op through the custom op {through_op:.0f}")

@@ -13,9 +13,7 @@ host time of one persistent-GEMM launch alone. This CPU's figures, not a GPU hos
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("launch_host.py measures compiled launches: run it without TRITON_INTERPRET=1")
@@ -23,6 +21,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import stand_in_driver  # noqa: E402
+from host_timing import host_us  # noqa: E402
 
 stand_in_driver.install()
 
@@ -33,17 +32,6 @@ from ngrpo_kernels.ops import compaction, fused_loss, head_schedule, launcher  #
 from ngrpo_kernels.ops import persistent_gemm as pg  # noqa: E402
 from ngrpo_kernels.ops.linear_logprobs import triton_impl  # noqa: E402
 from ngrpo_kernels.variants import AggMode  # noqa: E402
-
-
-def _times_us(fn, reps=300) -> tuple[float, float]:
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6, min(times) * 1e6
 
 
 def _compaction_with_results():
@@ -93,8 +81,8 @@ def main() -> None:
     stand_in_driver.Recorder.enabled = False
     for name, fn in calls.items():
         with launcher.generic_launch(True):
-            generic = _times_us(fn)
-        direct = _times_us(fn)
+            generic = host_us(fn)
+        direct = host_us(fn)
         print(f"{name}: host us, median (min) of 300: Triton's launch path {generic[0]:.0f} ({generic[1]:.0f}), "
               f"direct launches {direct[0]:.0f} ({direct[1]:.0f})")
 
