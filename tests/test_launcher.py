@@ -99,6 +99,11 @@ STAND_IN = textwrap.dedent('''
     h8, _ = both(k, (4,), v, order, count, 100, 0, BLOCK=1024, SCAN=1, num_warps=8)
     h8b, went = both(k, (4,), v, order, count, 100, 0, BLOCK=1024, SCAN=1, num_warps=8)
     assert h4 != h8 and h8 == h8b and went == []
+    # a constexpr given as True after 1 (equal in Python; Triton's lookup takes them as one key, the
+    # launcher's as two): either way the kernel Triton picks (checked inside both())
+    both(k, (4,), v, order, count, 100, 0, BLOCK=1024, SCAN=1, num_warps=4)
+    both(k, (4,), v, order, count, 100, 0, BLOCK=1024, SCAN=True, num_warps=4)
+    both(k, (4,), v, order, count, 100, 0, BLOCK=1024, SCAN=True, num_warps=4)
     with launcher.generic_launch(True):
         before = len(routes)
         launcher.direct(k)[(4,)](v, order, count, 100, 0, BLOCK=1024, SCAN=1, num_warps=4)
@@ -158,6 +163,11 @@ def test_direct_and_generic_launches_agree_bit_for_bit_on_a_gpu():
 
     run()  # every specialisation seen once: the calls below go direct
     direct = [run() for _ in range(2)]
+    # a constexpr given as True after 1 (equal in Python; Triton's lookup takes them as one key, the
+    # launcher's as two): either way the kernel Triton picks (checked inside both())
+    both(k, (4,), v, order, count, 100, 0, BLOCK=1024, SCAN=1, num_warps=4)
+    both(k, (4,), v, order, count, 100, 0, BLOCK=1024, SCAN=True, num_warps=4)
+    both(k, (4,), v, order, count, 100, 0, BLOCK=1024, SCAN=True, num_warps=4)
     with launcher.generic_launch(True):
         generic = run()
     for d in direct:

@@ -102,22 +102,24 @@ class Launcher:
         self.backend = self.fn.device_caches[device][3]
 
     def _key(self, device, args, kwargs):
-        """One flat tuple: the device, each positional argument's specialisation, the keyword names and
-        values (constexprs and launch options, in the caller's order: a call site that orders them
-        differently only gets an entry of its own) and the knobs Triton adds to the options. None where the
-        call must take Triton's path (a runtime argument passed by keyword)."""
+        """One flat tuple: the device, each positional argument's specialisation, the keyword names, values
+        and their types (constexprs and launch options, in the caller's order: a call site that orders them
+        differently only gets an entry of its own; the types because True == 1 == 1.0 in Python: finer than
+        Triton's own lookup, which takes them as one) and the knobs Triton adds to the options. None where
+        the call must take Triton's path (a runtime argument passed by keyword)."""
         specs = [_spec(v) for v in args]
         if len(args) > self.first_constexpr or NotImplemented in specs:
             for i, v in enumerate(args):
                 if self.constexpr[i]:
-                    specs[i] = ("constexpr", v)
+                    specs[i] = ("constexpr", type(v), v)
                 elif specs[i] is NotImplemented:  # Triton's own answer (exact, slower)
                     specs[i] = native_specialize_impl(self.backend, v, *self.flags[i])
         if not self.runtime_names.isdisjoint(kwargs):
             return None
         comp = knobs.compilation
-        return (device, len(args), *specs, *kwargs, *kwargs.values(), knobs.runtime.debug, comp.instrumentation_mode,
-                getattr(comp, "fpsan_homomorphic_casts", None))
+        values = kwargs.values()
+        return (device, len(args), *specs, *kwargs, *values, *map(type, values), knobs.runtime.debug,
+                comp.instrumentation_mode, getattr(comp, "fpsan_homomorphic_casts", None))
 
     def __call__(self, grid, *args, **kwargs):
         fn = self.fn
@@ -130,7 +132,10 @@ class Launcher:
             self._prepare(device)
             return kernel
         key = self._key(device, args, kwargs)
-        hit = self.kernels.get(key) if key is not None else None
+        try:
+            hit = self.kernels.get(key) if key is not None else None
+        except TypeError:  # an unhashable constexpr or option: Triton's path, every launch
+            key = hit = None
         if hit is None:
             kernel = fn[grid](*args, **kwargs)
             if key is not None and kernel is not None:
@@ -142,8 +147,9 @@ class Launcher:
         stream = driver.active.get_current_stream(device)
         g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         rt = knobs.runtime
-        kernel.run(*g, stream, kernel.function, kernel.packed_metadata, kernel.launch_metadata(grid, stream, *args, *tail),
-                   rt.launch_enter_hook, rt.launch_exit_hook, *args, *tail)
+        metadata = kernel.launch_metadata(grid, stream, *args, *tail)
+        kernel.run(*g, stream, kernel.function, kernel.packed_metadata, metadata, rt.launch_enter_hook,
+                   rt.launch_exit_hook, *args, *tail)
         return kernel
 
     def __getitem__(self, grid):
