@@ -97,8 +97,8 @@ sed -n '/^###/,$p' "$OUT/head.md" 2>/dev/null | sed '/Per-kernel profile/,$d'
 if [ "$TESTS" = 1 ]; then
   step "GPU tests" 200 python -m pytest -q -ra -n 16 -p no:cacheprovider --durations=20 tests/test_advantages.py tests/test_policy_loss.py \
     tests/test_validation.py tests/test_linear_logprobs.py tests/test_fused_loss.py tests/test_persistent_gemm.py \
-    tests/test_compile.py tests/test_benchmark_peers.py \
-    -k "cuda or persistent_gemm or either_dense or one_chunk" >"$OUT/gpu_tests.log" 2>&1
+    tests/test_compile.py tests/test_benchmark_peers.py tests/test_launcher.py \
+    -k "cuda or persistent_gemm or either_dense or one_chunk or on_a_gpu" >"$OUT/gpu_tests.log" 2>&1
   echo "GPU tests exit code: $?" | tee -a "$OUT/machine.txt"
   grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -1
 fi
