@@ -52,10 +52,21 @@ def interpreter_enabled() -> bool:
     return _INTERPRET
 
 
+_answers: dict = {}  # (forced backend, device) -> Backend, for eager calls
+
+
 def selected_backend(device: torch.device | str) -> Backend:
     """The backend an op called with tensors on ``device`` uses now."""
-    # The members' table, not ``Backend(name)``: Dynamo (torch 2.11) cannot trace an Enum constructor.
-    return Backend._value2member_map_[_selected_name(str(device))]
+    if torch.compiler.is_compiling():
+        # The members' table, not ``Backend(name)``: Dynamo (torch 2.11) cannot trace an Enum constructor.
+        return Backend._value2member_map_[_selected_name(str(device))]
+    # Eager: the answer depends only on the forced backend and the device (the rest is fixed per process),
+    # so it is kept (~5 us of host time a call on this project's CPU). A refusal raises and is not kept.
+    key = (_forced.get(), device)
+    answer = _answers.get(key)
+    if answer is None:
+        answer = _answers[key] = Backend._value2member_map_[_selected_name(str(device))]
+    return answer
 
 
 # Under torch.compile the answer is taken once, when the graph is traced, and kept in the graph (Dynamo

@@ -120,3 +120,20 @@ def test_reference_head_backward_twice_and_in_part():
     with nk.use_backend("reference"):
         (gx,) = torch.autograd.grad(nk.fused_linear_logprobs(x2, w, b["t"]).sum(), (x2,))
     torch.testing.assert_close(jvp, (gx * tangent).sum())
+
+
+@pytest.mark.parametrize("op", ["fused_loss", "logprobs", "policy_loss"])
+def test_training_after_an_inference_mode_call_with_the_same_options(op, gen):
+    """An old-policy / reference pass under ``torch.inference_mode()`` and then a training call with the same
+    options (the ops keep one tensor of float options per set of values): backward works and matches the
+    reference."""
+    b = _batch(gen)
+    ours, ref = _ops(b)[op]
+    with torch.inference_mode():
+        ours(b["x"], b["w"])
+    x, w = b["x"].clone().requires_grad_(), b["w"].clone().requires_grad_()
+    ours(x, w).backward()
+    xr, wr = b["x"].clone().requires_grad_(), b["w"].clone().requires_grad_()
+    ref(xr, wr).backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-4, atol=1e-5)
