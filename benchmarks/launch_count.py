@@ -10,8 +10,8 @@ persistent-GEMM launch and over the whole call.
 
 ``--host`` also times the Python around the launches (every Triton launch a no-op, the compaction's result
 cached, CPU tensors; median of 300 calls, ``host_timing.py``): the public op, its implementation called
-directly, and the public op routed through the custom op (torch.compile's route). This CPU's figures, not a GPU host's: a
-GPU adds its own launch and allocation costs (``gpu_head.py --diagnose`` measures those).
+directly, and the public op routed through the custom op (torch.compile's route). This CPU's figures, not a
+GPU host's: a GPU adds its own launch and allocation costs (``gpu_head.py --diagnose`` measures those).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ arguments and looks the kernel up as on a GPU; only loading the binary and the f
 ``Recorder`` keeps what each launch would have handed to the CUDA launcher (grid, stream, function handle,
 metadata, every argument). The arguments may be CPU tensors (only their addresses are read).
 
-Used by ``launch_count.py --host`` (the host time of Triton's generic launch against
+Used by ``launch_host.py`` (the host time of Triton's generic launch against
 ``ngrpo_kernels.ops.launcher``'s) and by the tests that check the direct launches hand the launcher exactly
 what Triton's would. Must run without ``TRITON_INTERPRET``.
 """
@@ -25,7 +25,7 @@ class Recorder:
     enabled = True
 
     def __init__(self, src, metadata):
-        self.name = getattr(metadata, "name", "?")
+        pass
 
     def __call__(self, *args):
         if Recorder.enabled:

@@ -72,7 +72,7 @@ def _scalars(*values) -> Tensor:
     # Eager: one read-only CPU tensor per set of values, kept (building it was ~8 us of host time a call on
     # this project's CPU; ops only read it, autograd may save it). Made outside inference mode even within
     # it: a later training call with the same values saves it for backward, which an inference tensor
-    # refuses.
+    # refuses. (Keys compare as numbers: -0.0 finds 0.0's tensor; every option reads the same either way.)
     scalars = _SCALARS.get(values)
     if scalars is None:
         if len(_SCALARS) >= 256:

@@ -97,7 +97,7 @@ def compact(values: torch.Tensor, ignore: int = 0, *,
     counts = torch.empty(n_blocks, dtype=torch.int32, device=v.device)
     direct(_block_counts)[(n_blocks,)](v, counts, n, ignore, BLOCK=BLOCK, num_warps=4)
     direct(_compact_from_counts)[(n_blocks,)](v, counts, order, count, n, ignore, n_blocks, BLOCK=BLOCK,
-                                      MAX_BLOCKS=max(16, triton.next_power_of_2(n_blocks)), num_warps=4)
+                                              MAX_BLOCKS=max(16, triton.next_power_of_2(n_blocks)), num_warps=4)
     return order, count
 
 

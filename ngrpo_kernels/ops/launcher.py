@@ -23,9 +23,10 @@ stage-inspection hook is set, for a callable grid, for a runtime argument passed
 ``NGRPO_GENERIC_LAUNCH=1`` was set at import, and within ``generic_launch(True)``.
 
 Host time on this project's 2-core CPU (``benchmarks/launch_host.py``, stand-in driver, CPU tensors,
-2026-11-28): one logits-GEMM launch (``persistent_gemm.logits``, with its Python) 45-49 us through
-Triton's path, 29-30 us direct; the no-grad implementation 292-409 us against 232-322 us (medians of
-noisy runs). Not yet timed on a GPU host: ``gpu_head.py --diagnose`` times isolated calls both ways.
+2026-11-28, medians of 300 calls over several runs, the larger figures while the machine was loaded): one
+logits-GEMM launch (``persistent_gemm.logits``, with its Python) 45-111 us through Triton's path, 29-68 us
+direct; the no-grad implementation 292-433 against 232-360 us. Not yet timed on a GPU host:
+``gpu_head.py --diagnose`` times isolated calls both ways.
 """
 
 from __future__ import annotations
@@ -47,22 +48,16 @@ except ImportError:  # pragma: no cover - older or newer Triton
 _generic = os.environ.get("NGRPO_GENERIC_LAUNCH", "0") == "1"
 
 
+@contextlib.contextmanager
 def generic_launch(enabled: bool = True):
-    """Every launch through Triton's generic path (``enabled``), or the direct one after the first launch
-    of each specialisation (the default). Returns a context manager that restores the previous setting;
-    the setting is process-wide."""
+    """Within this block every launch goes through Triton's generic path (``enabled``), or the direct one
+    after the first launch of each specialisation (``enabled=False``). Process-wide, like the launches."""
     global _generic
     previous, _generic = _generic, bool(enabled)
-
-    @contextlib.contextmanager
-    def restore():
-        global _generic
-        try:
-            yield
-        finally:
-            _generic = previous
-
-    return restore()
+    try:
+        yield
+    finally:
+        _generic = previous
 
 
 def _spec(v):

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from ...variants import Estimator
-from .segments import segments_by_id
 from ..launcher import direct
+from .segments import segments_by_id
 
 
 

@@ -29,10 +29,10 @@ from .. import cdiv
 from .. import persistent_gemm as pg
 from ..gemm import scale_fp16_grads
 from ..head_schedule import HeadSchedule
+from ..launcher import direct
 from ..linear_logprobs.triton_rows import BLOCK_H, BLOCK_SLICES, block_rows, combine_partials, dlogits_, target_logit
 from ..persistent_gemm.kernel import row_limit
 from ..policy_loss.triton_impl import stat_constexprs, store_stat_sums, token_loss
-from ..launcher import direct
 
 
 @triton.jit

@@ -29,8 +29,8 @@ import triton.language as tl
 
 from .. import cdiv
 from .. import persistent_gemm as pg
-from ..persistent_gemm.kernel import row_limit
 from ..launcher import direct
+from ..persistent_gemm.kernel import row_limit
 
 BLOCK_ROWS = 16        # tokens per program of the per-token kernels (256 programs per 4k-token chunk)
 BLOCK_SLICES = 64      # partial slices combined per step

@@ -14,9 +14,9 @@ import triton
 
 from ...backend import interpreter_enabled
 from .. import cdiv
+from ..launcher import direct
 from . import configs
 from .kernel import ACCUMULATE, LOGITS_SHIFTED, LOGITS_STATS, persistent_gemm_kernel
-from ..launcher import direct
 
 __all__ = ["accumulate_t", "logits", "matmul", "num_vocab_tiles", "stats_width"]
 
