@@ -618,6 +618,7 @@ def gemms(reps, record) -> list[str]:
             "g32 s3": configs.HOPPER_LOGITS, "g32 s3 ptr-store": replace(configs.HOPPER_LOGITS, tma_store=False),
             "g32 s3 store-halves": replace(configs.HOPPER_LOGITS, store_halves=True),
             "g8 s3": configs.HOPPER, "g32 s4": C(128, 256, 64, 32, 8, 4, True),
+            "ws 256x128": configs.HOPPER_WS_LOGITS,
         }
         shift = torch.zeros(n, device=DEV)
 
@@ -645,12 +646,17 @@ def gemms(reps, record) -> list[str]:
         fns["logits g32 s3 stats only"] = logits(configs.HOPPER_LOGITS, False)
         fns["logits g32 s3 shifted (log-prob backward)"] = shifted(configs.HOPPER_LOGITS)
         fns["logits g32 s3 ptr-store shifted"] = shifted(replace(configs.HOPPER_LOGITS, tma_store=False))
+        fns["logits ws 256x128 stats only"] = logits(configs.HOPPER_WS_LOGITS, False)
+        fns["logits ws 256x128 shifted"] = shifted(configs.HOPPER_WS_LOGITS)
         fns["cuBLAS dZ @ W"] = lambda: dz @ w
         fns["ours dX 128x256x64 split 2"] = dx_gemm(configs.HOPPER, 2)
         fns["ours dX 128x256x64 split 2 unflattened"] = dx_gemm(C(128, 256, 64, 8, 8, 3, True, flatten=False), 2)
         fns["cuBLAS dW += dZ^T X (fp32)"] = lambda: addmm_fp32(acc, dz.T, x)
         fns["ours dW += dZ^T X 128x256x64 g8"] = with_config(
             "dw", configs.HOPPER, lambda: pg.accumulate_t(acc, dz, x, init=False, count=count))
+        fns["ours dX ws 128x128 (one split)"] = dx_gemm(configs.HOPPER_WS_DENSE, 1)
+        fns["ours dW += dZ^T X ws 128x128"] = with_config(
+            "dw", configs.HOPPER_WS_DENSE, lambda: pg.accumulate_t(acc, dz, x, init=False, count=count))
         for label, cfg in (("g8 s4", C(128, 256, 64, 8, 8, 4, True)), ("g32 s3", C(128, 256, 64, 32, 8, 3, True))):
             fns[f"ours dX 128x256x64 {label} split 2"] = dx_gemm(cfg, 2)
             fns[f"ours dW += dZ^T X 128x256x64 {label}"] = with_config(
@@ -904,13 +910,20 @@ def tune(reps, record) -> list[str]:
         "dW GROUP_M 16": dict(dw=replace(dense0, group_m=16)),
         "dW GROUP_M 32": dict(dw=replace(dense0, group_m=32)),
         "dX GROUP_M 32": dict(dx=replace(dense0, group_m=32)),
+        # Hopper warp specialisation (GemmConfig.warp_specialize: a producer and two consumer warpgroups,
+        # the epilogue on whole 256x128 / 128x128 tiles, float32 accumulation through descriptors)
+        "warp-specialised logits": dict(logits=configs.HOPPER_WS_LOGITS),
+        "warp-specialised dX and dW": dict(dx=configs.HOPPER_WS_DENSE, dw=configs.HOPPER_WS_DENSE),
+        "warp-specialised, all three": dict(logits=configs.HOPPER_WS_LOGITS, dx=configs.HOPPER_WS_DENSE,
+                                            dw=configs.HOPPER_WS_DENSE),
         # not a GEMM configuration: 3 chunks of 5,504 tokens at 16k instead of 4 of 4,096 (one fp32 dW
         # read-modify-write less, ~1 ms by the byte count; 3.96 GiB peak measured before 54ce807)
         "workspace 2 GiB": dict(workspace_bytes=2**31 if DEV == "cuda" else 2**20),
     }
     if DEV != "cuda":  # --smoke: one variant per role is enough to exercise the script (the interpreter is slow)
-        variants = {k: variants[k] for k in ("default configs", "all three 4 stages", "workspace 2 GiB")}
-    rows, notes = [], []
+        variants = {k: variants[k] for k in ("default configs", "all three 4 stages", "workspace 2 GiB",
+                                             "warp-specialised, all three")}
+    rows, no_grad_rows, notes = [], [], []
     for N in ((16384, 4096) if DEV == "cuda" else (32,)):
         x = make_inputs(N)
         fns = {"3 cuBLAS GEMMs (6NHV)": gemm_floor(x, 3)}
@@ -927,10 +940,25 @@ def tune(reps, record) -> list[str]:
             record("tune_fused_loss", name, N, t, floor, pk)
             rows.append([f"{name}, N={N}", f"{t:.2f}", f"{t / floor:.3f}",
                          f"{t / default:.3f}" if default else "-", "-" if pk is None else f"{pk:.2f}"])
+        # the no-grad pass (one logits GEMM with the statistics epilogue) with the warp-specialised logits
+        fns = {"1 cuBLAS GEMM (2NHV)": gemm_floor(x, 1),
+               "no-grad log-probs, default configs": with_configs({}, logprobs_no_grad(nk, x)),
+               "no-grad log-probs, warp-specialised logits": with_configs(dict(logits=configs.HOPPER_WS_LOGITS),
+                                                                          logprobs_no_grad(nk, x))}
+        fns, failed = runnable(fns)
+        notes += [f"{line} (N={N})" for line in failed]
+        ms = compare(fns, reps)
+        floor1, default = ms["1 cuBLAS GEMM (2NHV)"], ms.get("no-grad log-probs, default configs")
+        for name, t in ms.items():
+            record("tune_no_grad", name, N, t, floor1)
+            no_grad_rows.append([f"{name}, N={N}", f"{t:.2f}", f"{t / floor1:.3f}",
+                                 f"{t / default:.3f}" if default else "-"])
         del x, fns
         empty_cache()
     lines = table("Fused loss with alternative GEMM configurations (all rows under configs.override, backward on "
                   "the calling thread)", ["variant", "ms", "x 3-GEMM floor", "x default configs", "peak GiB"], rows)
+    lines += [""] + table("No-grad log-probs with the warp-specialised logits GEMM (under configs.override)",
+                          ["variant", "ms", "x one GEMM", "x default configs"], no_grad_rows)
     return lines + (["", "Did not run:", *notes] if notes else [])
 
 

@@ -7,7 +7,8 @@
 #   clocks.csv            SM clock, power, temperature, throttle reasons (nvidia-smi, every 250 ms)
 #   gpu_tests.log         the kernel tests on the GPU (pytest-xdist, 16 workers, one per CPU core: 105 s with
 #                         8 on an H200, 16 not yet timed) and their 20 slowest
-#   tune/head.md, tune.log   with --tune: the GEMM configuration experiments (gpu_head.py --tune --gemms:
+#   tune/head.md, tune.log   with --tune: the GEMM configuration experiments (gpu_head.py --tune --gemms,
+#                         the warp-specialised candidates among them:
 #                         the fused loss end to end with alternative GEMM configurations, each GEMM and the
 #                         dZ pass against cuBLAS / a copy; ~2-3 minutes, estimated, not yet run), after the tests
 #   bench.log, bench_*.json, peers.jsonl, RESULTS_gpu.md   pytest benchmarks against the peers (unless --no-peers)

@@ -1,12 +1,14 @@
 """Compile every shipped kernel configuration for the H100 (sm_90a) on this machine, no GPU needed.
 
-    python -m ngrpo_kernels.hopper_report
+    python -m ngrpo_kernels.hopper_report [--candidates]
 
 Prints one row per (kernel, config): registers per thread, spill bytes (from ptxas), shared memory,
 whether the kernel is persistent (grid = number of SMs, by design), whether its machine code uses the
 tensor memory accelerator (TMA loads ``UTMALDG`` / stores ``UTMASTG`` found in the SASS), and the count
 of Hopper warpgroup MMA instructions (HGMMA) versus the older HMMA. The Ampere/Ada variant of the head
-GEMM (pointer loads) is compiled for sm_80 and must show HMMA instead. Exits non-zero if a GEMM-class
+GEMM (pointer loads) is compiled for sm_80 and must show HMMA instead. ``--candidates`` adds the
+warp-specialised GEMM configurations (``GemmConfig.warp_specialize``, not the default until timed), which
+must also show the specialisation (column WS). Exits non-zero if a GEMM-class
 kernel lacks its matrix instructions, spills, or needs more shared memory than an SM has, or if a
 Hopper GEMM that should use TMA does not. Must run with TRITON_INTERPRET unset.
 """
@@ -38,6 +40,8 @@ class Row:
     persistent: bool = False
     tma_expected: bool = False
     tma_ops: int = 0
+    ws_expected: bool = False  # a warp-specialised candidate (GemmConfig.warp_specialize)
+    specialised: bool = False  # a ttg.warp_specialize op in the TTGIR and setmaxnreg in the PTX
 
     def problems(self) -> list[str]:
         out = []
@@ -47,6 +51,8 @@ class Row:
             out.append("no HMMA instructions")
         if self.tma_expected and self.tma_ops == 0:
             out.append("no TMA instructions")
+        if self.ws_expected and not self.specialised:
+            out.append("not warp-specialised")
         if self.spill_bytes:
             out.append(f"spills {self.spill_bytes} bytes")
         if self.shared_bytes > SHARED_BYTES[self.arch]:
@@ -82,7 +88,7 @@ def _compile(fn, signature, constexprs, num_warps, num_stages, arch=90):
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _inspect(kernel, config, gemm, compiled, arch=90, persistent=False, tma_expected=False) -> Row:
+def _inspect(kernel, config, gemm, compiled, arch=90, persistent=False, tma_expected=False, ws_expected=False) -> Row:
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
         cubin = Path(tmp) / "k.cubin"
@@ -101,7 +107,8 @@ def _inspect(kernel, config, gemm, compiled, arch=90, persistent=False, tma_expe
     return Row(kernel, config, gemm, int(regs.group(1)) if regs else -1, sum(spill),
                int(compiled.metadata.shared), len(re.findall(r"\bHGMMA\.", sass)), len(re.findall(r"\bHMMA\.", sass)),
                arch=arch, persistent=persistent, tma_expected=tma_expected,
-               tma_ops=len(re.findall(r"\bUTMA(?:LDG|STG)\b", sass)))
+               tma_ops=len(re.findall(r"\bUTMA(?:LDG|STG)\b", sass)), ws_expected=ws_expected,
+               specialised="ttg.warp_specialize" in compiled.asm["ttgir"] and "setmaxnreg" in compiled.asm["ptx"])
 
 
 GEMM_SIGNATURE = {"A": "*bf16", "B": "*bf16", "C": "*fp16", "BIAS": "*bf16", "SHIFT": "*fp32",
@@ -149,9 +156,10 @@ def gemm_variants(dtype: str):
                     **scaled))
 
 
-def _gemm_cases():
+def _gemm_cases(candidates: bool = False):
+    """The shipped GEMM configurations; with ``candidates`` also the warp-specialised ones (one split)."""
     from .ops.persistent_gemm import configs
-    from .ops.persistent_gemm.kernel import persistent_gemm_kernel
+    from .ops.persistent_gemm.kernel import ACCUMULATE, persistent_gemm_kernel
 
     for dtype in ("bf16", "fp16"):
         for label, role, ptrs, const in gemm_variants(dtype):
@@ -159,6 +167,19 @@ def _gemm_cases():
             const = dict(const, USE_TMA=True, DOT_FP32=False, PRECISION="tf32", BLOCK_M=cfg.block_m,
                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=132,
                          FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store)
+            sig = dict(GEMM_SIGNATURE, **ptrs)
+            sig.update({k: "constexpr" for k in const})
+            yield ("persistent_gemm", f"{dtype} {label} {cfg.label()}", True, persistent_gemm_kernel, sig, const,
+                   cfg.num_warps, cfg.num_stages, 90, True, True)
+    for dtype in ("bf16", "fp16") if candidates else ():
+        for label, role, ptrs, const in gemm_variants(dtype):
+            if const["SPLIT_K"] > 1:
+                continue
+            cfg = configs.HOPPER_WS_LOGITS if role == "logits" else configs.HOPPER_WS_DENSE
+            const = dict(const, USE_TMA=True, DOT_FP32=False, PRECISION="tf32", BLOCK_M=cfg.block_m,
+                         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=132,
+                         FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store, FULL_TILE=True,
+                         C_TMA=const["EPILOGUE"] == ACCUMULATE, WARP_SPEC=True)
             sig = dict(GEMM_SIGNATURE, **ptrs)
             sig.update({k: "constexpr" for k in const})
             yield ("persistent_gemm", f"{dtype} {label} {cfg.label()}", True, persistent_gemm_kernel, sig, const,
@@ -177,7 +198,7 @@ def _gemm_cases():
                cfg.num_warps, cfg.num_stages, 80, True, False)
 
 
-def _cases():
+def _cases(candidates: bool = False):
     """(kernel, config label, GEMM-class, fn, signature, constexprs, warps, stages, arch, persistent, TMA)."""
     from .ops.advantages.triton_impl import _group_advantages_kernel
     from .ops.fused_loss.triton_schedule import _token_kernel
@@ -185,7 +206,7 @@ def _cases():
     from .ops.policy_loss.triton_impl import _policy_loss_kernel, stat_constexprs
     from .variants import NUM_STATS
 
-    yield from _gemm_cases()
+    yield from _gemm_cases(candidates)
 
     sig = {"XC": "*bf16", "W": "*bf16", "BIAS": "*bf16", "TGT_C": "*i64", "ORDER": "*i64", "COUNT": "*i32",
            "M_PART": "*fp32", "S_PART": "*fp32", "U_PART": "*fp32", "LP": "*fp32", "ENT": "*fp32",
@@ -260,17 +281,18 @@ def _cases():
     yield ("group_advantages", "BLOCK=32 w1", False, _group_advantages_kernel, sig, const, 1, 1, 90, False, False)
 
 
-def report() -> list[Row]:
+def report(candidates: bool = False) -> list[Row]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("hopper_report compiles real kernels: run it without TRITON_INTERPRET=1")
-    return [_inspect(name, label, gemm, _compile(fn, sig, const, w, s, arch), arch, persistent, tma)
-            for name, label, gemm, fn, sig, const, w, s, arch, persistent, tma in _cases()]
+    return [_inspect(name, label, gemm, _compile(fn, sig, const, w, s, arch), arch, persistent, tma,
+                     ws_expected=bool(const.get("WARP_SPEC")))
+            for name, label, gemm, fn, sig, const, w, s, arch, persistent, tma in _cases(candidates)]
 
 
 def main() -> int:
-    rows = report()
+    rows = report(candidates="--candidates" in sys.argv[1:])
     head = (f"{'kernel':<16} {'config':<78} {'arch':>5} {'regs':>5} {'spill B':>8} {'smem B':>8} {'persist':>8} "
-            f"{'TMA ops':>8} {'HGMMA':>6} {'HMMA':>5}  verdict")
+            f"{'TMA ops':>8} {'HGMMA':>6} {'HMMA':>5} {'WS':>3}  verdict")
     print("Code generation, compiled on this CPU (sm_90a = H100/H200; sm_80 = A100)")
     print(head)
     print("-" * len(head))
@@ -279,7 +301,8 @@ def main() -> int:
         problems = r.problems()
         failed |= bool(problems)
         print(f"{r.kernel:<16} {r.config:<78} {r.arch:>5} {r.registers:>5} {r.spill_bytes:>8} {r.shared_bytes:>8} "
-              f"{'yes' if r.persistent else 'no':>8} {r.tma_ops:>8} {r.hgmma:>6} {r.hmma:>5}  "
+              f"{'yes' if r.persistent else 'no':>8} {r.tma_ops:>8} {r.hgmma:>6} {r.hmma:>5} "
+              f"{'yes' if r.specialised else 'no':>3}  "
               f"{'; '.join(problems) or 'ok'}")
     return 1 if failed else 0
 

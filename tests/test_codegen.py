@@ -75,6 +75,21 @@ SCRIPT = textwrap.dedent('''
             row = hr._inspect("g", case[1], True, hr._compile(case[3], sig, const, case[6], case[7]))
             assert not row.problems(), row
             n += 1
+    # The warp-specialised candidates (GemmConfig.warp_specialize): the loop is really specialised (a
+    # ttg.warp_specialize op: one producer and two consumer warpgroups, 384 threads, setmaxnreg), with HGMMA
+    # and TMA, no spills, within the shared memory. One variant per epilogue (dX also scaled); both dtypes' dW
+    # accumulation.
+    wanted = {"bf16 logits stats bias=1 entropy=1 store=1", "bf16 logits stats bias=0 entropy=0 store=0",
+              "bf16 logits shifted bias=1", "bf16 dX split-K 1", "bf16 dW accumulate",
+              "bf16 dW init in the weight's dtype scaled", "fp16 dW accumulate scaled",
+              "fp16 logits stats bias=0 entropy=1 store=1"}
+    for case in hr._gemm_cases(candidates=True):
+        if not case[5].get("WARP_SPEC") or not any(case[1].startswith(w + " ") for w in wanted):
+            continue
+        compiled = hr._compile(*case[3:9])
+        row = hr._inspect("g", case[1], True, compiled, tma_expected=True, ws_expected=True)
+        assert compiled.metadata.num_warps == 12 and not row.problems(), row
+        n += 1
     print("compiled", n)
 ''')
 
@@ -83,4 +98,4 @@ def test_every_gpu_kernel_variant_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "compiled 132" in proc.stdout  # 32 + 32 + 12 + 24 + 4 + 4 + 10 + 6 + 8 variants
+    assert "compiled 141" in proc.stdout  # 32 + 32 + 12 + 24 + 4 + 4 + 10 + 6 + 8 + 9 variants

@@ -19,15 +19,18 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _configs(tma):
     """tma: True (TMA loads and stores), False (pointer loads and stores), "ptr-store" (TMA loads, the
-    logits stored from registers: ``GemmConfig.tma_store``) or "halves" (TMA, the logits stored a
-    statistics slice at a time: ``GemmConfig.store_halves``)."""
+    logits stored from registers: ``GemmConfig.tma_store``), "halves" (TMA, the logits stored a
+    statistics slice at a time: ``GemmConfig.store_halves``) or "ws" (the warp-specialised configs: the
+    whole tile in the epilogue, float32 accumulation through descriptors; specialised on a GPU only)."""
     if DEV == "cuda":  # the shipped configs (TMA where the shapes allow it)
+        if tma == "ws":
+            return dict(logits=configs.HOPPER_WS_LOGITS, dx=configs.HOPPER_WS_DENSE, dw=configs.HOPPER_WS_DENSE)
         if tma not in ("ptr-store", "halves"):
             return {}
         shipped = configs.config_for("logits", torch.bfloat16, torch.device(DEV))
         return dict(logits=replace(shipped, tma_store=tma != "ptr-store", store_halves=tma == "halves"))
-    cfg = configs.GemmConfig(16, 32, 16, 2, 1, 1, tma=bool(tma), tma_store=tma in (True, "halves"),
-                             store_halves=tma == "halves")
+    cfg = configs.GemmConfig(16, 32, 16, 2, 1, 1, tma=bool(tma), tma_store=tma in (True, "halves", "ws"),
+                             store_halves=tma == "halves", flatten=tma != "ws", warp_specialize=tma == "ws")
     return dict(logits=cfg, dx=cfg, dw=cfg)
 
 
@@ -47,7 +50,7 @@ def _count(c):
 SHAPES = [(37, 40, 203), (20, 48, 64), (5, 16, 97), (1, 16, 10)]
 
 
-@pytest.mark.parametrize("tma", [True, False, "ptr-store", "halves"])
+@pytest.mark.parametrize("tma", [True, False, "ptr-store", "halves", "ws"])
 @pytest.mark.parametrize("n,H,V", SHAPES)
 @pytest.mark.parametrize("count,row0", [(None, 0), (30, 0), (30, 11), (0, 0), (3, 5)])
 def test_logits_statistics_and_stored_logits(tma, n, H, V, count, row0, gen):
@@ -79,7 +82,7 @@ def test_logits_statistics_and_stored_logits(tma, n, H, V, count, row0, gen):
     torch.testing.assert_close(out[:lim].double(), shifted, rtol=2e-3, atol=4e-3)  # fp16 storage
 
 
-@pytest.mark.parametrize("tma", [True, False, "ptr-store"])
+@pytest.mark.parametrize("tma", [True, False, "ptr-store", "ws"])
 @pytest.mark.parametrize("n,H,V", SHAPES)
 def test_shifted_logits(tma, n, H, V, gen):
     x, w, b = _inputs(n, H, V, torch.float16, gen)
@@ -93,7 +96,7 @@ def test_shifted_logits(tma, n, H, V, gen):
     assert out[lim:].isnan().all()
 
 
-@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("tma", [True, False, "ws"])
 @pytest.mark.parametrize("splits", [1, 2, 3])
 @pytest.mark.parametrize("n,H,V", SHAPES)
 def test_split_k_dx(tma, splits, n, H, V, gen):
@@ -107,7 +110,7 @@ def test_split_k_dx(tma, splits, n, H, V, gen):
     assert out[:, lim:].isnan().all()
 
 
-@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("tma", [True, False, "ws"])
 @pytest.mark.parametrize("n,H,V", SHAPES)
 @pytest.mark.parametrize("count", [None, 0, 1, 9])
 def test_dw_accumulation_over_chunks(tma, n, H, V, count, gen):
@@ -125,7 +128,7 @@ def test_dw_accumulation_over_chunks(tma, n, H, V, count, gen):
     torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("tma", [True, False, "ws"])
 @pytest.mark.parametrize("n,H,V", SHAPES[:2])
 def test_scaled_products_for_fp16(tma, n, H, V, gen):
     """fp16 dZ comes scaled by a power of two; the dX and dW GEMMs multiply their products back by the device
@@ -144,7 +147,7 @@ def test_scaled_products_for_fp16(tma, n, H, V, gen):
     torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("tma", [True, False, "ws"])
 @pytest.mark.parametrize("n,H,V", SHAPES)
 @pytest.mark.parametrize("count", [None, 0, 1, 9])
 def test_dw_written_once_in_the_weight_dtype(tma, n, H, V, count, gen):
@@ -201,3 +204,54 @@ def test_compaction_takes_the_predicate_itself(one_pass, gen):
     order, count = compact(mask, one_pass_max=n if one_pass else 0)
     want_order, want_count = compact_torch(mask.bool())
     assert torch.equal(order, want_order) and torch.equal(count, want_count)
+
+
+def _persistent_gemm_warps():
+    """num_warps of every compiled specialisation of the persistent GEMM (a warp-specialised one has 12:
+    one producer and two consumer warpgroups of 4)."""
+    from ngrpo_kernels.ops.persistent_gemm.kernel import persistent_gemm_kernel
+
+    return {k.metadata.num_warps for cache in persistent_gemm_kernel.device_caches.values()
+            for k in cache[0].values()}
+
+
+def test_head_ops_with_warp_specialised_configs(gen):
+    """Log-probs with entropy (forward and backward, two chunks) and the fused loss through the
+    warp-specialised configs against the default configs: the same results to rounding. On a GPU the shapes
+    are large enough for every GEMM to take the TMA path, and the loop must have been specialised there."""
+    import ngrpo_kernels as nk
+
+    cuda = DEV == "cuda"
+    n, H, V = (600, 256, 1096) if cuda else (40, 48, 70)  # on a GPU: TMA-aligned leading dimensions
+    x, w, b = _inputs(n, H, V, torch.bfloat16, gen)
+    t = torch.randint(0, V, (n,), generator=gen).to(DEV)
+    t[::7] = -100
+    g_lp, g_ent = torch.randn(n, generator=gen).to(DEV), torch.randn(n, generator=gen).to(DEV)
+    mask = t != -100
+    B = 4  # the fused loss takes [B, T] batches
+    old = (torch.randn(n, generator=gen).to(DEV) * 0.1 - 3).view(B, -1)
+    adv = torch.randn(B, generator=gen).to(DEV)
+
+    def run():
+        leaves = [a.detach().clone().requires_grad_() for a in (x, w, b)]
+        lp, ent = nk.fused_linear_logprobs(leaves[0], leaves[1], t, bias=leaves[2], return_entropy=True,
+                                           workspace_bytes=(n // 2 + 1) * V * 2)  # two chunks in backward
+        ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+        out = [lp.detach(), ent.detach(), *(a.grad for a in leaves)]
+        leaves = [a.detach().clone().requires_grad_() for a in (x, w, b)]
+        loss, _ = nk.fused_linear_ngrpo_loss(leaves[0].view(B, -1, H), leaves[1], t.clamp(min=0).view(B, -1),
+                                             mask.view(B, -1), old, advantages=adv,
+                                             bias=leaves[2], workspace_bytes=(n // 2 + 1) * V * 2)
+        loss.backward()
+        return out + [loss.detach(), *(a.grad for a in leaves)]
+
+    with nk.use_backend("triton"):
+        want = run()
+        with configs.override(**_configs("ws")):
+            got = run()
+    for name, g, r in zip(["logprobs", "entropy", "dx", "dw", "db", "loss", "loss dx", "loss dw", "loss db"], got, want):
+        assert torch.isfinite(g).all(), name
+        rel = ((g.double() - r.double()).norm() / r.double().norm()).item()
+        assert rel < (1e-5 if name in ("logprobs", "entropy", "loss") else 1e-2), (name, rel)  # half-precision dZ
+    if cuda:
+        assert 12 in _persistent_gemm_warps(), "no warp-specialised launch"

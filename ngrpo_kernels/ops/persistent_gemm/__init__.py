@@ -42,6 +42,15 @@ def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=
     # shapes take the pointer path).
     use_tma = (configs.tma_ok(cfg, a, b, *((c,) if stored and cfg.tma_store else ()))
                and K >= cfg.block_k and N >= cfg.block_n and (M >= cfg.block_m or a_t is False))
+    # Warp-specialised configs take the whole tile in their epilogue (FULL_TILE); the float32 accumulation
+    # of dX / dW then goes through a descriptor too (C_TMA, one split only), and the loop is specialised
+    # only where every access is TMA (the pass needs it, docs/kernels.md).
+    full_tile = cfg.warp_specialize
+    c_tma = full_tile and epilogue == ACCUMULATE and use_tma and split_k == 1 and configs.tma_ok_any(c)
+    warp_spec = full_tile and use_tma and (epilogue != ACCUMULATE or c_tma) and not interpreter_enabled()
+    # unspecialised, a whole 256x128 tile in 4 warps would hold 256 accumulator registers a thread: twice the
+    # warps (small or unaligned shapes only)
+    num_warps = cfg.num_warps * 2 if full_tile and not warp_spec and a.is_cuda else cfg.num_warps
     if use_tma and a.is_cuda:
         _ensure_allocator()
     sms = configs.num_sms(a.device)
@@ -59,15 +68,17 @@ def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=
         ENTROPY=entropy, USE_TMA=use_tma, DOT_FP32=interpreter_enabled(), PRECISION=_precision(a.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=sms,
         SPLIT_K=split_k, FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store, SCALED=scale is not None,
-        STORE_HALF=cfg.store_halves,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STORE_HALF=cfg.store_halves, FULL_TILE=full_tile, C_TMA=c_tma, WARP_SPEC=warp_spec,
+        num_warps=num_warps, num_stages=cfg.num_stages,
     )
     return cfg
 
 
 def stats_width(dtype: torch.dtype, device: torch.device) -> int:
-    """Columns per row of one statistics partial (half an output tile of the logits GEMM)."""
-    return configs.config_for("logits", dtype, device).block_n // 2
+    """Columns per row of one statistics partial: half an output tile of the logits GEMM, or a whole one
+    under a warp-specialised config (``GemmConfig.warp_specialize``)."""
+    cfg = configs.config_for("logits", dtype, device)
+    return cfg.block_n if cfg.warp_specialize else cfg.block_n // 2
 
 
 def num_vocab_tiles(V: int, dtype: torch.dtype, device: torch.device) -> int:

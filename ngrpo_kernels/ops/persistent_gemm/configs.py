@@ -51,12 +51,19 @@ class GemmConfig:
     # before a refill then follows the next slice's exponentials instead of a quarter's). Not yet timed:
     # gpu_head.py --tune / --gemms ("store-halves").
     store_halves: bool = False
+    # Hopper warp specialisation (``tl.range(..., warp_specialize=True)``; triton >= 3.4 on sm_90): one
+    # producer warpgroup issues the TMA loads, two consumer warpgroups (``num_warps`` = 4 each, 384
+    # threads) split each tile's rows and run the MMAs and the epilogue, registers moved to them with
+    # setmaxnreg. The pass cannot partition a reshape or split of the accumulator, so the epilogue takes the
+    # whole tile (``kernel._stats_tile``: a statistics slice is then BLOCK_N wide), and the loop must not be
+    # flattened. Not yet timed: gpu_head.py --tune / --gemms ("warp-specialised").
+    warp_specialize: bool = False
 
     def label(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} "
                 f"s{self.num_stages} {'tma' if self.tma else 'ptr'}{'' if self.flatten else ' unflattened'}"
                 f"{' ptr-store' if self.tma and not self.tma_store else ''}"
-                f"{' store-halves' if self.store_halves else ''}")
+                f"{' store-halves' if self.store_halves else ''}{' ws' if self.warp_specialize else ''}")
 
 
 HOPPER = GemmConfig(128, 256, 64, 8, 8, 3, tma=True)
@@ -64,6 +71,14 @@ HOPPER = GemmConfig(128, 256, 64, 8, 8, 3, tma=True)
 # is read from DRAM once per 4096 tokens instead of once per 1024 (measured 1.4-5.7 % faster than
 # GROUP_M = 8 on an H200 at 8192-token chunks, ~1 % at 4096, docs/kernels.md).
 HOPPER_LOGITS = GemmConfig(128, 256, 64, 32, 8, 3, tma=True)
+# Warp-specialised candidates (GemmConfig.warp_specialize), not the default until a GPU has timed them:
+# 256x128 tiles for the logits (each consumer a 128x128 accumulator, one statistics slice per tile;
+# 3 x 48 KB of operands and a 64 KB fp16 staging tile), 128x128 for dX and dW (4 x 32 KB of operands and
+# the 64 KB float32 tile that the accumulation reads and writes through TMA). GROUP_M 16 keeps the logits'
+# 4096 rows per weight tile of HOPPER_LOGITS. sm_90a, triton 3.6 and 3.9: specialised, no spills
+# (tests/test_codegen.py).
+HOPPER_WS_LOGITS = GemmConfig(256, 128, 64, 16, 4, 3, tma=True, flatten=False, warp_specialize=True)
+HOPPER_WS_DENSE = GemmConfig(128, 128, 64, 8, 4, 4, tma=True, flatten=False, warp_specialize=True)
 AMPERE = GemmConfig(128, 128, 32, 8, 8, 4, tma=False)
 FLOAT32 = GemmConfig(64, 64, 32, 8, 4, 2, tma=False)
 INTERPRETER = GemmConfig(16, 32, 16, 2, 1, 1, tma=True)
@@ -140,6 +155,12 @@ def tma_ok(cfg: GemmConfig, *tensors: torch.Tensor) -> bool:
     return True
 
 
+def tma_ok_any(t: torch.Tensor) -> bool:
+    """A descriptor over ``t`` of any element size: 16-byte aligned base and leading stride, unit last stride."""
+    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+            and (t.dim() < 2 or (t.stride(-2) * t.element_size()) % 16 == 0))
+
+
 def dense_backend(dtype: torch.dtype, device: torch.device) -> str:
     forced = (_override.get() or {}).get("dense")
     if forced is not None:
@@ -154,5 +175,7 @@ def dense_backend(dtype: torch.dtype, device: torch.device) -> str:
 
 def dx_splits(rows: int, H: int, dtype: torch.dtype, device: torch.device) -> int:
     cfg = config_for("dx", dtype, device)
+    if cfg.warp_specialize:  # one split: its float32 tile goes through a descriptor (128x128: 6.8 waves at 4k)
+        return 1
     tiles = -(-rows // cfg.block_m) * -(-H // cfg.block_n)
     return DX_SPLIT_K if tiles < DX_SPLIT_BELOW_WAVES * num_sms(device) else 1

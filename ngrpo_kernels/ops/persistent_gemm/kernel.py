@@ -17,6 +17,12 @@ Device-side limits (no host synchronisation): with ``LIMIT_M`` only the first
 the limit are never visited; TMA zero-fills the ragged edge, pointer loads mask it. This is how padded
 tokens (compacted to the end) cost no FLOPs.
 
+Warp-specialised candidates (``GemmConfig.warp_specialize``, not the default until a GPU has timed them):
+``WARP_SPEC`` marks the tile loop for Hopper's warp-specialisation pass (a producer warpgroup for the TMA
+loads, two consumer warpgroups splitting each tile's rows); that pass cannot partition the reshape / split
+of the halves below, so ``FULL_TILE`` runs each epilogue on the whole tile (a statistics slice is then
+BLOCK_N wide), and ``C_TMA`` reads and writes the float32 accumulation through a descriptor.
+
 Epilogues (``EPILOGUE``), all on the fp32 accumulator tile in registers:
 - ``LOGITS_STATS``: ``z = (acc + b) * inv_temp``; per row and per half tile (a "vocab slice" of
   BLOCK_N / 2 columns) its max ``m``, ``sum exp(z - m)`` and (``ENTROPY``) ``sum exp(z - m) z`` go to
@@ -159,6 +165,45 @@ def _accumulate_half(C, acc, rows, row_ok, off_h, N, ldc, INIT: tl.constexpr, BL
 
 
 @triton.jit
+def _stats_tile(acc, C, c_desc, BIAS, M_PART, S_PART, U_PART, rows, row_ok, off_m, off_n, tile, N, ld_part, ldc,
+                inv_temp, HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, STORE_Z: tl.constexpr, USE_TMA: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """``_stats_half`` on a whole [BLOCK_M, BLOCK_N] tile, which is then one statistics slice
+    (``FULL_TILE``): no reshape, permute or split of the accumulator, which Hopper's warp-specialisation
+    pass cannot partition between its consumer warpgroups."""
+    cols = off_n + tl.arange(0, BLOCK_N)
+    ok = cols < N
+    z = tl.where(ok[None, :], _logits(acc, BIAS, cols, ok, inv_temp, HAS_BIAS), -1e30)
+    m = tl.max(z, axis=1)
+    s, u = _quarter_sums(z, m, ENTROPY)
+    if STORE_Z:
+        _store(C, c_desc, z - m[:, None], off_m, off_n, rows, cols, row_ok, ok, ldc, USE_TMA)
+    part = tile.to(tl.int64) * ld_part + rows
+    tl.store(M_PART + part, m, mask=row_ok)
+    tl.store(S_PART + part, s, mask=row_ok)
+    if ENTROPY:
+        tl.store(U_PART + part, u, mask=row_ok)
+
+
+@triton.jit
+def _accumulate_tile(C, c_desc, acc, rows, row_ok, off_m, off_n, N, ldc, INIT: tl.constexpr, C_TMA: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """``_accumulate_half`` on a whole tile (``FULL_TILE``); with ``C_TMA`` the float32 tile is read and
+    written through a tensor descriptor (the descriptor clips rows past the count and columns past N)."""
+    if C_TMA:
+        if not INIT:
+            acc += c_desc.load([off_m, off_n])
+        c_desc.store([off_m, off_n], acc.to(C.dtype.element_ty))
+    else:
+        cols = off_n + tl.arange(0, BLOCK_N)
+        ptr = C + rows[:, None].to(tl.int64) * ldc + cols[None, :]
+        ok = row_ok[:, None] & (cols < N)[None, :]
+        if not INIT:
+            acc += tl.load(ptr, mask=ok, other=0.0)
+        tl.store(ptr, acc.to(C.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def persistent_gemm_kernel(
     A, B, C, BIAS, SHIFT, M_PART, S_PART, U_PART, COUNT,
     M, N, K, row0, lda, ldb, ldc, ld_part, ld_split, inv_temp,
@@ -167,7 +212,8 @@ def persistent_gemm_kernel(
     USE_TMA: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr, SPLIT_K: tl.constexpr = 1, FLATTEN: tl.constexpr = True, TMA_STORE: tl.constexpr = True,
-    SCALED: tl.constexpr = False, STORE_HALF: tl.constexpr = False,
+    SCALED: tl.constexpr = False, STORE_HALF: tl.constexpr = False, FULL_TILE: tl.constexpr = False,
+    C_TMA: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
 ):
     start = tl.program_id(0)
     m_lim = M
@@ -194,7 +240,8 @@ def persistent_gemm_kernel(
     k_tiles = tl.maximum(tl.cdiv(tl.cdiv(k_lim, BLOCK_K), SPLIT_K), 1)
 
     # Output tiles are stored in halves, the logits' in quarters unless STORE_HALF (see _stats_half).
-    C_BLOCK_N: tl.constexpr = BLOCK_N // 4 if EPILOGUE == LOGITS_STATS and not STORE_HALF else BLOCK_N // 2
+    C_BLOCK_N: tl.constexpr = BLOCK_N if FULL_TILE else (
+        BLOCK_N // 4 if EPILOGUE == LOGITS_STATS and not STORE_HALF else BLOCK_N // 2)
     c_desc = C  # replaced by a descriptor where TMA stores the output tiles
     if USE_TMA:
         # A tensor map may not have an empty dimension: past the count there are no tiles to load, so a
@@ -213,6 +260,9 @@ def persistent_gemm_kernel(
         if ((EPILOGUE == LOGITS_SHIFTED) or STORE_Z) and TMA_STORE:
             c_desc = tl.make_tensor_descriptor(C, shape=[m_desc, N], strides=[ldc, 1],
                                                block_shape=[BLOCK_M, C_BLOCK_N])
+        if C_TMA:  # FULL_TILE accumulation (one split): rows past the count are clipped by the shape
+            c_desc = tl.make_tensor_descriptor(C, shape=[m_desc, N], strides=[ldc, 1],
+                                               block_shape=[BLOCK_M, BLOCK_N])
 
     # With no K at all (dW of a chunk past the count, INIT), the one step taken must read zeros: TMA
     # coordinates are pushed past the one-row descriptor (pointer loads are masked by k_lim already).
@@ -220,7 +270,7 @@ def persistent_gemm_kernel(
     # the pointer variant on triton 3.6 (dW came out all zeros on an H200).
     k_skip = (k_lim == 0).to(tl.int32) * BLOCK_K
     tile_c = start - NUM_SMS
-    for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
+    for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
         pid_m, pid_n = tile_coords(tile_id % tiles_per_split, num_pid_m, num_pid_n, GROUP_M)
         k_start = (tile_id // tiles_per_split) * k_tiles * BLOCK_K
         off_m = pid_m * BLOCK_M
@@ -264,35 +314,59 @@ def persistent_gemm_kernel(
         split = tile_c // tiles_per_split
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        # The epilogue works on two [BLOCK_M, BLOCK_N / 2] halves of the accumulator: half the live
-        # registers and half the shared-memory staging of a full tile (no spills at 128x256).
-        HALF: tl.constexpr = BLOCK_N // 2
-        acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1))
-        acc0, acc1 = tl.split(acc)
         rows = off_m + tl.arange(0, BLOCK_M)
-        cols0 = off_n + tl.arange(0, HALF)
-        cols1 = cols0 + HALF
         row_ok = rows < m_lim
-        ok0 = cols0 < N
-        ok1 = cols1 < N
-        if EPILOGUE == ACCUMULATE:
-            if SCALED:
-                alpha = tl.load(SHIFT)
-                acc0 = acc0 * alpha
-                acc1 = acc1 * alpha
-            c_split = C + split.to(tl.int64) * ld_split  # split-K: one fp32 partial per split
-            _accumulate_half(c_split, acc0, rows, row_ok, off_n, N, ldc, INIT, BLOCK_M, HALF)
-            _accumulate_half(c_split, acc1, rows, row_ok, off_n + HALF, N, ldc, INIT, BLOCK_M, HALF)
-        elif EPILOGUE == LOGITS_STATS:
-            _stats_half(acc0, C, c_desc, BIAS, M_PART, S_PART, U_PART, rows, row_ok, off_m, off_n, 2 * pid_n,
-                        N, ld_part, ldc, inv_temp, HAS_BIAS, ENTROPY, STORE_Z, USE_TMA and TMA_STORE, BLOCK_M, HALF,
-                        STORE_HALF)
-            _stats_half(acc1, C, c_desc, BIAS, M_PART, S_PART, U_PART, rows, row_ok, off_m, off_n + HALF,
-                        2 * pid_n + 1, N, ld_part, ldc, inv_temp, HAS_BIAS, ENTROPY, STORE_Z, USE_TMA and TMA_STORE,
-                        BLOCK_M, HALF, STORE_HALF)
-        else:  # LOGITS_SHIFTED
-            shift = tl.load(SHIFT + rows, mask=row_ok, other=0.0)[:, None]
-            z0 = _logits(acc0, BIAS, cols0, ok0, inv_temp, HAS_BIAS)
-            _store(C, c_desc, z0 - shift, off_m, off_n, rows, cols0, row_ok, ok0, ldc, USE_TMA and TMA_STORE)
-            z1 = _logits(acc1, BIAS, cols1, ok1, inv_temp, HAS_BIAS)
-            _store(C, c_desc, z1 - shift, off_m, off_n + HALF, rows, cols1, row_ok, ok1, ldc, USE_TMA and TMA_STORE)
+        if FULL_TILE:  # the whole tile at once (warp-specialised configs: BLOCK_N = one statistics slice)
+            if EPILOGUE == ACCUMULATE:
+                if SCALED:
+                    acc = acc * tl.load(SHIFT)
+                c_split = C + split.to(tl.int64) * ld_split  # split-K (pointer stores only, not C_TMA)
+                _accumulate_tile(c_split, c_desc, acc, rows, row_ok, off_m, off_n, N, ldc, INIT, C_TMA, BLOCK_N)
+            elif EPILOGUE == LOGITS_STATS:
+                _stats_tile(acc, C, c_desc, BIAS, M_PART, S_PART, U_PART, rows, row_ok, off_m, off_n, pid_n, N,
+                            ld_part, ldc, inv_temp, HAS_BIAS, ENTROPY, STORE_Z, USE_TMA and TMA_STORE, BLOCK_N)
+            else:  # LOGITS_SHIFTED
+                cols = off_n + tl.arange(0, BLOCK_N)
+                ok = cols < N
+                shift = tl.load(SHIFT + rows, mask=row_ok, other=0.0)[:, None]
+                z = _logits(acc, BIAS, cols, ok, inv_temp, HAS_BIAS)
+                _store(C, c_desc, z - shift, off_m, off_n, rows, cols, row_ok, ok, ldc, USE_TMA and TMA_STORE)
+        else:
+            _epilogue_halves(acc, C, c_desc, BIAS, SHIFT, M_PART, S_PART, U_PART, rows, row_ok, off_m, off_n, pid_n,
+                             split, N, ldc, ld_part, ld_split, inv_temp, EPILOGUE, INIT, STORE_Z, HAS_BIAS, ENTROPY,
+                             USE_TMA and TMA_STORE, SCALED, STORE_HALF, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _epilogue_halves(acc, C, c_desc, BIAS, SHIFT, M_PART, S_PART, U_PART, rows, row_ok, off_m, off_n, pid_n, split,
+                     N, ldc, ld_part, ld_split, inv_temp, EPILOGUE: tl.constexpr, INIT: tl.constexpr,
+                     STORE_Z: tl.constexpr, HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, TMA_STORE: tl.constexpr,
+                     SCALED: tl.constexpr, STORE_HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The epilogue on two [BLOCK_M, BLOCK_N / 2] halves of the accumulator: half the live registers and
+    half the shared-memory staging of a full tile (no spills at 128x256 with 8 warps)."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    acc0, acc1 = _halves(acc, BLOCK_M, BLOCK_N)
+    cols0 = off_n + tl.arange(0, HALF)
+    cols1 = cols0 + HALF
+    ok0 = cols0 < N
+    ok1 = cols1 < N
+    if EPILOGUE == ACCUMULATE:
+        if SCALED:
+            alpha = tl.load(SHIFT)
+            acc0 = acc0 * alpha
+            acc1 = acc1 * alpha
+        c_split = C + split.to(tl.int64) * ld_split  # split-K: one fp32 partial per split
+        _accumulate_half(c_split, acc0, rows, row_ok, off_n, N, ldc, INIT, BLOCK_M, HALF)
+        _accumulate_half(c_split, acc1, rows, row_ok, off_n + HALF, N, ldc, INIT, BLOCK_M, HALF)
+    elif EPILOGUE == LOGITS_STATS:
+        _stats_half(acc0, C, c_desc, BIAS, M_PART, S_PART, U_PART, rows, row_ok, off_m, off_n, 2 * pid_n,
+                    N, ld_part, ldc, inv_temp, HAS_BIAS, ENTROPY, STORE_Z, TMA_STORE, BLOCK_M, HALF, STORE_HALF)
+        _stats_half(acc1, C, c_desc, BIAS, M_PART, S_PART, U_PART, rows, row_ok, off_m, off_n + HALF,
+                    2 * pid_n + 1, N, ld_part, ldc, inv_temp, HAS_BIAS, ENTROPY, STORE_Z, TMA_STORE, BLOCK_M, HALF,
+                    STORE_HALF)
+    else:  # LOGITS_SHIFTED
+        shift = tl.load(SHIFT + rows, mask=row_ok, other=0.0)[:, None]
+        z0 = _logits(acc0, BIAS, cols0, ok0, inv_temp, HAS_BIAS)
+        _store(C, c_desc, z0 - shift, off_m, off_n, rows, cols0, row_ok, ok0, ldc, TMA_STORE)
+        z1 = _logits(acc1, BIAS, cols1, ok1, inv_temp, HAS_BIAS)
+        _store(C, c_desc, z1 - shift, off_m, off_n + HALF, rows, cols1, row_ok, ok1, ldc, TMA_STORE)
