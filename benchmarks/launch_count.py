@@ -107,13 +107,13 @@ def main() -> None:
 
 
 def host_times(x, w, t, mask, old, adv, no_grad, loss) -> None:
-    real_compact, real_run = head_schedule.compact, InterpretedFunction.run
+    real_compact, real_run = head_schedule.compact_and_gather, InterpretedFunction.run
     cache = {}
 
-    def cached_compact(values, ignore=0):  # the real result once per input, then no kernel at all
+    def cached_compact(values, ignore, x, out):  # the real result once per input, then no kernel at all
         key = (values.data_ptr(), values.shape, ignore)
         if key not in cache:
-            cache[key] = real_compact(values, ignore)
+            cache[key] = real_compact(values, ignore, x, out)
         return cache[key]
 
     def public_no_grad():
@@ -126,7 +126,7 @@ def host_times(x, w, t, mask, old, adv, no_grad, loss) -> None:
         value, _ = nk.fused_linear_ngrpo_loss(h, ws, t, mask, old, advantages=adv, validate=False)
         value.backward()
 
-    head_schedule.compact = cached_compact
+    head_schedule.compact_and_gather = cached_compact
     for fn in (no_grad, loss, public_no_grad, public_loss):
         fn()  # compile under the interpreter and fill the cache before the launches become no-ops
     InterpretedFunction.run = lambda self, *a, **k: None
@@ -142,7 +142,7 @@ def host_times(x, w, t, mask, old, adv, no_grad, loss) -> None:
                       f"implementation alone {direct:.0f}{' (forward only)' if impl is loss else ''}, "
                       f"public op through the custom op {through_op:.0f}")
     finally:
-        head_schedule.compact, InterpretedFunction.run = real_compact, real_run
+        head_schedule.compact_and_gather, InterpretedFunction.run = real_compact, real_run
 
 
 if __name__ == "__main__":

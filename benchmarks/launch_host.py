@@ -35,20 +35,21 @@ from ngrpo_kernels.variants import AggMode  # noqa: E402
 
 
 def _compaction_with_results():
-    """The compaction launches as usual (and is timed), but no kernel runs here: its outputs are then filled
-    from the PyTorch reference, computed once per input (a copy of a few hundred indices per call)."""
-    real, cache = head_schedule.compact, {}
+    """The compaction launches as usual (and is timed), but no kernel runs here: its order and count are then
+    filled from the PyTorch reference, computed once per input (a copy of a few hundred indices per call);
+    the rows it would gather are left as they are (host time only)."""
+    real, cache = head_schedule.compact_and_gather, {}
 
-    def compact(values, ignore=0):
-        order, count = real(values, ignore)
+    def compact(values, ignore, x, out):
+        order, count, gathered = real(values, ignore, x, out)
         key = (values.data_ptr(), tuple(values.shape), ignore)
         if key not in cache:
             cache[key] = compaction.compact_torch(values, ignore)
         order.copy_(cache[key][0])
         count.copy_(cache[key][1])
-        return order, count
+        return order, count, gathered
 
-    head_schedule.compact = compact
+    head_schedule.compact_and_gather = compact
 
 
 def main() -> None:

@@ -266,6 +266,13 @@ def _cases(candidates: bool = False):
     yield ("compact_1pass", f"targets, BLOCK={compaction.BLOCK}, SCAN={compaction.SCAN} w4", False,
            compaction._compact_one_pass, sig, dict(BLOCK=compaction.BLOCK, SCAN=compaction.SCAN), 4, 1, 90, False,
            False)
+    sig = {"VALUES": "*i64", "ORDER": "*i64", "COUNT": "*i32", "X": "*bf16", "OUT": "*bf16", "N": "i32", "H": "i32",
+           "ldx": "i32", "ignore": "i32", "rows_out": "i32", "BLOCK": "constexpr", "SCAN": "constexpr",
+           "SUB": "constexpr", "BLOCK_H": "constexpr"}
+    const = dict(BLOCK=compaction.BLOCK, SCAN=compaction.SCAN, SUB=compaction.GATHER_SUB,
+                 BLOCK_H=compaction.GATHER_COLUMNS)
+    yield ("compact_gather", f"targets, bf16 rows, SUB={compaction.GATHER_SUB}, BLOCK_H={compaction.GATHER_COLUMNS} w4",
+           False, compaction._compact_gather_one_pass, sig, const, 4, 1, 90, False, False)
     sig = {"VALUES": "*i1", "COUNTS": "*i32", "N": "i32", "ignore": "i32", "BLOCK": "constexpr"}
     yield ("compact_counts", f"mask, BLOCK={compaction.BLOCK} w4", False, compaction._block_counts, sig,
            dict(BLOCK=compaction.BLOCK), 4, 1, 90, False, False)

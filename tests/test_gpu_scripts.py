@@ -139,8 +139,8 @@ def test_gpu_shell_scripts_parse(script):
 
 def test_launches_before_the_first_gemm_stay_few():
     """An isolated call pays every launch before its first GEMM in host latency (benchmarks/RESULTS_gpu.md:
-    the isolated-call excess at 4k tokens). Only the compaction (one launch, the predicate inside) and the
-    gather of the first chunk's hidden rows may come first; the per-token arrays follow the GEMM."""
+    the isolated-call excess at 4k tokens). Only the compaction may come first (one launch: the predicate
+    inside, the first chunk's hidden rows gathered by it); the per-token arrays follow the GEMM."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "launch_count.py"), "--host"], env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -150,8 +150,8 @@ def test_launches_before_the_first_gemm_stay_few():
         if found:
             counts[found.group(1)] = int(found.group(2)) + int(found.group(3))
     assert proc.stdout.count("host us around the launches") == 2, proc.stdout  # --host ran (timings not judged)
-    assert counts["no-grad log-probs"] <= 2
-    assert counts["fused loss (forward, gradients formed)"] <= 2
+    assert counts["no-grad log-probs"] <= 1
+    assert counts["fused loss (forward, gradients formed)"] <= 1
 
 
 def test_a_baseline_that_registers_the_same_custom_ops_is_refused(tmp_path):

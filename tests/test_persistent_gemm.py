@@ -9,7 +9,7 @@ import torch
 
 from ngrpo_kernels.backend import interpreter_enabled
 from ngrpo_kernels.ops import persistent_gemm as pg
-from ngrpo_kernels.ops.compaction import compact, compact_torch
+from ngrpo_kernels.ops.compaction import compact, compact_and_gather, compact_torch
 from ngrpo_kernels.ops.persistent_gemm import configs
 
 pytestmark = pytest.mark.skipif(not (interpreter_enabled() or torch.cuda.is_available()),
@@ -255,3 +255,21 @@ def test_head_ops_with_warp_specialised_configs(gen):
         assert rel < (1e-5 if name in ("logprobs", "entropy", "loss") else 1e-2), (name, rel)  # half-precision dZ
     if cuda:
         assert 12 in _persistent_gemm_warps(), "no warp-specialised launch"
+@pytest.mark.parametrize("n,H,rows_out,frac", [(1, 3, 1, 1.0), (37, 40, 37, 0.6), (1025, 300, 600, 0.5),
+                                               (3000, 16, 3000, 0.3), (2100, 260, 1, 0.0), (700, 513, 300, 1.0)])
+def test_compaction_gathers_the_first_chunk(n, H, rows_out, frac, gen):
+    """The one-launch compaction also copies the hidden rows of the first ``rows_out`` compacted tokens (the
+    first chunk), padding rows (NaN here) included where the chunk reaches them, and writes nothing past
+    them; above the one-launch size it leaves the gather to the caller."""
+    valid = torch.rand(n, generator=gen) < frac
+    x = torch.randn(n, H + 3, generator=gen).to(torch.bfloat16)[:, :H]  # a leading stride of its own
+    x[~valid] = float("nan")
+    valid, x = valid.to(DEV), x.to(DEV)
+    out = torch.full((rows_out + 2, H), 7.0, dtype=torch.bfloat16, device=DEV)
+    order, count, gathered = compact_and_gather(valid, 0, x, out[:rows_out])
+    want_order, want_count = compact_torch(valid)
+    assert gathered and torch.equal(order, want_order) and torch.equal(count, want_count)
+    torch.testing.assert_close(out[:rows_out], x[want_order[:rows_out]], rtol=0, atol=0, equal_nan=True)
+    assert (out[rows_out:] == 7.0).all()
+    order, count, gathered = compact_and_gather(valid, 0, x, out[:rows_out], one_pass_max=0)
+    assert not gathered and torch.equal(order, want_order)

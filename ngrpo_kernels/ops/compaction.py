@@ -13,6 +13,13 @@ the predicate). Up to ``ONE_PASS_MAX_TOKENS`` it is **one launch**: each block o
 tokens of the blocks before it and the total itself (a re-read of at most a few hundred KB, from L2),
 then ranks its own. Above that, two launches (``_block_counts``, then ``_compact_from_counts`` reading them).
 GPU time: microseconds.
+
+``compact_and_gather(values, ignore, x, out)`` is the same one launch with a grid of (block, 256 hidden
+columns) that also copies the first chunk's hidden rows into the schedule's buffer (``out[i] = x[order[i]]``
+for i < ``out.shape[0]``): the schedules' gather of that chunk was a launch of its own (``index_select``)
+ahead of the first GEMM. Each program re-counts the blocks before its own as above and ranks its block 32
+tokens at a time, copying their columns as it goes; only the programs of the first column slice write the
+order. Above ``ONE_PASS_MAX_TOKENS`` it falls back to ``compact`` and the caller gathers.
 """
 
 from __future__ import annotations
@@ -65,6 +72,40 @@ def _compact_one_pass(VALUES, ORDER, COUNT, N, ignore, BLOCK: tl.constexpr, SCAN
 
 
 @triton.jit
+def _compact_gather_one_pass(VALUES, ORDER, COUNT, X, OUT, N, H, ldx, ignore, rows_out, BLOCK: tl.constexpr,
+                             SCAN: tl.constexpr, SUB: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``_compact_one_pass`` that also copies the hidden rows of the first ``rows_out`` compacted tokens into
+    ``OUT`` [rows_out, H] (the first chunk's gathered rows): program (block, column slice) ranks its block
+    SUB tokens at a time and copies their BLOCK_H columns; the slice-0 programs write the order."""
+    pid = tl.program_id(0)
+    hid = tl.program_id(1)
+    start = pid * BLOCK
+    earlier = 0
+    total = 0
+    for s in range(0, N, SCAN):
+        offs = s + tl.arange(0, SCAN)
+        v = _kept(VALUES, offs, N, ignore)
+        total += tl.sum(v, axis=0)
+        earlier += tl.sum(tl.where(offs < start, v, 0), axis=0)
+    cols = hid * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < H
+    for s in range(0, tl.minimum(BLOCK, N - start), SUB):
+        offs = start + s + tl.arange(0, SUB)
+        inside = offs < N
+        v = _kept(VALUES, offs, N, ignore)
+        kept_before = earlier + tl.cumsum(v, axis=0) - v
+        dest = tl.where(v != 0, kept_before, total + offs - kept_before)
+        earlier += tl.sum(v, axis=0)
+        if hid == 0:
+            tl.store(ORDER + dest, offs.to(tl.int64), mask=inside)
+        ok = (inside & (dest < rows_out))[:, None] & col_ok[None, :]
+        rows = tl.load(X + offs[:, None].to(tl.int64) * ldx + cols[None, :], mask=ok)
+        tl.store(OUT + dest[:, None].to(tl.int64) * H + cols[None, :], rows, mask=ok)
+    if (pid == 0) & (hid == 0):
+        tl.store(COUNT, total)
+
+
+@triton.jit
 def _block_counts(VALUES, COUNTS, N, ignore, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     v = _kept(VALUES, pid * BLOCK + tl.arange(0, BLOCK), N, ignore)
@@ -99,6 +140,30 @@ def compact(values: torch.Tensor, ignore: int = 0, *,
     direct(_compact_from_counts)[(n_blocks,)](v, counts, order, count, n, ignore, n_blocks, BLOCK=BLOCK,
                                               MAX_BLOCKS=max(16, triton.next_power_of_2(n_blocks)), num_warps=4)
     return order, count
+
+
+GATHER_SUB = 32  # tokens ranked and copied per step of the gathering compaction
+GATHER_COLUMNS = 256  # hidden columns per program of the gathering compaction
+
+
+def compact_and_gather(values: torch.Tensor, ignore: int, x: torch.Tensor, out: torch.Tensor, *,
+                       one_pass_max: int = ONE_PASS_MAX_TOKENS) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``compact(values, ignore)``, and, where it runs in one launch, ``out[i] = x[order[i]]`` for the first
+    ``out.shape[0]`` compacted tokens in the same launch (x [N, H] with unit column stride, out contiguous):
+    the first chunk's hidden rows, gathered without a launch of their own ahead of the first GEMM.
+    Returns (order, count, gathered); gathered False: the caller gathers (the two-launch compaction)."""
+    v = values.reshape(-1).contiguous()
+    n = v.numel()
+    H = x.shape[1]
+    if n > one_pass_max or x.stride(1) != 1 or not out.is_contiguous() or H == 0:
+        return (*compact(v, ignore, one_pass_max=one_pass_max), False)
+    order = torch.empty(n, dtype=torch.int64, device=v.device)
+    count = torch.empty(1, dtype=torch.int32, device=v.device)
+    grid = (cdiv(n, BLOCK), cdiv(H, GATHER_COLUMNS))
+    direct(_compact_gather_one_pass)[grid](v, order, count, x, out, n, H, x.stride(0), ignore, out.shape[0],
+                                           BLOCK=BLOCK, SCAN=SCAN, SUB=GATHER_SUB, BLOCK_H=GATHER_COLUMNS,
+                                           num_warps=4)
+    return order, count, True
 
 
 def compact_torch(values: torch.Tensor, ignore: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

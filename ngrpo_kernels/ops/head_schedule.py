@@ -25,7 +25,7 @@ import torch
 from .._checks import weight_kept
 from . import cdiv
 from . import persistent_gemm as pg
-from .compaction import compact
+from .compaction import compact_and_gather
 from .gemm import addmm_fp32, mm_fp32
 from .linear_logprobs.triton_rows import dx_finish
 
@@ -75,12 +75,13 @@ class HeadSchedule:
         N, H = x.shape
         V = weight.shape[0]
         self.N, self.H, self.V, self.dtype, self.device = N, H, V, x.dtype, x.device
-        self.order, self.count = compact(values, ignore)
         if workspace_bytes is None:
             workspace_bytes = default_workspace_bytes(x.device)
         self.chunk = chunk_rows(N, row_bytes(V, H, x.dtype, x.device, need_logits), workspace_bytes)
         dev = x.device
         self.x_buf = torch.empty(self.chunk, H, dtype=x.dtype, device=dev)
+        # the first chunk's rows are gathered by the compaction's own launch where it takes one
+        self.order, self.count, self._first_gathered = compact_and_gather(values, ignore, x, self.x_buf)
         self.logits = torch.empty(self.chunk, V, dtype=logit_dtype(x.dtype), device=dev) if need_logits else None
         self.need_dx, self.need_dw, self.need_db = need_dx, need_dw, need_db
         self.dense = pg.configs.dense_backend(x.dtype, dev)
@@ -123,7 +124,9 @@ class HeadSchedule:
         for row0 in range(0, self.N, self.chunk):
             n = min(self.chunk, self.N - row0)
             xc = self.x_buf[:n]
-            torch.index_select(self.x, 0, self.order[row0:row0 + n], out=xc)
+            if row0 or not self._first_gathered:
+                torch.index_select(self.x, 0, self.order[row0:row0 + n], out=xc)
+            self._first_gathered = False  # a later walk over the chunks gathers every one
             if zero_padding:
                 # cuBLAS reads the whole chunk: rows past the count (padding, maybe NaN) must be zeros,
                 # or 0 * NaN poisons dW. A device-side mask: no host synchronisation.
