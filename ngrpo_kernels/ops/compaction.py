@@ -58,9 +58,8 @@ def _rank_block(VALUES, ORDER, COUNT, N, ignore, pid, earlier, total, BLOCK: tl.
 
 
 @triton.jit
-def _compact_one_pass(VALUES, ORDER, COUNT, N, ignore, BLOCK: tl.constexpr, SCAN: tl.constexpr):
-    pid = tl.program_id(0)
-    start = pid * BLOCK
+def _kept_before_and_total(VALUES, N, ignore, start, SCAN: tl.constexpr):
+    """Kept tokens before ``start`` and in all, counted SCAN tokens at a time (a re-read from L2)."""
     earlier = 0
     total = 0
     for s in range(0, N, SCAN):
@@ -68,6 +67,14 @@ def _compact_one_pass(VALUES, ORDER, COUNT, N, ignore, BLOCK: tl.constexpr, SCAN
         v = _kept(VALUES, offs, N, ignore)
         total += tl.sum(v, axis=0)
         earlier += tl.sum(tl.where(offs < start, v, 0), axis=0)
+    return earlier, total
+
+
+@triton.jit
+def _compact_one_pass(VALUES, ORDER, COUNT, N, ignore, BLOCK: tl.constexpr, SCAN: tl.constexpr):
+    pid = tl.program_id(0)
+    start = pid * BLOCK
+    earlier, total = _kept_before_and_total(VALUES, N, ignore, start, SCAN)
     _rank_block(VALUES, ORDER, COUNT, N, ignore, pid, earlier, total, BLOCK)
 
 
@@ -80,13 +87,7 @@ def _compact_gather_one_pass(VALUES, ORDER, COUNT, X, OUT, N, H, ldx, ignore, ro
     pid = tl.program_id(0)
     hid = tl.program_id(1)
     start = pid * BLOCK
-    earlier = 0
-    total = 0
-    for s in range(0, N, SCAN):
-        offs = s + tl.arange(0, SCAN)
-        v = _kept(VALUES, offs, N, ignore)
-        total += tl.sum(v, axis=0)
-        earlier += tl.sum(tl.where(offs < start, v, 0), axis=0)
+    earlier, total = _kept_before_and_total(VALUES, N, ignore, start, SCAN)
     cols = hid * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < H
     for s in range(0, tl.minimum(BLOCK, N - start), SUB):
