@@ -654,9 +654,15 @@ def gemms(reps, record) -> list[str]:
         fns["cuBLAS dW += dZ^T X (fp32)"] = lambda: addmm_fp32(acc, dz.T, x)
         fns["ours dW += dZ^T X 128x256x64 g8"] = with_config(
             "dw", configs.HOPPER, lambda: pg.accumulate_t(acc, dz, x, init=False, count=count))
-        fns["ours dX ws 128x128 (one split)"] = dx_gemm(configs.HOPPER_WS_DENSE, 1)
-        fns["ours dW += dZ^T X ws 128x128"] = with_config(
-            "dw", configs.HOPPER_WS_DENSE, lambda: pg.accumulate_t(acc, dz, x, init=False, count=count))
+        # warp-specialised: the default candidate (128x128, 4 stages) and the two others that fit (both
+        # ~225 KB of shared memory, sm_90a, no spills): 5 stages, or 256x128 tiles with 2
+        ws_dense = {"ws 128x128": configs.HOPPER_WS_DENSE,
+                    "ws 128x128 s5": replace(configs.HOPPER_WS_DENSE, num_stages=5),
+                    "ws 256x128 s2": replace(configs.HOPPER_WS_DENSE, block_m=256, num_stages=2)}
+        for label, cfg in ws_dense.items():
+            fns[f"ours dX {label} (one split)"] = dx_gemm(cfg, 1)
+            fns[f"ours dW += dZ^T X {label}"] = with_config(
+                "dw", cfg, lambda: pg.accumulate_t(acc, dz, x, init=False, count=count))
         for label, cfg in (("g8 s4", C(128, 256, 64, 8, 8, 4, True)), ("g32 s3", C(128, 256, 64, 32, 8, 3, True))):
             fns[f"ours dX 128x256x64 {label} split 2"] = dx_gemm(cfg, 2)
             fns[f"ours dW += dZ^T X 128x256x64 {label}"] = with_config(
