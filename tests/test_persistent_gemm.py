@@ -249,7 +249,8 @@ def test_head_ops_with_warp_specialised_configs(gen):
         want = run()
         with configs.override(**_configs("ws")):
             got = run()
-    for name, g, r in zip(["logprobs", "entropy", "dx", "dw", "db", "loss", "loss dx", "loss dw", "loss db"], got, want):
+    names = ["logprobs", "entropy", "dx", "dw", "db", "loss", "loss dx", "loss dw", "loss db"]
+    for name, g, r in zip(names, got, want):
         assert torch.isfinite(g).all(), name
         rel = ((g.double() - r.double()).norm() / r.double().norm()).item()
         assert rel < (1e-5 if name in ("logprobs", "entropy", "loss") else 1e-2), (name, rel)  # half-precision dZ
