@@ -619,6 +619,8 @@ def gemms(reps, record) -> list[str]:
             "g32 s3 store-halves": replace(configs.HOPPER_LOGITS, store_halves=True),
             "g8 s3": configs.HOPPER, "g32 s4": C(128, 256, 64, 32, 8, 4, True),
             "ws 256x128": configs.HOPPER_WS_LOGITS,
+            # half the tile, one more stage (132-164 KB; the epilogue's exponentials on 64x128 a consumer)
+            "ws 128x128 s4": replace(configs.HOPPER_WS_LOGITS, block_m=128, num_stages=4),
         }
         shift = torch.zeros(n, device=DEV)
 
@@ -647,6 +649,7 @@ def gemms(reps, record) -> list[str]:
         fns["logits g32 s3 shifted (log-prob backward)"] = shifted(configs.HOPPER_LOGITS)
         fns["logits g32 s3 ptr-store shifted"] = shifted(replace(configs.HOPPER_LOGITS, tma_store=False))
         fns["logits ws 256x128 stats only"] = logits(configs.HOPPER_WS_LOGITS, False)
+        fns["logits ws 128x128 s4 stats only"] = logits(logit_cfgs["ws 128x128 s4"], False)
         fns["logits ws 256x128 shifted"] = shifted(configs.HOPPER_WS_LOGITS)
         fns["cuBLAS dZ @ W"] = lambda: dz @ w
         fns["ours dX 128x256x64 split 2"] = dx_gemm(configs.HOPPER, 2)
