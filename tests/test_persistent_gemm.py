@@ -217,8 +217,9 @@ def _persistent_gemm_warps():
 
 def test_head_ops_with_warp_specialised_configs(gen):
     """Log-probs with entropy (forward and backward, two chunks) and the fused loss through the
-    warp-specialised configs against the default configs: the same results to rounding. On a GPU the shapes
-    are large enough for every GEMM to take the TMA path, and the loop must have been specialised there."""
+    warp-specialised configs against the default configs: the same results to rounding, with NaN hidden
+    states at the ignored positions. On a GPU the shapes are large enough for every GEMM to take the TMA
+    path, and the loop must have been specialised there."""
     import ngrpo_kernels as nk
 
     cuda = DEV == "cuda"
@@ -226,6 +227,7 @@ def test_head_ops_with_warp_specialised_configs(gen):
     x, w, b = _inputs(n, H, V, torch.bfloat16, gen)
     t = torch.randint(0, V, (n,), generator=gen).to(DEV)
     t[::7] = -100
+    x[t == -100] = float("nan")  # never read by either route (compacted past the count)
     g_lp, g_ent = torch.randn(n, generator=gen).to(DEV), torch.randn(n, generator=gen).to(DEV)
     mask = t != -100
     B = 4  # the fused loss takes [B, T] batches
