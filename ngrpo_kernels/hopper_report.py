@@ -156,46 +156,39 @@ def gemm_variants(dtype: str):
                     **scaled))
 
 
+def _gemm_case(label, cfg, ptrs, const, *, use_tma=True, sms=132, arch=90, **flags):
+    """One persistent-GEMM row of the report: ``gemm_variants``' constexprs under a config's tiles."""
+    from .ops.persistent_gemm.kernel import persistent_gemm_kernel
+
+    const = dict(const, USE_TMA=use_tma, DOT_FP32=False, PRECISION="tf32", BLOCK_M=cfg.block_m,
+                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=sms, FLATTEN=cfg.flatten,
+                 TMA_STORE=cfg.tma_store, **flags)
+    sig = dict(GEMM_SIGNATURE, **ptrs)
+    sig.update({k: "constexpr" for k in const})
+    return ("persistent_gemm", f"{label} {cfg.label()}{' (sm_80)' if arch == 80 else ''}", True,
+            persistent_gemm_kernel, sig, const, cfg.num_warps, cfg.num_stages, arch, True, use_tma)
+
+
 def _gemm_cases(candidates: bool = False):
     """The shipped GEMM configurations; with ``candidates`` also the warp-specialised ones (one split)."""
     from .ops.persistent_gemm import configs
-    from .ops.persistent_gemm.kernel import ACCUMULATE, persistent_gemm_kernel
+    from .ops.persistent_gemm.kernel import ACCUMULATE
 
     for dtype in ("bf16", "fp16"):
         for label, role, ptrs, const in gemm_variants(dtype):
             cfg = {"logits": configs.HOPPER_LOGITS}.get(role, configs.HOPPER)
-            const = dict(const, USE_TMA=True, DOT_FP32=False, PRECISION="tf32", BLOCK_M=cfg.block_m,
-                         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=132,
-                         FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store)
-            sig = dict(GEMM_SIGNATURE, **ptrs)
-            sig.update({k: "constexpr" for k in const})
-            yield ("persistent_gemm", f"{dtype} {label} {cfg.label()}", True, persistent_gemm_kernel, sig, const,
-                   cfg.num_warps, cfg.num_stages, 90, True, True)
+            yield _gemm_case(f"{dtype} {label}", cfg, ptrs, const)
     for dtype in ("bf16", "fp16") if candidates else ():
         for label, role, ptrs, const in gemm_variants(dtype):
             if const["SPLIT_K"] > 1:
                 continue
             cfg = configs.HOPPER_WS_LOGITS if role == "logits" else configs.HOPPER_WS_DENSE
-            const = dict(const, USE_TMA=True, DOT_FP32=False, PRECISION="tf32", BLOCK_M=cfg.block_m,
-                         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=132,
-                         FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store, FULL_TILE=True,
-                         C_TMA=const["EPILOGUE"] == ACCUMULATE, WARP_SPEC=True)
-            sig = dict(GEMM_SIGNATURE, **ptrs)
-            sig.update({k: "constexpr" for k in const})
-            yield ("persistent_gemm", f"{dtype} {label} {cfg.label()}", True, persistent_gemm_kernel, sig, const,
-                   cfg.num_warps, cfg.num_stages, 90, True, True)
+            yield _gemm_case(f"{dtype} {label}", cfg, ptrs, const, FULL_TILE=True,
+                             C_TMA=const["EPILOGUE"] == ACCUMULATE, WARP_SPEC=True)
     # Ampere / Ada: pointer loads, compiled for sm_80 (A100).
-    cfg = configs.AMPERE
     for label, role, ptrs, const in gemm_variants("bf16"):
-        if role != "logits":  # on Ampere/Ada dX and dW are cuBLAS (configs.DENSE_OTHER)
-            continue
-        const = dict(const, USE_TMA=False, DOT_FP32=False, PRECISION="tf32", BLOCK_M=cfg.block_m,
-                     BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=108, FLATTEN=cfg.flatten,
-                     TMA_STORE=cfg.tma_store)
-        sig = dict(GEMM_SIGNATURE, **ptrs)
-        sig.update({k: "constexpr" for k in const})
-        yield ("persistent_gemm", f"bf16 {label} {cfg.label()} (sm_80)", True, persistent_gemm_kernel, sig, const,
-               cfg.num_warps, cfg.num_stages, 80, True, False)
+        if role == "logits":  # on Ampere/Ada dX and dW are cuBLAS (configs.DENSE_OTHER)
+            yield _gemm_case(f"bf16 {label}", configs.AMPERE, ptrs, const, use_tma=False, sms=108, arch=80)
 
 
 def _cases(candidates: bool = False):
