@@ -618,7 +618,7 @@ def gemms(reps, record) -> list[str]:
             "g32 s3": configs.HOPPER_LOGITS, "g32 s3 ptr-store": replace(configs.HOPPER_LOGITS, tma_store=False),
             "g32 s3 store-halves": replace(configs.HOPPER_LOGITS, store_halves=True),
             "g8 s3": configs.HOPPER, "g32 s4": C(128, 256, 64, 32, 8, 4, True),
-            "ws 256x128": configs.HOPPER_WS_LOGITS,
+            "ws 256x128": configs.HOPPER_WS_LOGITS,  # stats+store: logits stored from registers (pg._launch)
             # half the tile, one more stage (132-164 KB; the epilogue's exponentials on 64x128 a consumer)
             "ws 128x128 s4": replace(configs.HOPPER_WS_LOGITS, block_m=128, num_stages=4),
         }
@@ -922,7 +922,8 @@ def tune(reps, record) -> list[str]:
         "dW GROUP_M 32": dict(dw=replace(dense0, group_m=32)),
         "dX GROUP_M 32": dict(dx=replace(dense0, group_m=32)),
         # Hopper warp specialisation (GemmConfig.warp_specialize: a producer and two consumer warpgroups,
-        # the epilogue on whole 256x128 / 128x128 tiles, float32 accumulation through descriptors)
+        # the epilogue on whole 256x128 / 128x128 tiles, float32 accumulation through descriptors; the
+        # logits stored from registers, persistent_gemm._launch)
         "warp-specialised logits": dict(logits=configs.HOPPER_WS_LOGITS),
         "warp-specialised dX and dW": dict(dx=configs.HOPPER_WS_DENSE, dw=configs.HOPPER_WS_DENSE),
         "warp-specialised, all three": dict(logits=configs.HOPPER_WS_LOGITS, dx=configs.HOPPER_WS_DENSE,
@@ -951,14 +952,15 @@ def tune(reps, record) -> list[str]:
             record("tune_fused_loss", name, N, t, floor, pk)
             rows.append([f"{name}, N={N}", f"{t:.2f}", f"{t / floor:.3f}",
                          f"{t / default:.3f}" if default else "-", "-" if pk is None else f"{pk:.2f}"])
-        # the no-grad pass (one logits GEMM with the statistics epilogue) with the warp-specialised logits
+        # the no-grad pass (one logits GEMM with the statistics epilogue, role "stats"): the default
+        # (configs.HOPPER_WS_STATS, warp-specialised, 4 stages) against the 128x256 logits config that ran it
+        # before and the warp-specialised one with 3 stages
         fns = {"1 cuBLAS GEMM (2NHV)": gemm_floor(x, 1),
                "no-grad log-probs, default configs": with_configs({}, logprobs_no_grad(nk, x)),
-               "no-grad log-probs, warp-specialised logits": with_configs(dict(logits=configs.HOPPER_WS_LOGITS),
-                                                                          logprobs_no_grad(nk, x)),
-               # statistics only: a fourth stage fits (198 KB; with the stored logits it would not)
-               "no-grad log-probs, warp-specialised logits, 4 stages": with_configs(
-                   dict(logits=replace(configs.HOPPER_WS_LOGITS, num_stages=4)), logprobs_no_grad(nk, x))}
+               "no-grad log-probs, statistics by the 128x256 logits config": with_configs(
+                   dict(stats=logits0), logprobs_no_grad(nk, x)),
+               "no-grad log-probs, warp-specialised statistics, 3 stages": with_configs(
+                   dict(stats=configs.HOPPER_WS_LOGITS), logprobs_no_grad(nk, x))}
         fns, failed = runnable(fns)
         notes += [f"{line} (N={N})" for line in failed]
         ms = compare(fns, reps)
@@ -971,7 +973,7 @@ def tune(reps, record) -> list[str]:
         empty_cache()
     lines = table("Fused loss with alternative GEMM configurations (all rows under configs.override, backward on "
                   "the calling thread)", ["variant", "ms", "x 3-GEMM floor", "x default configs", "peak GiB"], rows)
-    lines += [""] + table("No-grad log-probs with the warp-specialised logits GEMM (under configs.override)",
+    lines += [""] + table("No-grad log-probs: the statistics GEMM's configuration (under configs.override)",
                           ["variant", "ms", "x one GEMM", "x default configs"], no_grad_rows)
     return lines + (["", "Did not run:", *notes] if notes else [])
 

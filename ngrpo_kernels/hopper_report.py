@@ -169,13 +169,25 @@ def _gemm_case(label, cfg, ptrs, const, *, use_tma=True, sms=132, arch=90, **fla
             persistent_gemm_kernel, sig, const, cfg.num_warps, cfg.num_stages, arch, True, use_tma)
 
 
+def _statistics_only(const) -> bool:
+    from .ops.persistent_gemm.kernel import LOGITS_STATS
+
+    return const["EPILOGUE"] == LOGITS_STATS and not const["STORE_Z"]
+
+
 def _gemm_cases(candidates: bool = False):
     """The shipped GEMM configurations; with ``candidates`` also the warp-specialised ones (one split)."""
+    from dataclasses import replace
+
     from .ops.persistent_gemm import configs
     from .ops.persistent_gemm.kernel import ACCUMULATE
 
     for dtype in ("bf16", "fp16"):
         for label, role, ptrs, const in gemm_variants(dtype):
+            if _statistics_only(const):  # role "stats": warp-specialised (configs.HOPPER_WS_STATS)
+                yield _gemm_case(f"{dtype} {label}", configs.HOPPER_WS_STATS, ptrs, const, FULL_TILE=True,
+                                 WARP_SPEC=True)
+                continue
             cfg = {"logits": configs.HOPPER_LOGITS}.get(role, configs.HOPPER)
             yield _gemm_case(f"{dtype} {label}", cfg, ptrs, const)
     for dtype in ("bf16", "fp16") if candidates else ():
@@ -183,6 +195,8 @@ def _gemm_cases(candidates: bool = False):
             if const["SPLIT_K"] > 1:
                 continue
             cfg = configs.HOPPER_WS_LOGITS if role == "logits" else configs.HOPPER_WS_DENSE
+            if const["STORE_Z"]:  # stored from registers, as the launcher does (persistent_gemm._launch)
+                cfg = replace(cfg, tma_store=False)
             yield _gemm_case(f"{dtype} {label}", cfg, ptrs, const, FULL_TILE=True,
                              C_TMA=const["EPILOGUE"] == ACCUMULATE, WARP_SPEC=True)
     # Ampere / Ada: pointer loads, compiled for sm_80 (A100).

@@ -50,20 +50,23 @@ def _count(c):
 SHAPES = [(37, 40, 203), (20, 48, 64), (5, 16, 97), (1, 16, 10)]
 
 
-@pytest.mark.parametrize("tma", [True, False, "ptr-store", "halves", "ws"])
+@pytest.mark.parametrize("tma,stored", [(True, True), (False, True), ("ptr-store", True), ("halves", True),
+                                        ("ws", True), (True, False), ("ws", False)])
 @pytest.mark.parametrize("n,H,V", SHAPES)
 @pytest.mark.parametrize("count,row0", [(None, 0), (30, 0), (30, 11), (0, 0), (3, 5)])
-def test_logits_statistics_and_stored_logits(tma, n, H, V, count, row0, gen):
+def test_logits_statistics_and_stored_logits(tma, stored, n, H, V, count, row0, gen):
+    """``stored``: the statistics launch also stores the shifted logits (role ``logits``) or writes the
+    statistics only (role ``stats``: on a GPU the shipped config of each role)."""
     x, w, b = _inputs(n, H, V, torch.bfloat16, gen)
     inv_temp = 1 / 0.7
     lim = n if count is None else max(0, min(count - row0, n))
     with configs.override(**_configs(tma)):
-        slices = pg.num_vocab_tiles(V, x.dtype, x.device)
-        width = pg.stats_width(x.dtype, x.device)
+        slices = pg.num_vocab_tiles(V, x.dtype, x.device, stored)
+        width = pg.stats_width(x.dtype, x.device, stored)
         parts = torch.full((3, slices, n), float("nan"), device=DEV)
         out = torch.full((n, V), float("nan"), dtype=torch.float16, device=DEV)
         pg.logits(x, w, bias=b, inv_temp=inv_temp, count=None if count is None else _count(count), row0=row0,
-                  partials=list(parts.unbind(0)), out=out, entropy=True)
+                  partials=list(parts.unbind(0)), out=out if stored else None, entropy=True)
     z = ((x.double() @ w.double().T) + b.double()) * inv_temp
     z = z[:lim].cpu()
     parts, out = parts.cpu(), out.cpu()
@@ -79,7 +82,10 @@ def test_logits_statistics_and_stored_logits(tma, n, H, V, count, row0, gen):
     u = torch.where(p > 0, p * (zs - m.T[..., None]), 0.0).sum(-1).T  # relative to the slice max
     torch.testing.assert_close(parts[2, :, :lim].double(), u, rtol=1e-4, atol=1e-4)
     shifted = (zs - m.T[..., None]).reshape(lim, -1)[:, :V]
-    torch.testing.assert_close(out[:lim].double(), shifted, rtol=2e-3, atol=4e-3)  # fp16 storage
+    if stored:
+        torch.testing.assert_close(out[:lim].double(), shifted, rtol=2e-3, atol=4e-3)  # fp16 storage
+    else:
+        assert out.isnan().all()
 
 
 @pytest.mark.parametrize("tma", [True, False, "ptr-store", "ws"])
@@ -276,3 +282,57 @@ def test_compaction_gathers_the_first_chunk(n, H, rows_out, frac, gen):
     assert (out[rows_out:] == 7.0).all()
     order, count, gathered = compact_and_gather(valid, 0, x, out[:rows_out], one_pass_max=0)
     assert not gathered and torch.equal(order, want_order)
+
+
+def test_the_statistics_role_follows_a_logits_override(monkeypatch):
+    """Statistics-only launches take the ``stats`` role: on Hopper its own warp-specialised config; under an
+    override of ``logits`` alone that one (tests and sweeps that pin the logits GEMM pin both), unless
+    ``stats`` is named too."""
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    pinned = replace(configs.INTERPRETER, num_stages=2)
+    with configs.override(logits=pinned):
+        assert configs.config_for("stats", bf16, cpu) is pinned
+        with configs.override(stats=configs.FLOAT32):
+            assert configs.config_for("stats", bf16, cpu) is configs.FLOAT32
+            assert configs.config_for("logits", bf16, cpu) is pinned
+    monkeypatch.setattr(configs, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(configs, "_capability", lambda index: (9, 0))
+    hopper = torch.device("cuda", 0)
+    assert configs.config_for("stats", bf16, hopper) is configs.HOPPER_WS_STATS
+    assert configs.config_for("logits", bf16, hopper) is configs.HOPPER_LOGITS
+    # both cut the vocabulary into slices of the same width (the fused loss's no-grad pass and its
+    # gradient pass size their partials alike)
+    assert pg.stats_width(bf16, hopper, stored=False) == pg.stats_width(bf16, hopper, stored=True) == 128
+
+
+@pytest.mark.parametrize("stored", [True, False])
+@pytest.mark.parametrize("count", [None, 213])
+def test_warp_specialised_statistics_at_tma_shapes(stored, count, gen):
+    """The warp-specialised 256x128 statistics GEMM at a shape where every operand takes TMA (on a GPU the
+    loop is specialised): every row's partials, including the second consumer warpgroup's rows 128-255 of
+    each tile. With the logits also stored through TMA, triton 3.6 left exactly those unwritten on an H200
+    (2026-11-28); the launcher stores them from registers instead, and this test holds it."""
+    n, H, V = 600, 256, 1096
+    x, w, b = _inputs(n, H, V, torch.bfloat16, gen)
+    lim = n if count is None else count
+    x[lim:] = float("nan")  # past the count: never read into a stored row
+    # the shipped statistics-only config has 4 stages: with the logits staged too it would not fit on a GPU
+    for cfg in (configs.HOPPER_WS_LOGITS,) + (() if stored else (configs.HOPPER_WS_STATS,)):
+        with configs.override(logits=cfg):
+            slices, width = pg.num_vocab_tiles(V, x.dtype, x.device, stored), pg.stats_width(x.dtype, x.device, stored)
+            parts = torch.full((3, slices, n), float("nan"), device=DEV)
+            out = torch.full((n, V), float("nan"), dtype=torch.float16, device=DEV)
+            pg.logits(x, w, bias=b, inv_temp=1.0, count=None if count is None else _count(count),
+                      partials=list(parts.unbind(0)), out=out if stored else None, entropy=True)
+        z = (x[:lim].double() @ w.double().T + b.double()).cpu()
+        zs = torch.cat([z, torch.full((lim, slices * width - V), float("-inf"), dtype=z.dtype)], 1)
+        zs = zs.view(lim, slices, width)
+        m = zs.max(-1).values
+        parts = parts.cpu()
+        assert parts[:, :, lim:].isnan().all(), "rows past the count were written"
+        torch.testing.assert_close(parts[0, :, :lim].T.double(), m, rtol=0, atol=1e-4)
+        torch.testing.assert_close(parts[1, :, :lim].T.double(), torch.exp(zs - m[..., None]).sum(-1),
+                                   rtol=1e-4, atol=1e-4)
+        if stored:
+            shifted = (zs - m[..., None]).reshape(lim, -1)[:, :V]
+            torch.testing.assert_close(out[:lim].cpu().double(), shifted, rtol=2e-3, atol=8e-3)

@@ -53,7 +53,7 @@ def row_bytes(V: int, H: int, dtype: torch.dtype, device: torch.device, need_log
     (benchmarks/RESULTS_gpu.md)."""
     if need_logits:
         return V * logit_dtype(dtype).itemsize
-    stats = 3 * 4 * pg.num_vocab_tiles(V, dtype, device)
+    stats = 3 * 4 * pg.num_vocab_tiles(V, dtype, device, stored=False)
     return stats + H * dtype.itemsize
 
 

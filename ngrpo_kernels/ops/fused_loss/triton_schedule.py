@@ -96,7 +96,7 @@ def run(x, weight, bias, valid, token_inputs, *, row_options, workspace_bytes, n
                        need_dx=need_dx, need_dw=need_dw, need_db=need_db, defer=deferred is not None)
     on_policy = row_options["on_policy"]
     dev = x.device
-    slices = pg.num_vocab_tiles(sch.V, x.dtype, dev)
+    slices = pg.num_vocab_tiles(sch.V, x.dtype, dev, stored=need_grad)
     parts = torch.empty(3, slices, sch.chunk, dtype=torch.float32, device=dev)
     rows_out = torch.empty(5, sch.chunk, dtype=torch.float32, device=dev)  # max, log s, H, g_lp, g_H
     br = block_rows(dev)

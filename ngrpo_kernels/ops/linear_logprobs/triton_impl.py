@@ -29,7 +29,7 @@ from .triton_rows import dlogits_, logprobs_finish
 
 
 def _partials(schedule: HeadSchedule, entropy: bool):
-    slices = pg.num_vocab_tiles(schedule.V, schedule.x.dtype, schedule.x.device)
+    slices = pg.num_vocab_tiles(schedule.V, schedule.x.dtype, schedule.x.device, stored=False)
     buf = torch.empty(3 if entropy else 2, slices, schedule.chunk, dtype=torch.float32, device=schedule.x.device)
     return buf
 

@@ -18,7 +18,7 @@ from ..launcher import direct
 from . import configs
 from .kernel import ACCUMULATE, LOGITS_SHIFTED, LOGITS_STATS, persistent_gemm_kernel
 
-__all__ = ["accumulate_t", "logits", "matmul", "num_vocab_tiles", "stats_width"]
+__all__ = ["accumulate_t", "logits", "logits_role", "matmul", "num_vocab_tiles", "stats_width"]
 
 
 def _ensure_allocator():
@@ -48,6 +48,11 @@ def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=
     full_tile = cfg.warp_specialize
     c_tma = full_tile and epilogue == ACCUMULATE and use_tma and split_k == 1 and configs.tma_ok_any(c)
     warp_spec = full_tile and use_tma and (epilogue != ACCUMULATE or c_tma) and not interpreter_enabled()
+    # A warp-specialised statistics launch that also stores the logits stores them from registers: through
+    # TMA, triton 3.6 lost the second consumer warpgroup's partials (rows 128-255 of every 256-row tile
+    # never written) while the stored logits were right; with pointer stores both were right (an H200,
+    # 2026-11-28, docs/kernels.md "Warp specialisation").
+    tma_store = cfg.tma_store and not (warp_spec and epilogue == LOGITS_STATS and store_z)
     # unspecialised, a whole 256x128 tile in 4 warps would hold 256 accumulator registers a thread: twice the
     # warps (small or unaligned shapes only)
     num_warps = cfg.num_warps * 2 if full_tile and not warp_spec and a.is_cuda else cfg.num_warps
@@ -67,23 +72,30 @@ def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=
         LIMIT_K=limit_k and count is not None, INIT=init, STORE_Z=store_z, HAS_BIAS=bias is not None,
         ENTROPY=entropy, USE_TMA=use_tma, DOT_FP32=interpreter_enabled(), PRECISION=_precision(a.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=sms,
-        SPLIT_K=split_k, FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store, SCALED=scale is not None,
+        SPLIT_K=split_k, FLATTEN=cfg.flatten, TMA_STORE=tma_store, SCALED=scale is not None,
         STORE_HALF=cfg.store_halves, FULL_TILE=full_tile, C_TMA=c_tma, WARP_SPEC=warp_spec,
         num_warps=num_warps, num_stages=cfg.num_stages,
     )
     return cfg
 
 
-def stats_width(dtype: torch.dtype, device: torch.device) -> int:
-    """Columns per row of one statistics partial: half an output tile of the logits GEMM, or a whole one
-    under a warp-specialised config (``GemmConfig.warp_specialize``)."""
-    cfg = configs.config_for("logits", dtype, device)
+def logits_role(stored: bool) -> str:
+    """The config role of a statistics launch of the logits GEMM: ``logits`` when it also stores the logits,
+    ``stats`` when it writes the statistics only (configs.py)."""
+    return "logits" if stored else "stats"
+
+
+def stats_width(dtype: torch.dtype, device: torch.device, stored: bool = True) -> int:
+    """Columns per row of one statistics partial of a statistics launch that stores the logits (``stored``)
+    or not: half an output tile of the logits GEMM, or a whole one under a warp-specialised config
+    (``GemmConfig.warp_specialize``)."""
+    cfg = configs.config_for(logits_role(stored), dtype, device)
     return cfg.block_n if cfg.warp_specialize else cfg.block_n // 2
 
 
-def num_vocab_tiles(V: int, dtype: torch.dtype, device: torch.device) -> int:
+def num_vocab_tiles(V: int, dtype: torch.dtype, device: torch.device, stored: bool = True) -> int:
     """How many slices of ``stats_width`` columns the logits GEMM cuts the vocabulary into."""
-    return cdiv(V, stats_width(dtype, device))
+    return cdiv(V, stats_width(dtype, device, stored))
 
 
 def logits(x, weight, *, bias, inv_temp, count=None, row0=0, partials=None, out=None, shift=None, entropy=False):
@@ -91,14 +103,15 @@ def logits(x, weight, *, bias, inv_temp, count=None, row0=0, partials=None, out=
 
     - ``shift is None`` (statistics): per (vocab slice of ``stats_width`` columns, row) max / sum-exp / exp-weighted sum into
       ``partials`` (three float32 [num_vocab_tiles, n]); with ``out`` [n, V] also the slice-shifted
-      logits ``z - max``.
+      logits ``z - max``. Without ``out`` the launch takes the ``stats`` role's config, with it ``logits``'s
+      (``num_vocab_tiles(..., stored=out is not None)``).
     - ``shift`` [n] given: ``out`` = ``z - shift`` (the log-prob backward shifts by the row max).
     """
     n, H = x.shape
     V = weight.shape[0]
     if shift is None:
-        return _launch(LOGITS_STATS, x, weight, x if out is None else out, n, V, H, role="logits", a_t=False,
-                       b_t=True, count=count, row0=row0, limit_m=True, bias=bias, partials=partials,
+        return _launch(LOGITS_STATS, x, weight, x if out is None else out, n, V, H, role=logits_role(out is not None),
+                       a_t=False, b_t=True, count=count, row0=row0, limit_m=True, bias=bias, partials=partials,
                        inv_temp=inv_temp, entropy=entropy, store_z=out is not None)
     return _launch(LOGITS_SHIFTED, x, weight, out, n, V, H, role="logits", a_t=False, b_t=True, count=count,
                    row0=row0, limit_m=True, bias=bias, shift=shift, inv_temp=inv_temp)

@@ -1,7 +1,9 @@
 """Tile configurations of the persistent GEMM, chosen once per (device, dtype, role).
 
-Roles: ``logits`` (X W^T with a statistics or shift epilogue, K = H), ``dx`` (dZ W, K = V),
-``dw`` (dZ^T X accumulated in fp32, K = chunk of tokens).
+Roles: ``logits`` (X W^T with a statistics epilogue that also stores the logits, or the shift epilogue,
+K = H), ``stats`` (X W^T with the statistics only: the no-grad pass and the log-prob forward; an override
+of ``logits`` covers it unless ``stats`` is named too), ``dx`` (dZ W, K = V), ``dw`` (dZ^T X accumulated in
+fp32, K = chunk of tokens).
 
 - Hopper and newer (compute capability >= 9), bf16/fp16: TMA operands, 128x256x64 tiles, 8 warps
   (two consumer warpgroups, a 64x256 fp32 accumulator each), 3 stages (3 x 48 KB of operands plus a
@@ -28,7 +30,7 @@ import torch
 
 from ...backend import interpreter_enabled
 
-ROLES = ("logits", "dx", "dw", "dense")
+ROLES = ("logits", "stats", "dx", "dw", "dense")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,11 @@ HOPPER_LOGITS = GemmConfig(128, 256, 64, 32, 8, 3, tma=True)
 # 4096 rows per weight tile of HOPPER_LOGITS. sm_90a, triton 3.6 and 3.9: specialised, no spills
 # (tests/test_codegen.py).
 HOPPER_WS_LOGITS = GemmConfig(256, 128, 64, 16, 4, 3, tma=True, flatten=False, warp_specialize=True)
+# The statistics-only logits GEMM on Hopper (role "stats"): HOPPER_WS_LOGITS with a fourth stage, which fits
+# once no logits are staged for a store (198 KB). Measured on an H200 (2026-11-28, triton 3.6, gpu_head.py
+# --tune --gemms): 1.010 / 1.016x cuBLAS per 4k / 8k-token GEMM against 1.047 / 1.028x for HOPPER_LOGITS,
+# and the no-grad log-probs at N = 16,384 1.031x one cuBLAS GEMM against 1.071x (docs/kernels.md).
+HOPPER_WS_STATS = GemmConfig(256, 128, 64, 16, 4, 4, tma=True, flatten=False, warp_specialize=True)
 HOPPER_WS_DENSE = GemmConfig(128, 128, 64, 8, 4, 4, tma=True, flatten=False, warp_specialize=True)
 AMPERE = GemmConfig(128, 128, 32, 8, 8, 4, tma=False)
 FLOAT32 = GemmConfig(64, 64, 32, 8, 4, 2, tma=False)
@@ -131,16 +138,17 @@ def num_sms(device: torch.device) -> int:
 
 
 def config_for(role: str, dtype: torch.dtype, device: torch.device) -> GemmConfig:
-    forced = (_override.get() or {}).get(role)
-    if forced is not None:
-        return forced
+    forced = _override.get() or {}
+    pinned = forced.get(role, forced.get("logits") if role == "stats" else None)
+    if pinned is not None:
+        return pinned
     if interpreter_enabled() or device.type != "cuda":
         return INTERPRETER
     if dtype == torch.float32:
         return FLOAT32
     major, _ = _capability(device.index if device.index is not None else torch.cuda.current_device())
     if major >= 9:
-        return HOPPER_LOGITS if role == "logits" else HOPPER
+        return {"logits": HOPPER_LOGITS, "stats": HOPPER_WS_STATS}.get(role, HOPPER)
     return AMPERE
 
 
