@@ -10,7 +10,7 @@
 #   tune/head.md, tune.log   with --tune: the GEMM configuration experiments (gpu_head.py --tune --gemms,
 #                         the warp-specialised candidates among them:
 #                         the fused loss end to end with alternative GEMM configurations, each GEMM and the
-#                         dZ pass against cuBLAS / a copy; ~2-3 minutes, estimated, not yet run), after the tests
+#                         dZ pass against cuBLAS / a copy; within its 200 s cap on an H200, 2026-11-28), after the tests
 #   bench.log, bench_*.json, peers.jsonl, RESULTS_gpu.md   pytest benchmarks against the peers (unless --no-peers)
 #   machine.txt
 # and prints the head table first, then the test verdict.

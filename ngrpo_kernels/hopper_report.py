@@ -2,15 +2,16 @@
 
     python -m ngrpo_kernels.hopper_report [--candidates]
 
-Prints one row per (kernel, config): registers per thread, spill bytes (from ptxas), shared memory,
-whether the kernel is persistent (grid = number of SMs, by design), whether its machine code uses the
-tensor memory accelerator (TMA loads ``UTMALDG`` / stores ``UTMASTG`` found in the SASS), and the count
-of Hopper warpgroup MMA instructions (HGMMA) versus the older HMMA. The Ampere/Ada variant of the head
-GEMM (pointer loads) is compiled for sm_80 and must show HMMA instead. ``--candidates`` adds the
-warp-specialised GEMM configurations (``GemmConfig.warp_specialize``, not the default until timed), which
-must also show the specialisation (column WS). Exits non-zero if a GEMM-class
-kernel lacks its matrix instructions, spills, or needs more shared memory than an SM has, or if a
-Hopper GEMM that should use TMA does not. Must run with TRITON_INTERPRET unset.
+Prints one row per (kernel, config): registers per thread, spill bytes (from ptxas), shared memory, whether
+the kernel is persistent (grid = number of SMs, by design), whether its machine code uses the tensor memory
+accelerator (TMA loads ``UTMALDG`` / stores ``UTMASTG`` found in the SASS), and the count of Hopper
+warpgroup MMA instructions (HGMMA) versus the older HMMA. The Ampere/Ada variant of the head GEMM (pointer
+loads) is compiled for sm_80 and must show HMMA instead. The shipped statistics-only logits GEMM is
+warp-specialised (``configs.HOPPER_WS_STATS``) and must show the specialisation (column WS);
+``--candidates`` adds the other warp-specialised configurations (``GemmConfig.warp_specialize``, timed and
+not shipped), which must show it too. Exits non-zero if a GEMM-class kernel lacks its matrix instructions,
+spills, or needs more shared memory than an SM has, or if a Hopper GEMM that should use TMA does not. Must
+run with TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations

@@ -45,20 +45,24 @@ class GemmConfig:
     flatten: bool = True  # tile loop flattened into the K loop (next tile's loads under this epilogue)
     # With TMA, also store the logits through it. Triton 3.6 stages each quarter tile in one shared buffer
     # and, before refilling it, waits for the previous store to have read it, between CTA barriers (four
-    # waits a tile, in the epilogue); pointer stores need no such wait. Which is faster is for a GPU to say:
-    # gpu_head.py times both ("logits stored by pointer stores", and per GEMM under --gemms).
+    # waits a tile, in the epilogue); pointer stores need no such wait. On an H200 (2026-11-28) the
+    # stats+store GEMM took 1.054 / 1.068x cuBLAS with pointer stores against 1.090 / 1.083x (4k / 8k
+    # tokens), the fused loss end to end 1.114 against 1.120x at 16k: within the noise of one run.
     tma_store: bool = True
     # The shifted logits leave a [BLOCK_M, BLOCK_N / 2] slice per store instead of a quarter tile: two
     # stores a tile, each staged in its own 32 KB of shared memory (the PTX of triton 3.6 and 3.9: the wait
-    # before a refill then follows the next slice's exponentials instead of a quarter's). Not yet timed:
-    # gpu_head.py --tune / --gemms ("store-halves").
+    # before a refill then follows the next slice's exponentials instead of a quarter's). On an H200
+    # (2026-11-28, one run): the stats+store GEMM 1.050 / 1.025x cuBLAS against 1.090 / 1.083x at 4k / 8k
+    # tokens, the fused loss 0.992 / 0.990x the default's time at 16k / 4k. The next candidate for the
+    # default, once a GPU has run tests/test_persistent_gemm.py::test_statistics_at_tma_shapes with it.
     store_halves: bool = False
     # Hopper warp specialisation (``tl.range(..., warp_specialize=True)``; triton >= 3.4 on sm_90): one
     # producer warpgroup issues the TMA loads, two consumer warpgroups (``num_warps`` = 4 each, 384
     # threads) split each tile's rows and run the MMAs and the epilogue, registers moved to them with
     # setmaxnreg. The pass cannot partition a reshape or split of the accumulator, so the epilogue takes the
     # whole tile (``kernel._stats_tile``: a statistics slice is then BLOCK_N wide), and the loop must not be
-    # flattened. Not yet timed: gpu_head.py --tune / --gemms ("warp-specialised").
+    # flattened. Timed on an H200 (docs/kernels.md "Warp specialisation"): the statistics-only logits GEMM
+    # is faster (HOPPER_WS_STATS, the "stats" role's default), dX and dW slower.
     warp_specialize: bool = False
 
     def label(self) -> str:
@@ -73,12 +77,12 @@ HOPPER = GemmConfig(128, 256, 64, 8, 8, 3, tma=True)
 # is read from DRAM once per 4096 tokens instead of once per 1024 (measured 1.4-5.7 % faster than
 # GROUP_M = 8 on an H200 at 8192-token chunks, ~1 % at 4096, docs/kernels.md).
 HOPPER_LOGITS = GemmConfig(128, 256, 64, 32, 8, 3, tma=True)
-# Warp-specialised candidates (GemmConfig.warp_specialize), not the default until a GPU has timed them:
-# 256x128 tiles for the logits (each consumer a 128x128 accumulator, one statistics slice per tile;
-# 3 x 48 KB of operands and a 64 KB fp16 staging tile), 128x128 for dX and dW (4 x 32 KB of operands and
-# the 64 KB float32 tile that the accumulation reads and writes through TMA). GROUP_M 16 keeps the logits'
-# 4096 rows per weight tile of HOPPER_LOGITS. sm_90a, triton 3.6 and 3.9: specialised, no spills
-# (tests/test_codegen.py).
+# Warp-specialised configs (GemmConfig.warp_specialize); of these only HOPPER_WS_STATS is a default (the
+# others measured slower or no faster on an H200, docs/kernels.md): 256x128 tiles for the logits (each
+# consumer a 128x128 accumulator, one statistics slice per tile; 3 x 48 KB of operands and a 64 KB fp16
+# staging tile), 128x128 for dX and dW (4 x 32 KB of operands and the 64 KB float32 tile that the accumulation
+# reads and writes through TMA). GROUP_M 16 keeps the logits' 4096 rows per weight tile of HOPPER_LOGITS.
+# sm_90a, triton 3.6 and 3.9: specialised, no spills (tests/test_codegen.py).
 HOPPER_WS_LOGITS = GemmConfig(256, 128, 64, 16, 4, 3, tma=True, flatten=False, warp_specialize=True)
 # The statistics-only logits GEMM on Hopper (role "stats"): HOPPER_WS_LOGITS with a fourth stage, which fits
 # once no logits are staged for a store (198 KB). Measured on an H200 (2026-11-28, triton 3.6, gpu_head.py

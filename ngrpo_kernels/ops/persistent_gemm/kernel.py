@@ -17,7 +17,7 @@ Device-side limits (no host synchronisation): with ``LIMIT_M`` only the first
 the limit are never visited; TMA zero-fills the ragged edge, pointer loads mask it. This is how padded
 tokens (compacted to the end) cost no FLOPs.
 
-Warp-specialised candidates (``GemmConfig.warp_specialize``, not the default until a GPU has timed them):
+Warp-specialised configs (``GemmConfig.warp_specialize``; the default for statistics-only launches on Hopper):
 ``WARP_SPEC`` marks the tile loop for Hopper's warp-specialisation pass (a producer warpgroup for the TMA
 loads, two consumer warpgroups splitting each tile's rows); that pass cannot partition the reshape / split
 of the halves below, so ``FULL_TILE`` runs each epilogue on the whole tile (a statistics slice is then
