@@ -300,6 +300,9 @@ def test_the_statistics_role_follows_a_logits_override(monkeypatch):
     hopper = torch.device("cuda", 0)
     assert configs.config_for("stats", bf16, hopper) is configs.HOPPER_WS_STATS
     assert configs.config_for("logits", bf16, hopper) is configs.HOPPER_LOGITS
+    monkeypatch.setattr(configs, "_capability", lambda index: (10, 0))  # Blackwell: not specialised (untimed)
+    assert configs.config_for("stats", bf16, hopper) is configs.HOPPER_LOGITS
+    monkeypatch.setattr(configs, "_capability", lambda index: (9, 0))
     # both cut the vocabulary into slices of the same width (the fused loss's no-grad pass and its
     # gradient pass size their partials alike)
     assert pg.stats_width(bf16, hopper, stored=False) == pg.stats_width(bf16, hopper, stored=True) == 128

@@ -152,7 +152,12 @@ def config_for(role: str, dtype: torch.dtype, device: torch.device) -> GemmConfi
         return FLOAT32
     major, _ = _capability(device.index if device.index is not None else torch.cuda.current_device())
     if major >= 9:
-        return {"logits": HOPPER_LOGITS, "stats": HOPPER_WS_STATS}.get(role, HOPPER)
+        # the warp-specialised statistics GEMM on Hopper only: on Blackwell (10+) triton's specialisation
+        # pass is another one (tensor memory, tcgen05), neither compiled nor timed here; the statistics
+        # there take the logits config, as before
+        if role == "stats" and major == 9:
+            return HOPPER_WS_STATS
+        return HOPPER_LOGITS if role in ("logits", "stats") else HOPPER
     return AMPERE
 
 
