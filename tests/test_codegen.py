@@ -90,6 +90,17 @@ SCRIPT = textwrap.dedent('''
         row = hr._inspect("g", case[1], True, compiled, tma_expected=True, ws_expected=True)
         assert compiled.metadata.num_warps == 12 and not row.problems(), row
         n += 1
+    # ... and the specialised logits GEMM storing its logits from registers with a fourth stage (timed by
+    # gpu_head.py as "ws 256x128 s4"): 213 KB of shared memory
+    from dataclasses import replace
+    for label, role, ptrs, const in hr.gemm_variants("bf16"):
+        if label == "logits stats bias=1 entropy=1 store=1":
+            cfg = replace(configs.HOPPER_WS_LOGITS, num_stages=4, tma_store=False)
+            case = hr._gemm_case(label, cfg, ptrs, const, FULL_TILE=True, WARP_SPEC=True)
+            compiled = hr._compile(*case[3:9])
+            row = hr._inspect("g", case[1], True, compiled, tma_expected=True, ws_expected=True)
+            assert compiled.metadata.num_warps == 12 and not row.problems(), row
+            n += 1
     print("compiled", n)
 ''')
 
@@ -98,6 +109,6 @@ def test_every_gpu_kernel_variant_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    # 32 + 32 + 12 + 24 + 4 + 4 + 10 + 6 + 8 + 10 variants (the last: 9 warp-specialised candidates and the
-    # shipped warp-specialised statistics-only GEMM)
-    assert "compiled 142" in proc.stdout
+    # 32 + 32 + 12 + 24 + 4 + 4 + 10 + 6 + 8 + 10 + 1 variants (the last 11: 9 warp-specialised candidates,
+    # the shipped warp-specialised statistics-only GEMM, and the 4-stage one storing its logits)
+    assert "compiled 143" in proc.stdout
