@@ -48,12 +48,8 @@ def _launch(epilogue, a, b, c, M, N, K, *, role, a_t, b_t, count, row0, limit_m=
     full_tile = cfg.warp_specialize
     c_tma = full_tile and epilogue == ACCUMULATE and use_tma and split_k == 1 and configs.tma_ok_any(c)
     warp_spec = full_tile and use_tma and (epilogue != ACCUMULATE or c_tma) and not interpreter_enabled()
-    # A warp-specialised statistics launch that also stores the logits stores them from registers: with
-    # the TMA store, triton (3.6 measured on an H200, 3.9 read in its PTX) gives the second consumer
-    # warpgroup's partials its row offset twice (rows 256-383 of the tile instead of 128-255: those stay
-    # unwritten and the next tile's first rows are written twice); with pointer stores the rows are right
-    # (docs/kernels.md "Warp specialisation").
-    tma_store = cfg.tma_store and not (warp_spec and epilogue == LOGITS_STATS and store_z)
+    tma_store = cfg.tma_store if not stored else configs.stores_logits_by_tma(
+        cfg, specialised=warp_spec, with_statistics=epilogue == LOGITS_STATS)
     # unspecialised, a whole 256x128 tile in 4 warps would hold 256 accumulator registers a thread: twice the
     # warps (small or unaligned shapes only)
     num_warps = cfg.num_warps * 2 if full_tile and not warp_spec and a.is_cuda else cfg.num_warps

@@ -161,6 +161,16 @@ def config_for(role: str, dtype: torch.dtype, device: torch.device) -> GemmConfi
     return AMPERE
 
 
+def stores_logits_by_tma(cfg: GemmConfig, *, specialised: bool, with_statistics: bool) -> bool:
+    """Whether a launch that stores logits stores them through TMA: as ``cfg.tma_store`` says, except in a
+    warp-specialised launch that also writes statistics. There triton's pass (3.6 measured on an H200, 3.9
+    read in its PTX) gives the second consumer warpgroup's partial rows its row offset twice when the tile's
+    row offset is also a TMA store's coordinate: rows 256-383 of the tile instead of 128-255, which stay
+    unwritten while the next tile's first rows are written twice. Stored from registers they are right
+    (docs/kernels.md "Warp specialisation")."""
+    return cfg.tma_store and not (specialised and with_statistics)
+
+
 def tma_ok(cfg: GemmConfig, *tensors: torch.Tensor) -> bool:
     """The operands' TMA: 16-bit elements here, and descriptors over each (``tma_ok_any``)."""
     return cfg.tma and all(t.element_size() == 2 and tma_ok_any(t) for t in tensors)
